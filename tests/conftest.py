@@ -26,3 +26,49 @@ def sdsweep_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.environ.pop("SDSWEEP_CACHE", None)
     else:
         os.environ["SDSWEEP_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(sdsweep_cache: Path) -> Path:
+    """The built-in tiny SD model on disk in the diffusers layout (built once per session)."""
+    from trainers.models import ensure_builtin
+
+    return ensure_builtin("tiny-sd")
+
+
+@pytest.fixture
+def tiny_model(tiny_sd_dir: Path):
+    """A fresh BaseModel loaded from disk through the real loader (trainers mutate it)."""
+    from trainers.models import load_base_model
+
+    return load_base_model("builtin:tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def demo_dir(sdsweep_cache: Path) -> Path:
+    """The generated demo dataset (8 images of one subject with .txt captions)."""
+    from trainers.data import resolve_data_path
+
+    return resolve_data_path("builtin:demo")
+
+
+class EncodeCounter:
+    """Counts real VAE encode calls and the images they encoded (wraps the instance method)."""
+
+    def __init__(self, vae) -> None:
+        self.calls = 0
+        self.images = 0
+        self._orig = vae.encode
+
+        def counted(x, *args, **kwargs):
+            self.calls += 1
+            self.images += int(x.shape[0])
+            return self._orig(x, *args, **kwargs)
+
+        vae.encode = counted
+
+
+@pytest.fixture
+def encode_counter():
+    """Factory: ``encode_counter(vae)`` starts counting that VAE's encodes."""
+    return EncodeCounter

@@ -1,0 +1,167 @@
+"""Typed, frozen configuration for one training run, and YAML loading with precise errors.
+
+Every config object is a pydantic model with ``extra="forbid"`` and ``frozen=True``: an unknown
+key or a bad value is an error that names the file and the dotted key, and nothing mutates a
+config after validation (DESIGN.md, rules 1 and 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from trainers.data import DataConfig
+
+
+class ConfigError(ValueError):
+    """A config file or mapping that cannot be used; the message names the file, key and fix."""
+
+
+class Frozen(BaseModel):
+    """Base for every config section: unknown keys are errors, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Frozen):
+    """Which base model to fine-tune and how it may be loaded."""
+
+    source: str = Field(min_length=1, description="builtin:tiny-sd, a diffusers dir, a .safetensors file or a hub id")
+    allow_pickle: bool = False
+    single_file_config: str | None = None
+    revision: str | None = None
+
+
+LRScheduler = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+]
+
+
+class TrainConfig(Frozen):
+    """Hyperparameters shared by every method (the trainer base class reads these)."""
+
+    learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    lr_scheduler: LRScheduler = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    max_train_steps: int = Field(100, gt=0)
+    train_batch_size: int = Field(1, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_weight_decay: float = Field(1e-2, ge=0)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    # "auto": bf16 on a GPU that supports it, else fp16 on GPU, fp32 on CPU.
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    # Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's recommended value.
+    snr_gamma: float | None = Field(None, gt=0)
+    noise_offset: float = Field(0.0, ge=0, le=1.0)
+    # None: use the base model's scheduler config (epsilon for SD 1.x, v_prediction for SD 2.x-v).
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    checkpointing_steps: int | None = Field(None, gt=0)
+    checkpoints_total_limit: int | None = Field(None, gt=0)
+    device: str | None = None
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "TrainConfig":
+        if self.lr_warmup_steps > self.max_train_steps:
+            raise ValueError(
+                f"lr_warmup_steps ({self.lr_warmup_steps}) exceeds max_train_steps "
+                f"({self.max_train_steps}); lower lr_warmup_steps"
+            )
+        return self
+
+
+class LoraSettings(Frozen):
+    """LoRA on the UNet attention projections (and optionally the text encoder), via peft."""
+
+    rank: int = Field(4, gt=0, le=1024)
+    alpha: float | None = Field(None, gt=0, description="None means alpha = rank (scale 1.0)")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    init: Literal["gaussian", "default"] = "gaussian"
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = Field(None, gt=0, le=1.0)
+    text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+    @field_validator("target_modules", "text_encoder_target_modules")
+    @classmethod
+    def _non_empty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("must list at least one module name")
+        return v
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+
+class RunConfig(Frozen):
+    """One training run: `sdsweep train CONFIG.yaml`."""
+
+    model: ModelSpec
+    data: DataConfig
+    method: Literal["lora"] = "lora"
+    train: TrainConfig = TrainConfig()
+    lora: LoraSettings = LoraSettings()
+    output_dir: str = "outputs/run"
+    cache_dir: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_shorthand(cls, data: Any) -> Any:
+        # `model: builtin:tiny-sd` is accepted as shorthand for `model: {source: builtin:tiny-sd}`.
+        if isinstance(data, dict) and isinstance(data.get("model"), str):
+            data = {**data, "model": {"source": data["model"]}}
+        return data
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """Render pydantic errors as `source: key.path: message` lines a user can act on."""
+    lines = [f"{source}: invalid configuration ({err.error_count()} problem(s)):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling (see docs/CONFIG.md)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = e["msg"]
+            if "input" in e and not isinstance(e["input"], dict):
+                msg += f" (got {e['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def validate_mapping(data: Any, cls: type[C], source: str) -> C:
+    """Validate a plain mapping into ``cls``; raise ConfigError naming ``source`` and each key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Read a YAML file, turning I/O and syntax errors into ConfigError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found; check the path")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+
+
+def load_config(path: str | Path, cls: type[C]) -> C:
+    """Load and validate a YAML config file into ``cls``."""
+    return validate_mapping(read_yaml(path), cls, str(path))

@@ -1,0 +1,107 @@
+"""LoRA: low-rank adapters (peft) on the UNet attention projections, optionally the text encoder.
+
+Saved as ``pytorch_lora_weights.safetensors`` in the diffusers layout (``unet.*`` and
+``text_encoder.*`` keys, the adapter configs under the ``lora_adapter_metadata`` metadata key that
+``load_lora_weights`` reads, so alpha != rank loads with the right scale), plus sdsweep's own
+metadata: base model, hyperparameters, step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from trainers.base import Trainer
+from trainers.config import LoraSettings, TrainConfig
+from trainers.latents import CachedDataset, atomic_save_safetensors
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+ADAPTER = "sdsweep"
+
+
+def _config_metadata(cfg: LoraConfig, prefix: str) -> dict[str, Any]:
+    """The adapter config as diffusers stores it: JSON-able values, keys prefixed by component."""
+    out = {}
+    for k, v in cfg.to_dict().items():
+        out[f"{prefix}.{k}"] = sorted(v) if isinstance(v, set) else v
+    return out
+
+
+class LoraTrainer(Trainer):
+    """peft LoRA on the UNet (and optionally the text encoder) of a frozen base model."""
+
+    method = "lora"
+
+    def __init__(self, model: Any, data: CachedDataset, cfg: TrainConfig, lora: LoraSettings,
+                 output_dir: str | Path) -> None:
+        self.lora = lora
+        self._configs: dict[str, LoraConfig] = {}
+        super().__init__(model, data, cfg, output_dir)
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self.lora.train_text_encoder
+
+    def configure_trainable(self) -> list[dict[str, Any]]:
+        s = self.lora
+        # peft's gaussian init (std 1/r on A, zeros on B) is what diffusers' LoRA scripts use.
+        init: Any = "gaussian" if s.init == "gaussian" else True
+        torch.manual_seed(self.cfg.seed)  # adapter initialisation is part of the recipe
+        unet_cfg = LoraConfig(r=s.rank, lora_alpha=s.lora_alpha, lora_dropout=s.dropout,
+                              init_lora_weights=init, target_modules=list(s.target_modules))
+        try:
+            self.model.unet.add_adapter(unet_cfg, adapter_name=ADAPTER)
+        except ValueError as err:
+            raise ValueError(f"lora.target_modules {list(s.target_modules)}: {err} Use attention "
+                             "projection names such as to_q, to_k, to_v, to_out.0") from None
+        self._configs["unet"] = unet_cfg
+        groups = [{"params": [p for p in self.model.unet.parameters() if p.requires_grad],
+                   "lr": self.cfg.learning_rate}]
+        if s.train_text_encoder:
+            te_cfg = LoraConfig(r=s.rank, lora_alpha=s.lora_alpha, lora_dropout=s.dropout,
+                                init_lora_weights=init, target_modules=list(s.text_encoder_target_modules))
+            self.model.text_encoder.add_adapter(te_cfg, adapter_name=ADAPTER)
+            self._configs["text_encoder"] = te_cfg
+            groups.append({"params": [p for p in self.model.text_encoder.parameters() if p.requires_grad],
+                           "lr": s.text_encoder_lr or self.cfg.learning_rate})
+        return groups
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter weights with diffusers' key names (``unet.…`` / ``text_encoder.…``)."""
+        out: dict[str, torch.Tensor] = {}
+        for prefix, module in (("unet", self.model.unet), ("text_encoder", self.model.text_encoder)):
+            if prefix in self._configs:
+                sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(module, adapter_name=ADAPTER))
+                out.update({f"{prefix}.{k}": v.detach().float().cpu() for k, v in sd.items()})
+        return out
+
+    def export_weights(self, directory: Path) -> Path:
+        """Write ``pytorch_lora_weights.safetensors`` that ``pipeline.load_lora_weights`` loads."""
+        adapter_meta: dict[str, Any] = {}
+        for prefix, cfg in self._configs.items():
+            adapter_meta.update(_config_metadata(cfg, prefix))
+        info = {"method": self.method, "base_model": self.model.source,
+                "base_model_identity": self.model.identity, "step": self.global_step,
+                "dataset_key": self.data.key, "train": self.cfg.model_dump(mode="json"),
+                "lora": self.lora.model_dump(mode="json")}
+        meta = {"format": "pt", "lora_adapter_metadata": json.dumps(adapter_meta, sort_keys=True),
+                "sdsweep": json.dumps(info, sort_keys=True)}
+        path = Path(directory) / LORA_WEIGHTS
+        atomic_save_safetensors(self.lora_state_dict(), path, meta)
+        return path
+
+    def teardown(self) -> None:
+        """Remove this trainer's adapters so the base model can serve the next trial unchanged."""
+        if "unet" in self._configs:
+            self.model.unet.delete_adapters(ADAPTER)
+        if "text_encoder" in self._configs:
+            self.model.text_encoder.delete_adapter(ADAPTER)
+        if self.cfg.gradient_checkpointing:
+            self.model.unet.disable_gradient_checkpointing()
+        self._configs.clear()

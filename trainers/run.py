@@ -1,0 +1,88 @@
+"""One training run from a validated :class:`~trainers.config.RunConfig`, without Ray.
+
+config -> base model -> dataset preflight -> latent cache -> trainer -> checkpoints -> final weights.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from trainers import TRAINERS, get_trainer_class
+from trainers.base import StepStats, Trainer
+from trainers.config import RunConfig
+from trainers.data import preflight
+from trainers.latents import CachedDataset, atomic_write_text, build_latent_cache
+from trainers.models import load_base_model
+
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Where the run's final weights went and what it did."""
+
+    output_dir: Path
+    weights: Path
+    final_step: int
+    final_loss: float | None
+    resumed_from: Path | None
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The highest-numbered complete ``checkpoint-N`` directory in ``output_dir``, if any."""
+    best: tuple[int, Path] | None = None
+    for p in output_dir.glob("checkpoint-*"):
+        m = _CKPT.match(p.name)
+        if m and (p / "trainer_state.json").is_file() and (best is None or int(m.group(1)) > best[0]):
+            best = (int(m.group(1)), p)
+    return best[1] if best else None
+
+
+def prepare_data(cfg: RunConfig, model, *, cache_text: bool) -> CachedDataset:
+    """Preflight every image (all problems reported at once), then build or reuse the cache."""
+    records = preflight(cfg.data, require_captions=True)
+    root = Path(cfg.cache_dir) / "latents" if cfg.cache_dir else None
+    return build_latent_cache(records, cfg.data, model, root=root, cache_text=cache_text)
+
+
+def make_trainer(cfg: RunConfig, model, data: CachedDataset) -> Trainer:
+    """Instantiate the configured method's trainer with its own settings section."""
+    cls = get_trainer_class(cfg.method)
+    section = TRAINERS[cfg.method][2]
+    return cls(model, data, cfg.train, getattr(cfg, section), output_dir=cfg.output_dir)
+
+
+def train_from_config(
+    cfg: RunConfig, *, resume: str | Path | None = None,
+    callback: Callable[[StepStats], None] | None = None,
+    on_ready: Callable[[Trainer], None] | None = None,
+) -> RunResult:
+    """Run one training job end to end. ``resume`` is a checkpoint dir or ``"latest"``."""
+    m = cfg.model
+    model = load_base_model(m.source, allow_pickle=m.allow_pickle,
+                            single_file_config=m.single_file_config, revision=m.revision)
+    cache_text = not (cfg.method == "lora" and cfg.lora.train_text_encoder)
+    data = prepare_data(cfg, model, cache_text=cache_text)
+    out = Path(cfg.output_dir)
+    trainer = make_trainer(cfg, model, data)
+    resumed = None
+    if resume is not None:
+        resumed = latest_checkpoint(out) if str(resume) == "latest" else Path(resume)
+        if resumed is None:
+            raise FileNotFoundError(f"--resume latest: no checkpoint-N directory in {out}")
+        trainer.load_checkpoint(resumed)
+    if on_ready is not None:
+        on_ready(trainer)
+    history = trainer.train(callback=callback)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = trainer.export_weights(out)
+    summary = {"method": cfg.method, "final_step": trainer.global_step,
+               "final_loss": history[-1].loss if history else None,
+               "resumed_from": str(resumed) if resumed else None, "dataset_key": data.key,
+               "cache": data.report.__dict__, "config": cfg.model_dump(mode="json")}
+    atomic_write_text(out / "run.json", json.dumps(summary, indent=1))
+    return RunResult(out, weights, trainer.global_step, summary["final_loss"], resumed)
