@@ -1,0 +1,134 @@
+"""Pickle refusal, weights_only loading, malicious pickles, and spec dispatch errors."""
+
+from __future__ import annotations
+
+import pathlib
+import pickle
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainers.models import BaseModel, ModelLoadError, PickleRefusedError, ensure_builtin, load_base_model
+from trainers.single_file import to_original_state_dict
+
+
+class _TouchOnUnpickle:
+    """Unpickling this calls ``Path(marker).touch()``: a stand-in for arbitrary code execution."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[Path]]:
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+@pytest.fixture(scope="module")
+def tiny() -> BaseModel:
+    return load_base_model("builtin:tiny-sd")
+
+
+@pytest.fixture(params=["plain_pickle", "torch_save"])
+def evil_ckpt(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, Path]:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    payload = {"state_dict": {"model.diffusion_model.out.2.bias": _TouchOnUnpickle(marker)}}
+    if request.param == "plain_pickle":
+        path.write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, path)
+    return path, marker
+
+
+def _assert_payload_is_live(path: Path, marker: Path) -> None:
+    """Prove the file really would run code if unpickled unsafely (so the tests mean something)."""
+    assert not marker.exists()
+    if zipfile.is_zipfile(path):
+        torch.load(path, weights_only=False)  # the unsafe call sdsweep never makes
+    else:
+        pickle.loads(path.read_bytes())
+    assert marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch notes the protocol-4 payload
+@pytest.mark.parametrize("allow_pickle", [False, True])
+def test_malicious_pickle_never_runs(
+    evil_ckpt: tuple[Path, Path], allow_pickle: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, marker = evil_ckpt
+    # Even with torch's escape hatch set: sdsweep passes weights_only=True explicitly.
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(PickleRefusedError, match="evil.ckpt") as err:
+        load_base_model(str(path), allow_pickle=allow_pickle, single_file_config="builtin:tiny-sd")
+    assert not marker.exists()
+    assert ("allow_pickle" in str(err.value)) if not allow_pickle else ("weights_only" in str(err.value))
+    monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    _assert_payload_is_live(path, marker)
+
+
+def test_malicious_pickle_inside_a_diffusers_directory_never_runs(tmp_path: Path) -> None:
+    root = tmp_path / "model"
+    shutil.copytree(ensure_builtin("tiny-sd"), root)
+    marker = tmp_path / "pwned"
+    (root / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({"conv_in.weight": _TouchOnUnpickle(marker)}, root / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(PickleRefusedError):
+        load_base_model(str(root))
+    with pytest.raises(ModelLoadError):
+        load_base_model(str(root), allow_pickle=True)
+    assert not marker.exists()
+    _assert_payload_is_live(root / "unet" / "diffusion_pytorch_model.bin", marker)
+
+
+def test_legit_pickle_checkpoint_needs_opt_in_then_loads(tiny: BaseModel, tmp_path: Path) -> None:
+    path = tmp_path / "model.ckpt"
+    state = to_original_state_dict(tiny.unet, tiny.vae, tiny.text_encoder)
+    torch.save({"state_dict": state, "global_step": 470000}, path)  # the CompVis .ckpt shape
+    with pytest.raises(PickleRefusedError, match=r"allow_pickle"):
+        load_base_model(str(path), single_file_config="builtin:tiny-sd")
+    loaded = load_base_model(str(path), allow_pickle=True, single_file_config="builtin:tiny-sd")
+    assert loaded.identity == tiny.identity
+
+
+def test_directory_with_only_bin_weights_is_refused_by_default(tiny: BaseModel, tmp_path: Path) -> None:
+    root = tmp_path / "model"
+    shutil.copytree(ensure_builtin("tiny-sd"), root)
+    (root / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    tiny.unet.save_pretrained(root / "unet", safe_serialization=False)
+    assert (root / "unet" / "diffusion_pytorch_model.bin").is_file()
+    with pytest.raises(PickleRefusedError, match=r"diffusion_pytorch_model\.bin.*allow_pickle"):
+        load_base_model(str(root))
+    assert load_base_model(str(root), allow_pickle=True).identity == tiny.identity
+
+
+def test_nonsense_specs_name_the_accepted_forms(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"not a model!.*builtin:tiny-sd.*safetensors.*Hub id"):
+        load_base_model("not a model!")
+    (tmp_path / "weights.onnx").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match=r"weights\.onnx.*Accepted forms"):
+        load_base_model(str(tmp_path / "weights.onnx"))
+    with pytest.raises(ModelLoadError, match="model_index.json"):
+        load_base_model(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="no such checkpoint"):
+        load_base_model(str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ModelLoadError, match="not a diffusion model"):
+        load_base_model("builtin:tiny-clip")
+
+
+def test_hub_id_offline_says_to_predownload() -> None:
+    with pytest.raises(ModelLoadError, match=r"nobody-xyz/no-such-model.*(offline|no network).*local directory"):
+        load_base_model("nobody-xyz/no-such-model")
+
+
+def test_revision_on_a_local_model_is_an_error_not_ignored() -> None:
+    with pytest.raises(ModelLoadError, match=r"revision.*Hub ids"):
+        load_base_model("builtin:tiny-sd", revision="main")
+
+
+def test_corrupt_safetensors_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(b"\x00" * 16)
+    with pytest.raises(ModelLoadError, match="broken.safetensors"):
+        load_base_model(str(path), single_file_config="builtin:tiny-sd")
