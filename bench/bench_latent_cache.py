@@ -29,6 +29,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sweeps.cli import quiet_libraries  # noqa: E402
+
+quiet_libraries()
+
 from trainers.config import LoraSettings, TrainConfig  # noqa: E402
 from trainers.data import DataConfig, load_pixels, preflight, resolve_data_path  # noqa: E402
 from trainers.latents import CachedDataset, build_latent_cache  # noqa: E402

@@ -8,6 +8,7 @@ and exit non-zero without a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Sequence
 
@@ -82,9 +83,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """Keep the terminal for our progress: library notices at error level unless the user asks.
+
+    transformers logs a torchvision fallback notice on every import and draws a weight-loading bar
+    for each component; neither helps someone watching a run. TRANSFORMERS_VERBOSITY /
+    DIFFUSERS_VERBOSITY set by the user win.
+    """
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sdsweep`` console script."""
     args = build_parser().parse_args(argv)
+    quiet_libraries()
     from trainers.base import NonFiniteLossError
     from trainers.config import ConfigError
     from trainers.data import DatasetError

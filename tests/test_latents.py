@@ -133,6 +133,7 @@ def _build_in_process(root: str, demo: str, cache: str, out: "mp.Queue") -> None
     import os
 
     os.environ["SDSWEEP_CACHE"] = cache
+    torch.set_num_threads(1)  # two processes on two cores: more threads only spin against each other
     from trainers.models import load_base_model
 
     model = load_base_model("builtin:tiny-sd")

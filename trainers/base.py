@@ -112,9 +112,9 @@ class Trainer(abc.ABC):
         m, cfg = self.model, self.cfg
         for module in (m.unet, m.vae, m.text_encoder):
             module.requires_grad_(False)
-        m.unet.to(self.device, self.weight_dtype)
+        self._place(m.unet)
         if self.trains_text_encoder or self.data.text_embeds is None:
-            m.text_encoder.to(self.device, self.weight_dtype)
+            self._place(m.text_encoder)
         groups = self.configure_trainable()
         self.trainable = [p for g in groups for p in g["params"]]
         if not self.trainable:
@@ -133,6 +133,16 @@ class Trainer(abc.ABC):
                                           num_warmup_steps=cfg.lr_warmup_steps,
                                           num_training_steps=cfg.max_train_steps)
         self.named_trainable = self._named_trainable()
+
+    def _place(self, module: torch.nn.Module) -> None:
+        """Move a frozen module to the training device and weight dtype (only what differs)."""
+        p = next(module.parameters())
+        if p.device != self.device:
+            module.to(self.device)
+        if p.dtype != self.weight_dtype:
+            # diffusers' ModelMixin.to(dtype) logs a spurious float32 warning even when nothing
+            # changes, so the cast is only issued when it does something.
+            module.to(self.weight_dtype)
 
     def _named_trainable(self) -> dict[str, torch.nn.Parameter]:
         ids = {id(p) for p in self.trainable}
@@ -263,7 +273,7 @@ class Trainer(abc.ABC):
             if callback is not None:
                 callback(stats)
             every = self.cfg.checkpointing_steps
-            if every and self.global_step % every == 0 and self.global_step < self.cfg.max_train_steps:
+            if every and self.global_step % every == 0:
                 self.save_checkpoint(self.output_dir / f"checkpoint-{self.global_step}")
                 self._prune_checkpoints()
         return history
