@@ -274,3 +274,30 @@ def test_cached_text_embeddings_equal_a_live_text_encoder_forward(tiny_model, de
 def test_unknown_target_module_is_a_clear_error(tiny_model, demo_dir, tmp_path):
     with pytest.raises(ValueError, match="target_modules"):
         make_trainer(tiny_model, demo_dir, tmp_path, lora={"target_modules": ["no_such_proj"]})
+
+
+def test_gradient_clipping_limits_the_update(tiny_model_factory, demo_dir, tmp_path):
+    # AdamW's update is g/(|g|+eps): scale-free, except when the clipped norm approaches eps.
+    # Clipping to 1e-12 therefore shrinks the first update by orders of magnitude.
+    def first_update(max_norm, sub):
+        tr = make_trainer(tiny_model_factory(), demo_dir, tmp_path / sub, max_grad_norm=max_norm,
+                          adam_weight_decay=0.0)  # decay alone would move the weights
+        before = {n: p.detach().clone() for n, p in tr.named_trainable.items()}
+        stats = tr.train_step()
+        delta = sum((p.detach() - before[n]).abs().sum() for n, p in tr.named_trainable.items())
+        return float(delta), stats.grad_norm
+
+    free, norm = first_update(None, "free")
+    clipped, pre_clip_norm = first_update(1e-12, "clipped")
+    assert norm is None and pre_clip_norm > 1e-6
+    assert clipped < free * 1e-3
+
+
+def test_mixed_precision_resolves_per_device():
+    from trainers.base import resolve_mixed_precision
+
+    assert resolve_mixed_precision("auto", torch.device("cpu")) == "no"
+    assert resolve_mixed_precision("no", torch.device("cpu")) == "no"
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        resolve_mixed_precision("bf16", torch.device("cpu"))
+    assert resolve_mixed_precision("fp16", torch.device("cuda")) == "fp16"
