@@ -8,8 +8,10 @@ and exit non-zero without a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
@@ -68,6 +70,61 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finish_sweep(run: Any, export: str | None) -> int:
+    """Print the leaderboard, export the best checkpoint, and say how to sync W&B."""
+    from sweeps.results import export_best, format_leaderboard, leaderboard
+
+    rows, state = leaderboard(run.run_dir)
+    print(f"\nrun directory: {run.run_dir}")
+    print(f"latent cache: {run.cache_report['images_encoded']} images encoded, "
+          f"{run.cache_report['entries_reused']} reused")
+    print(format_leaderboard(rows, state["config"]["evaluation"]["metric"]))
+    if any(r.rank for r in rows):
+        dest = Path(export) if export else run.run_dir / "best"
+        info = export_best(run.run_dir, dest)
+        print(f"best: trial {info['trial_id']} at step {info['metric']['step']} "
+              f"({info['metric']['name']} {info['metric']['value']:.5f}) -> {dest}")
+    if run.sync_command:
+        print(f"W&B ran offline; to upload: {run.sync_command}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from sweeps.config import load_sweep
+    from sweeps.driver import run_sweep
+
+    overrides = {}
+    for item in args.set:
+        key, _, raw = item.partition("=")
+        overrides[key] = yaml.safe_load(raw)
+    cfg = load_sweep(args.sweep, overrides)
+    run = run_sweep(cfg, sweep_file=str(Path(args.sweep).resolve()),
+                    run_dir=Path(args.run_dir) if args.run_dir else None)
+    return _finish_sweep(run, args.export)
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from sweeps.driver import resume_sweep
+
+    return _finish_sweep(resume_sweep(Path(args.run_dir)), args.export)
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from sweeps.results import format_leaderboard, leaderboard
+
+    rows, state = leaderboard(Path(args.run_dir))
+    print(format_leaderboard(rows, state["config"]["evaluation"]["metric"]))
+    return 0
+
+
+def _cmd_best(args: argparse.Namespace) -> int:
+    from sweeps.results import export_best
+
+    info = export_best(Path(args.run_dir), Path(args.export))
+    print(json.dumps({k: info[k] for k in ("trial_id", "hyperparameters", "metric", "files")}, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="sdsweep", description=__doc__.split("\n")[0])
@@ -80,6 +137,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config key, e.g. --set train.max_train_steps=20 (repeatable)")
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
+
+    run = sub.add_parser("run", help="run a sweep (Ray Tune + Optuna) from a sweep file")
+    run.add_argument("sweep", help="sweep YAML (see sweeps/configs/demo.yaml)")
+    run.add_argument("--run-dir", default=None, help="where the run goes (default storage_path/NAME-TIME)")
+    run.add_argument("--export", default=None, help="export the best checkpoint here (default RUN_DIR/best)")
+    run.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                     help="override a sweep-file key, e.g. --set search.num_samples=4 (repeatable)")
+    run.set_defaults(func=_cmd_run)
+
+    resume = sub.add_parser("resume", help="continue an interrupted sweep")
+    resume.add_argument("run_dir")
+    resume.add_argument("--export", default=None)
+    resume.set_defaults(func=_cmd_resume)
+
+    results = sub.add_parser("results", help="print a sweep's leaderboard")
+    results.add_argument("run_dir")
+    results.set_defaults(func=_cmd_results)
+
+    best = sub.add_parser("best", help="export a sweep's best checkpoint with best.json")
+    best.add_argument("run_dir")
+    best.add_argument("--export", required=True, help="destination directory")
+    best.set_defaults(func=_cmd_best)
     return parser
 
 

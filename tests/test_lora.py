@@ -301,3 +301,41 @@ def test_mixed_precision_resolves_per_device():
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         resolve_mixed_precision("bf16", torch.device("cpu"))
     assert resolve_mixed_precision("fp16", torch.device("cuda")) == "fp16"
+
+
+def test_validation_loss_is_deterministic_seed_independent_and_drops_with_training(tiny_model_factory, demo_dir,
+                                                                                  tmp_path):
+    a = make_trainer(tiny_model_factory(), demo_dir, tmp_path / "a", seed=0, learning_rate=3e-3, max_train_steps=40)
+    b = make_trainer(tiny_model_factory(), demo_dir, tmp_path / "b", seed=7, snr_gamma=5.0)
+    v0 = a.validation_loss()
+    assert v0 == a.validation_loss(), "validation loss is not deterministic"
+    assert v0 == b.validation_loss(), "validation inputs depend on the trial's seed or loss weighting"
+    a.train()
+    assert a.validation_loss() < v0
+
+
+def test_kohya_export_loads_in_diffusers_with_the_real_alpha(tiny_model, tiny_sd_dir, demo_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from trainers.lora import kohya_state_dict
+
+    tr = make_trainer(tiny_model, demo_dir, tmp_path, cache_text=False, learning_rate=5e-3,
+                      lora={"rank": 4, "alpha": 16, "train_text_encoder": True})
+    tr.train(until_step=6)
+    kohya = kohya_state_dict(tr.lora_state_dict(), {"unet": 16, "text_encoder": 16})
+    assert any(k.startswith("lora_unet_down_blocks_0_attentions_0") for k in kohya)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn") for k in kohya)
+    assert all(float(v) == 16.0 for k, v in kohya.items() if k.endswith(".alpha"))
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+    tiny_model.unet.eval()
+    tiny_model.text_encoder.eval()
+    trained = _unet_out(tiny_model.unet)
+    ids = tiny_model.tokenizer(["a photo of sks toy"], padding="max_length", max_length=77,
+                               return_tensors="pt").input_ids
+    with torch.no_grad():
+        trained_text = tiny_model.text_encoder(ids)[0]
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
+    pipe.load_lora_weights(str(tmp_path), weight_name="kohya.safetensors")
+    assert torch.allclose(_unet_out(pipe.unet), trained, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(pipe.text_encoder(ids)[0], trained_text, atol=1e-5)

@@ -260,6 +260,38 @@ class Trainer(abc.ABC):
             f"(use mixed_precision: bf16 or no). Last good step: {self.global_step}."
         )
 
+    @torch.no_grad()
+    def validation_loss(self, timesteps: int = 4, seed: int = 20_231_123) -> float:
+        """Deterministic loss: every image (unflipped) x ``timesteps`` evenly spaced timesteps,
+        noise from a fixed seed independent of the trial's own seed, unweighted MSE.
+
+        Identical inputs for every trial of a sweep, so values are comparable across trials (min-SNR
+        weighting is deliberately not applied: it would make trials with different snr_gamma
+        incomparable). Adapter dropout is off (eval mode).
+        """
+        n = len(self.data)
+        gen = torch.Generator().manual_seed(seed)
+        t_grid = torch.linspace(0, self.noise_scheduler.config.num_train_timesteps - 1, timesteps + 2)[1:-1].long()
+        was_training = self.model.unet.training
+        self.model.unet.eval()
+        total, count = 0.0, 0
+        for start in range(0, n, self.cfg.train_batch_size):
+            idx = torch.arange(start, min(n, start + self.cfg.train_batch_size))
+            latents = self.data.sample_latents(idx, torch.zeros(len(idx), dtype=torch.bool), gen)
+            hidden = self.encoder_hidden_states(idx)
+            for t_val in t_grid:
+                t = t_val.repeat(len(idx))
+                noise = torch.randn(latents.shape, generator=gen)
+                noisy = self.noise_scheduler.add_noise(latents, noise, t)
+                target = noise if self.prediction_type == "epsilon" else \
+                    self.noise_scheduler.get_velocity(latents, noise, t)
+                with self.accelerator.autocast():
+                    pred = self.model.unet(noisy.to(self.device, self.weight_dtype), t.to(self.device), hidden).sample
+                total += F.mse_loss(pred.float(), target.to(self.device), reduction="sum").item()
+                count += target.numel()
+        self.model.unet.train(was_training)
+        return total / count
+
     # ----- the loop ----------------------------------------------------------------------------
 
     def train(self, until_step: int | None = None,

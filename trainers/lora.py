@@ -9,6 +9,7 @@ metadata: base model, hyperparameters, step.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,10 @@ from trainers.latents import CachedDataset, atomic_save_safetensors
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 ADAPTER = "sdsweep"
+# kohya-ss / AUTOMATIC1111 / ComfyUI name modules by their diffusers path with "_" for "." under
+# these prefixes; the SD 1.x text encoder's path starts at text_model (transformers 5 drops it).
+_DIFFUSERS_LORA_KEY = re.compile(r"^(unet|text_encoder)\.(.+)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$")
+_KOHYA_PREFIX = {"unet": ("lora_unet_", ""), "text_encoder": ("lora_te_", "text_model_")}
 
 
 def _config_metadata(cfg: LoraConfig, prefix: str) -> dict[str, Any]:
@@ -30,6 +35,26 @@ def _config_metadata(cfg: LoraConfig, prefix: str) -> dict[str, Any]:
     out = {}
     for k, v in cfg.to_dict().items():
         out[f"{prefix}.{k}"] = sorted(v) if isinstance(v, set) else v
+    return out
+
+
+def kohya_state_dict(diffusers_sd: dict[str, torch.Tensor], alphas: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Convert our diffusers-layout LoRA to the kohya layout A1111 and ComfyUI load.
+
+    ``alphas`` maps component ("unet", "text_encoder") to its LoRA alpha. Each module gets an
+    ``.alpha`` tensor holding the real alpha (diffusers' own converter writes alpha = rank, which
+    silently rescales any LoRA trained with alpha != rank).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in diffusers_sd.items():
+        m = _DIFFUSERS_LORA_KEY.match(key)
+        if m is None:
+            raise ValueError(f"not a diffusers LoRA key: {key!r}")
+        component, module, kind = m.groups()
+        prefix, inner = _KOHYA_PREFIX[component]
+        name = prefix + inner + module.replace(".", "_")
+        out[f"{name}.lora_{kind}.weight"] = value
+        out[f"{name}.alpha"] = torch.tensor(float(alphas[component]))
     return out
 
 

@@ -1,0 +1,145 @@
+"""The sweep file: one typed, frozen config validated before any work starts.
+
+A sweep file holds the ``base`` run config shared by every trial (model, data, fixed
+hyperparameters: the same schema as ``sdsweep train``), the search (spaces, sampler, budget),
+the scheduler, evaluation (metric, mode, cadence), per-trial resources, storage and tracking.
+Each trial's hyperparameters (flat dotted keys such as ``train.learning_rate``) are applied on
+top of ``base`` and the result is validated as a :class:`~trainers.config.RunConfig`.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from search_spaces import SamplerSettings, SearchSpace, build_search_space, load_space
+from sweeps.tracking import TrackingSettings
+from trainers.config import ConfigError, Frozen, RunConfig, read_yaml, validate_mapping
+
+# What every trial reports at each evaluation; the sweep's metric must be one of these.
+REPORTED_METRICS = {
+    "val_loss": "min",
+    "train_loss": "min",
+    "steps_per_s": "max",
+    "samples_per_s": "max",
+}
+
+
+class SearchSettings(Frozen):
+    """What Optuna searches and how."""
+
+    spaces: tuple[Any, ...] = ("lora",)
+    sampler: SamplerSettings = SamplerSettings()
+    num_samples: int = Field(8, gt=0, description="trials in total (finished + resumed + new)")
+    max_concurrent_trials: int = Field(2, gt=0)
+    warm_start: bool = True
+    storage: str | None = None
+    study_name: str | None = None
+
+
+class SchedulerSettings(Frozen):
+    """Early stopping of weak trials; times are in training steps."""
+
+    type: Literal["asha", "hyperband", "median", "none"] = "asha"
+    grace_period: int | None = Field(None, gt=0, description="default: evaluation.every")
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class EvaluationSettings(Frozen):
+    """When trials evaluate and checkpoint, and what ranks them."""
+
+    every: int = Field(10, gt=0, description="evaluate + checkpoint every N training steps")
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] | None = None
+    validation_timesteps: int = Field(4, gt=0)
+
+
+class ResourceSettings(Frozen):
+    """What one trial asks Ray for (fractional GPUs share a GPU between trials)."""
+
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)
+
+
+class SweepConfig(Frozen):
+    """A whole sweep file."""
+
+    name: str = Field("sweep", pattern=r"^[A-Za-z0-9_.-]+$")
+    base: RunConfig
+    search: SearchSettings = SearchSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
+    resources: ResourceSettings = ResourceSettings()
+    checkpoints_to_keep: int = Field(2, gt=0)
+    max_failures: int = Field(1, ge=0, description="retries for infrastructure failures only")
+    storage_path: str = "runs"
+    ray_address: str | None = None
+    tracking: TrackingSettings = TrackingSettings()
+
+    @model_validator(mode="after")
+    def _metric_is_produced(self) -> "SweepConfig":
+        if self.evaluation.metric not in REPORTED_METRICS:
+            raise ValueError(
+                f"evaluation.metric {self.evaluation.metric!r} is not reported by any trial; "
+                f"choose one of {sorted(REPORTED_METRICS)}")
+        if self.scheduler.grace_period and self.scheduler.grace_period > self.base.train.max_train_steps:
+            raise ValueError(f"scheduler.grace_period ({self.scheduler.grace_period}) exceeds "
+                             f"base.train.max_train_steps ({self.base.train.max_train_steps})")
+        return self
+
+    @property
+    def mode(self) -> str:
+        """The optimisation direction of the metric (its natural one unless set)."""
+        return self.evaluation.mode or REPORTED_METRICS[self.evaluation.metric]
+
+    def search_space(self) -> SearchSpace:
+        """The compiled define-by-run search space of this sweep."""
+        return build_search_space([load_space(s) for s in self.search.spaces])
+
+
+def apply_hyperparameters(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of the ``base`` run-config mapping with dotted ``params`` set in it."""
+    out = copy.deepcopy(base)
+    for key, value in params.items():
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def trial_run_config(sweep: SweepConfig, params: dict[str, Any], source: str = "trial") -> RunConfig:
+    """Validate the run config of one trial: ``base`` + its hyperparameters."""
+    merged = apply_hyperparameters(sweep.base.model_dump(mode="json"), params)
+    return validate_mapping(merged, RunConfig, source)
+
+
+def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
+    """Read and validate a sweep file; also check that its search space compiles and that every
+    searched parameter is a key the run config accepts (trying each method's defaults)."""
+    raw = read_yaml(path)
+    if overrides:
+        raw = apply_hyperparameters(raw, overrides)
+    cfg = validate_mapping(raw, SweepConfig, str(path))
+    check_space_against_base(cfg, str(path))
+    return cfg
+
+
+def check_space_against_base(cfg: SweepConfig, source: str) -> None:
+    """Fail before any work if a method's defaults produce an invalid run config (for example a
+    searched key that does not exist, such as ``lora.rnak``)."""
+    try:
+        spaces = [load_space(s) for s in cfg.search.spaces]
+        build_search_space(spaces)
+    except ValueError as err:
+        raise ConfigError(f"{source}: search.spaces: {err}") from None
+    for space in spaces:
+        params = {"method": space.method, **space.defaults()}
+        try:
+            trial_run_config(cfg, params, source=f"{source} ({space.method} search space defaults)")
+        except ConfigError as err:
+            raise ConfigError(f"{err}\n  (the search space sets keys or values the run config rejects)") from None

@@ -1,0 +1,210 @@
+"""The sweep driver: preflight, one latent-cache build, Ray Tune + Optuna trials, resume.
+
+Data flow: sweep file -> SweepConfig -> dataset preflight (driver, CPU) -> latent cache built once
+by a Ray task (reused from disk when its content key exists) whose result stays in Ray's object
+store -> Tuner(OptunaSearch, scheduler, reused workers) -> trials (sweeps/trial.py) -> results in
+the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule
+from ray.tune.search.optuna import OptunaSearch
+
+from search_spaces import make_sampler, make_storage
+from sweeps.config import SweepConfig
+from sweeps.tracking import make_callbacks, offline_sync_command
+from sweeps.trial import run_trial, trial_env
+from trainers.config import RunConfig
+from trainers.data import preflight
+
+SWEEP_STATE = "sweep.json"
+
+
+class SweepOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna FAIL for errored trials, never a score.
+
+    Ray's OptunaSearch tells COMPLETE with the last reported metric when a trial that had
+    already reported fails, and PRUNED when the final result carries no metric. A trial that ends
+    with ``trial_status == "error"`` (see sweeps/trial.py) or with ``error=True`` is a failure.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        # An errored trial's last report carries no metric; Ray's version would raise KeyError.
+        if isinstance(self.metric, str) and self.metric not in result:
+            return
+        super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if error or (result or {}).get("trial_status") == "error":
+            super().on_trial_complete(trial_id, result=None, error=True)
+        else:
+            super().on_trial_complete(trial_id, result=result, error=False)
+
+
+@ray.remote(num_returns=2)
+def build_cache_task(run_cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Build (or reuse from disk) the latent cache. Returns (dataset, summary) as two objects so
+    the dataset goes from this task into the object store and on to trials, never via the driver."""
+    from trainers.models import load_base_model
+    from trainers.run import prepare_data
+
+    cfg = RunConfig.model_validate(run_cfg)
+    m = cfg.model
+    model = load_base_model(m.source, allow_pickle=m.allow_pickle, single_file_config=m.single_file_config,
+                            revision=m.revision)
+    data = prepare_data(cfg, model, cache_text=True)
+    return data, {"report": dict(data.report.__dict__), "key": data.key, "model_identity": model.identity}
+
+
+@dataclass
+class SweepRun:
+    """What a finished (or interrupted-and-resumed) sweep produced."""
+
+    run_dir: Path
+    results: Any  # ray.tune.ResultGrid
+    cache_report: dict[str, int]
+    sync_command: str | None
+
+
+def make_scheduler(cfg: SweepConfig) -> Any:
+    """The trial scheduler; time is measured in training steps (the reported ``step``)."""
+    s, max_t = cfg.scheduler, cfg.base.train.max_train_steps
+    grace = s.grace_period or cfg.evaluation.every
+    if s.type == "asha":
+        return ASHAScheduler(time_attr="step", max_t=max_t, grace_period=grace, reduction_factor=s.reduction_factor)
+    if s.type == "hyperband":
+        return HyperBandScheduler(time_attr="step", max_t=max_t, reduction_factor=s.reduction_factor)
+    if s.type == "median":
+        return MedianStoppingRule(time_attr="step", grace_period=grace, min_samples_required=2)
+    return FIFOScheduler()
+
+
+def make_search(cfg: SweepConfig) -> SweepOptunaSearch:
+    """OptunaSearch over the sweep's define-by-run space, with explicit sampler and storage."""
+    space = cfg.search_space()
+    return SweepOptunaSearch(
+        space=space.define_by_run, metric=cfg.evaluation.metric, mode=cfg.mode,
+        sampler=make_sampler(cfg.search.sampler), storage=make_storage(cfg.search.storage),
+        study_name=cfg.search.study_name or cfg.name,
+        points_to_evaluate=space.warm_start_points() if cfg.search.warm_start else None,
+    )
+
+
+def ensure_ray(cfg: SweepConfig) -> bool:
+    """Connect to the configured cluster or start a local Ray. Returns True if we started it."""
+    if ray.is_initialized():
+        return False
+    env = {"runtime_env": {"env_vars": trial_env()}}
+    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=cfg.ray_address, **env)
+        return False
+    ray.init(include_dashboard=False, **env)
+    return True
+
+
+def build_cache(cfg: SweepConfig) -> tuple[Any, dict[str, int], str, str]:
+    """Run the cache build as a Ray task; return (object ref, build report, dataset key, model id)."""
+    res = cfg.resources
+    data_ref, summary_ref = build_cache_task.options(num_cpus=res.cpu, num_gpus=1 if res.gpu > 0 else 0).remote(
+        cfg.base.model_dump(mode="json"))
+    try:
+        summary = ray.get(summary_ref)
+    except ray.exceptions.RayTaskError as err:  # surface the cause (bad dataset, model) as itself
+        raise err.as_instanceof_cause() from None
+    return data_ref, summary["report"], summary["key"], summary["model_identity"]
+
+
+def _trainable(cfg: SweepConfig, data_ref: Any) -> Any:
+    # The ref travels inside a list so Ray hands trials the reference, not a driver-side copy.
+    fn = tune.with_parameters(run_trial, sweep=cfg.model_dump(mode="json"), cache=[data_ref])
+    return tune.with_resources(fn, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
+
+
+def _tuner(cfg: SweepConfig, run_dir: Path, trainable: Any, run_id: str) -> tune.Tuner:
+    tune_cfg = tune.TuneConfig(
+        metric=cfg.evaluation.metric, mode=cfg.mode, search_alg=make_search(cfg), scheduler=make_scheduler(cfg),
+        num_samples=cfg.search.num_samples, max_concurrent_trials=cfg.search.max_concurrent_trials,
+        reuse_actors=True)
+    run_cfg = tune.RunConfig(
+        name=run_dir.name, storage_path=str(run_dir.parent),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep,
+                                                checkpoint_score_attribute=cfg.evaluation.metric,
+                                                checkpoint_score_order=cfg.mode),
+        failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+        callbacks=make_callbacks(cfg.tracking, run_dir=run_dir, sweep_name=cfg.name, run_id=run_id),
+        verbose=1)
+    return tune.Tuner(trainable, tune_config=tune_cfg, run_config=run_cfg)
+
+
+def _prepare(cfg: SweepConfig) -> None:
+    # Errored trials end with a result that deliberately carries no metric (sweeps/trial.py); the
+    # sweep config already guarantees the metric exists, so Tune's strict check is redundant.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    preflight(cfg.base.data, require_captions=True)  # every bad file, before Ray or any GPU
+
+
+def run_sweep(cfg: SweepConfig, *, sweep_file: str | None = None, run_dir: Path | None = None) -> SweepRun:
+    """Run a new sweep into ``run_dir`` (default ``storage_path/<name>-<timestamp>``)."""
+    _prepare(cfg)
+    run_dir = (run_dir or Path(cfg.storage_path) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"{run_dir} already holds a sweep; use `sdsweep resume {run_dir}` or another name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = ensure_ray(cfg)
+    try:
+        data_ref, report, key, model_id = build_cache(cfg)
+        state = {"run_id": run_dir.name, "sweep_file": sweep_file, "config": cfg.model_dump(mode="json"),
+                 "cache_key": key, "base_model_identity": model_id, "cache_builds": [report],
+                 "package_version": _version(), "started": time.time()}
+        (run_dir / SWEEP_STATE).write_text(json.dumps(state, indent=1))
+        results = _tuner(cfg, run_dir, _trainable(cfg, data_ref), run_dir.name).fit()
+    finally:
+        if started:
+            ray.shutdown()
+    return SweepRun(run_dir, results, report, offline_sync_command(run_dir))
+
+
+def resume_sweep(run_dir: Path) -> SweepRun:
+    """Continue an interrupted sweep: finished trials stay, running ones continue from their last
+    checkpoint, and the searcher's state (Optuna study) is restored so no proposal repeats."""
+    run_dir = Path(run_dir).resolve()
+    state_file = run_dir / SWEEP_STATE
+    if not state_file.is_file() or not tune.Tuner.can_restore(str(run_dir)):
+        raise FileNotFoundError(f"{run_dir}: not a resumable sdsweep run (no {SWEEP_STATE} or Tune state)")
+    state = json.loads(state_file.read_text())
+    cfg = SweepConfig.model_validate(state["config"])
+    _prepare(cfg)
+    started = ensure_ray(cfg)
+    try:
+        data_ref, report, key, _ = build_cache(cfg)
+        if key != state["cache_key"]:
+            raise RuntimeError(f"{run_dir}: the dataset or base model changed since the sweep started "
+                               f"(cache key {key[:12]} != {state['cache_key'][:12]}); start a new sweep")
+        state["cache_builds"].append(report)
+        (run_dir / SWEEP_STATE).write_text(json.dumps(state, indent=1))
+        tuner = tune.Tuner.restore(str(run_dir), trainable=_trainable(cfg, data_ref), resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+        results = tuner.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    return SweepRun(run_dir, results, report, offline_sync_command(run_dir))
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sdsweep")
+    except PackageNotFoundError:  # running from a source tree without installing
+        return "unknown"

@@ -1,0 +1,116 @@
+"""Sweep file validation, hyperparameter application, and how trial outcomes reach Optuna."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from sweeps.config import SweepConfig, apply_hyperparameters, load_sweep, trial_run_config
+from trainers.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "sweeps" / "configs" / "demo.yaml"
+
+
+def _write(tmp_path: Path, mutate) -> Path:
+    raw = yaml.safe_load(DEMO.read_text())
+    mutate(raw)
+    p = tmp_path / "sweep.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def test_the_demo_sweep_validates():
+    cfg = load_sweep(DEMO)
+    assert cfg.mode == "min" and cfg.search.num_samples == 8 and cfg.scheduler.type == "asha"
+    assert cfg.search_space().fixed() == {"method": "lora"}
+
+
+@pytest.mark.parametrize("mutate, words", [
+    (lambda c: c.update(schedular={"type": "asha"}), ["schedular", "unknown key"]),
+    (lambda c: c["evaluation"].update(metric="clip_score"), ["evaluation.metric", "clip_score", "val_loss"]),
+    (lambda c: c["scheduler"].update(grace_period=1000), ["grace_period", "max_train_steps"]),
+    (lambda c: c["search"].update(num_samples=0), ["search.num_samples"]),
+    (lambda c: c["resources"].update(gpu=-1), ["resources.gpu"]),
+    (lambda c: c["base"]["train"].update(learning_rat=1), ["base.train.learning_rat", "unknown key"]),
+    (lambda c: c["search"].update(spaces=[{"method": "lora", "params": {
+        "lora.rnak": {"type": "categorical", "choices": [4, 8], "default": 4}}}]), ["lora.rnak"]),
+    (lambda c: c["search"].update(spaces=[{"method": "lora", "params": {
+        "train.learning_rate": {"type": "float", "low": 1.0, "high": 0.1}}}]), ["train.learning_rate", "low"]),
+    (lambda c: c["search"].update(spaces=["dreambooth"]), ["dreambooth", "available"]),
+])
+def test_bad_sweep_file_is_rejected_before_any_work_naming_the_key(tmp_path, mutate, words):
+    path = _write(tmp_path, mutate)
+    with pytest.raises(ConfigError) as err:
+        load_sweep(path)
+    msg = str(err.value)
+    assert str(path) in msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_hyperparameters_are_applied_to_nested_keys_without_touching_the_base():
+    base = {"train": {"learning_rate": 1e-4, "seed": 3}, "lora": {"rank": 4}}
+    out = apply_hyperparameters(base, {"train.learning_rate": 1e-3, "lora.alpha": 16, "method": "lora"})
+    assert out == {"train": {"learning_rate": 1e-3, "seed": 3}, "lora": {"rank": 4, "alpha": 16}, "method": "lora"}
+    assert base["train"]["learning_rate"] == 1e-4
+
+
+def test_an_impossible_trial_combination_is_a_config_error_naming_the_key():
+    cfg = load_sweep(DEMO)
+    with pytest.raises(ConfigError, match="lr_warmup_steps"):
+        trial_run_config(cfg, {"method": "lora", "train.lr_warmup_steps": 10_000})
+    ok = trial_run_config(cfg, {"method": "lora", "train.learning_rate": 5e-4, "lora.rank": 16})
+    assert ok.train.learning_rate == 5e-4 and ok.lora.rank == 16 and ok.train.max_train_steps == 60
+
+
+def _searcher(cfg: SweepConfig):
+    from sweeps.driver import make_search
+
+    search = make_search(cfg)
+    search.set_search_properties(cfg.evaluation.metric, cfg.mode, {})
+    return search
+
+
+def test_errored_trials_are_told_to_optuna_as_failed_never_as_a_score():
+    cfg = load_sweep(DEMO)
+    search = _searcher(cfg)
+    for tid in ("ok", "nan", "crashed"):
+        assert search.suggest(tid) is not None
+    search.on_trial_result("ok", {"val_loss": 0.5, "step": 20, "training_iteration": 1})
+    search.on_trial_complete("ok", {"val_loss": 0.4, "step": 40})
+    # Reported once, then raised: Ray's own OptunaSearch would tell COMPLETE with 0.3 here.
+    search.on_trial_result("nan", {"val_loss": 0.3, "step": 20, "training_iteration": 1})
+    error_report = {"trial_status": "error", "error": "loss became nan", "step": 21, "training_iteration": 2}
+    search.on_trial_result("nan", error_report)  # no metric in it: must not raise
+    search.on_trial_complete("nan", error_report)
+    search.on_trial_complete("crashed", None, error=True)
+    trials = search._ot_study.get_trials(deepcopy=False)
+    states = [t.state for t in trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
+                      optuna.trial.TrialState.FAIL]
+    assert trials[0].value == 0.4 and trials[1].value is None and trials[2].value is None
+
+
+def test_warm_start_enqueues_the_known_good_defaults_first():
+    cfg = load_sweep(DEMO)
+    first = _searcher(cfg).suggest("t0")
+    assert first["train.learning_rate"] == 1e-4 and first["lora.rank"] == 8 and first["method"] == "lora"
+
+
+def test_scheduler_choices_build_with_steps_as_time():
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule
+
+    from sweeps.driver import make_scheduler
+
+    cfg = load_sweep(DEMO)
+    kinds = {"asha": ASHAScheduler, "hyperband": HyperBandScheduler, "median": MedianStoppingRule,
+             "none": FIFOScheduler}
+    for name, cls in kinds.items():
+        sched = make_scheduler(cfg.model_copy(update={"scheduler": cfg.scheduler.model_copy(update={"type": name})}))
+        assert isinstance(sched, cls)
+        if name != "none":
+            assert sched._time_attr == "step"

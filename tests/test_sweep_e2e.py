@@ -1,0 +1,192 @@
+"""End to end: a real sweep on a local Ray runtime, then kill -9 the driver and resume.
+
+Slow (each test starts Ray); marked ``slow`` and still run in CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sweep_file(tmp_path: Path, **over) -> Path:
+    cfg = {
+        "name": "e2e",
+        "base": {"model": "builtin:tiny-sd",
+                 "data": {"path": "builtin:demo", "resolution": 64, "random_flip": True},
+                 "train": {"max_train_steps": 40, "train_batch_size": 2}},
+        # A learning-rate axis with a hopeless value makes ASHA's early stop deterministic enough
+        # to test: 1e-7 cannot improve on the base model while 3e-3 does.
+        "search": {"spaces": [{"method": "lora", "params": {
+            "train.learning_rate": {"type": "categorical", "choices": [1.0e-7, 3.0e-3], "default": 3.0e-3},
+            "lora.rank": {"type": "categorical", "choices": [2, 4, 8], "default": 4}}}],
+            "sampler": {"type": "random", "seed": 3}, "num_samples": 5, "max_concurrent_trials": 2,
+            "warm_start": True},
+        "scheduler": {"type": "asha", "grace_period": 10, "reduction_factor": 2},
+        "evaluation": {"every": 10, "metric": "val_loss"},
+        "resources": {"cpu": 1, "gpu": 0},
+        "checkpoints_to_keep": 10,
+        "storage_path": str(tmp_path / "runs"),
+        "tracking": {"wandb": True, "mode": "offline", "project": "sdsweep-test"},
+    }
+    for k, v in over.items():
+        cfg[k] = v
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("WANDB_API_KEY", None)
+    env.update(OMP_NUM_THREADS="1", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _sdsweep(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "sweeps.cli", *args], capture_output=True, text=True,
+                          env=_env(), timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, f"sdsweep {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _trial_dirs(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.iterdir() if p.is_dir() and (p / "params.json").is_file())
+
+
+def _rows(trial_dir: Path) -> list[dict]:
+    f = trial_dir / "result.json"
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
+
+
+def test_sweep_ranks_trials_exports_the_best_and_logs_to_wandb(tmp_path):
+    from sweeps.results import leaderboard
+    from sweeps.tracking import read_offline_run
+
+    run_dir = tmp_path / "runs" / "e2e-run"
+    out = _sdsweep("run", str(sweep_file(tmp_path)), "--run-dir", str(run_dir)).stdout
+    assert "rank" in out and "best: trial" in out and "wandb sync" in out
+
+    state = json.loads((run_dir / "sweep.json").read_text())
+    assert state["cache_builds"][0]["images_encoded"] == 16, "expected one encode per image and flip (8 x 2)"
+    rows, _ = leaderboard(run_dir)
+    assert len(rows) == 5
+    assert len({json.dumps(r.params, sort_keys=True) for r in rows}) >= 2
+    statuses = [r.status for r in rows]
+    assert "stopped" in statuses, f"ASHA stopped no trial early: {statuses}"
+    assert all(s in ("completed", "stopped") for s in statuses), statuses
+
+    for trial in _trial_dirs(run_dir):
+        evals = [r for r in _rows(trial) if "val_loss" in r]
+        ckpt_steps = sorted(json.loads((c / "trainer_state.json").read_text())["step"]
+                            for c in trial.glob("checkpoint_*"))
+        assert ckpt_steps == [r["step"] for r in evals], f"{trial.name}: one checkpoint per evaluation"
+        assert all(r["steps_per_s"] > 0 and r["peak_memory_mb"] > 0 for r in evals)
+
+    best = json.loads((run_dir / "best" / "best.json").read_text())
+    top = rows[0]
+    assert best["trial_id"] == top.trial_id and best["metric"]["value"] == pytest.approx(top.best)
+    assert best["metric"]["step"] == top.best_step and best["hyperparameters"] == top.params
+    assert best["cache_key"] == state["cache_key"] and best["base_model_identity"] == state["base_model_identity"]
+    assert (run_dir / "best" / "pytorch_lora_weights.safetensors").is_file()
+    assert len(list((run_dir / "best").glob("*-lora.safetensors"))) == 1
+
+    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 5
+    logged = {}
+    for d in offline:
+        run = read_offline_run(d)
+        assert run.group == run_dir.name and run.job_type == "lora"
+        logged[run.config["train.learning_rate"], run.config["lora.rank"]] = run
+    for r in rows:
+        run = logged[r.params["train.learning_rate"], r.params["lora.rank"]]
+        vals = [h["val_loss"] for h in run.history if "val_loss" in h]
+        assert vals and min(vals) == pytest.approx(r.best)
+
+
+def test_errored_trial_is_failed_in_optuna_and_the_others_go_on(tmp_path):
+    import optuna
+
+    storage = tmp_path / "study.db"
+    path = sweep_file(tmp_path, search={
+        "spaces": [{"method": "lora", "params": {
+            # rank 0 is an impossible combination: the run config rejects it inside the trial.
+            "lora.rank": {"type": "categorical", "choices": [0, 4], "default": 0}}}],
+        "sampler": {"type": "random", "seed": 0}, "num_samples": 3, "max_concurrent_trials": 2,
+        "warm_start": True, "storage": f"sqlite:///{storage}", "study_name": "errors"},
+        scheduler={"type": "none"}, tracking={"wandb": False})
+    run_dir = tmp_path / "runs" / "err-run"
+    out = _sdsweep("run", str(path), "--run-dir", str(run_dir)).stdout
+    assert "error" in out and "lora.rank" in out
+    from sweeps.results import leaderboard
+
+    rows, _ = leaderboard(run_dir)
+    errored = [r for r in rows if r.status == "error"]
+    assert errored and all(r.params["lora.rank"] == 0 for r in errored)
+    assert all(r.status == "completed" for r in rows if r.params["lora.rank"] == 4)
+    study = optuna.load_study(study_name="errors", storage=f"sqlite:///{storage}")
+    states = {t.params["lora.rank"]: t.state for t in study.trials}
+    assert states[0] == optuna.trial.TrialState.FAIL
+    assert all(t.value is None for t in study.trials if t.params["lora.rank"] == 0)
+
+
+def test_kill_9_the_driver_then_resume_finishes_without_rerunning(tmp_path):
+    # A continuous axis: a searcher that replayed its proposals after resume would repeat values.
+    search = {"spaces": [{"method": "lora", "params": {
+        "train.learning_rate": {"type": "float", "low": 1.0e-4, "high": 3.0e-3, "log": True, "default": 1.0e-3}}}],
+        "sampler": {"type": "tpe", "seed": 0, "n_startup_trials": 2}, "num_samples": 5,
+        "max_concurrent_trials": 2, "warm_start": True}
+    path = sweep_file(tmp_path, scheduler={"type": "none"}, search=search,
+                      base={"model": "builtin:tiny-sd", "data": {"path": "builtin:demo", "resolution": 64},
+                            "train": {"max_train_steps": 60, "train_batch_size": 2}},
+                      tracking={"wandb": True, "mode": "offline", "project": "sdsweep-test"})
+    run_dir = tmp_path / "runs" / "kill-run"
+    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(path), "--run-dir", str(run_dir)],
+                            env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    done_before: dict[str, list[int]] = {}
+    while time.time() < deadline:
+        time.sleep(0.5)
+        if not run_dir.exists():
+            continue
+        trials = {t.name: _rows(t) for t in _trial_dirs(run_dir)}
+        done = {n: [r["step"] for r in rows] for n, rows in trials.items()
+                if rows and rows[-1].get("trial_status") == "completed"}
+        midway = [n for n, rows in trials.items() if rows and rows[-1].get("trial_status") == "running"]
+        if done and midway:
+            done_before = done
+            break
+    assert done_before, "the sweep never reached a state with a finished and a running trial"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait(timeout=60)
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], env=_env(),
+                   capture_output=True, timeout=120)
+    before = {t.name: [r["step"] for r in _rows(t)] for t in _trial_dirs(run_dir)}
+
+    _sdsweep("resume", str(run_dir))
+
+    after = {t.name: [r["step"] for r in _rows(t)] for t in _trial_dirs(run_dir)}
+    assert len(after) == 5, f"finished + new trials should equal num_samples: {sorted(after)}"
+    for name, steps in done_before.items():
+        assert after[name] == steps, f"finished trial {name} was rerun"
+    for name, steps in after.items():
+        assert steps == sorted(set(steps)), f"{name}: steps restarted or repeated: {steps}"
+        assert steps[-1] == 60, f"{name} did not finish: {steps}"
+    resumed = [n for n, s in before.items() if s and s[-1] < 60]
+    for name in resumed:
+        assert after[name][: len(before[name])] == before[name], f"{name} restarted from scratch"
+    params = [json.loads((t / "params.json").read_text()) for t in _trial_dirs(run_dir)]
+    assert len({json.dumps(p, sort_keys=True) for p in params}) == len(params), "duplicate proposals"
