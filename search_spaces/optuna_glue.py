@@ -49,7 +49,10 @@ class SamplerSettings(BaseModel):
                 "set multivariate: true, or group: false",
             )
         if self.type == "random":
-            given = sorted(set(_TPE_ONLY) & self.model_fields_set)
+            # Compare with the defaults, not model_fields_set: a dumped-and-reloaded config (Ray
+            # ships configs to workers, resume reloads sweep.json) sets every field explicitly.
+            defaults = type(self).model_fields
+            given = sorted(k for k in _TPE_ONLY if getattr(self, k) != defaults[k].default)
             if given:
                 raise problem(
                     given[0],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,7 @@ def _results(trial_dir: Path) -> list[dict[str, Any]]:
 
 
 def _trial_row(trial: Any, metric: str, mode: str, max_steps: int) -> TrialRow:
-    path = Path(trial.local_path) if getattr(trial, "local_path", None) else Path(trial.path)
+    path = Path(trial.path)  # storage path; trial.local_path needs a live Ray session
     rows = _results(path)
     evals = [r for r in rows if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
     last = rows[-1] if rows else {}
@@ -80,12 +81,18 @@ def _trial_row(trial: Any, metric: str, mode: str, max_steps: int) -> TrialRow:
     elif trial.status == "ERROR":
         row.status = "error"
         err = path / "error.txt"
-        row.error = err.read_text().strip().splitlines()[-1][:300] if err.is_file() else "Ray reported an error"
+        row.error = _exception_line(err.read_text()) if err.is_file() else "Ray reported an error"
     elif trial.status == "TERMINATED":
         row.status = "completed" if row.steps >= max_steps else "stopped"
     else:
         row.status = "running" if rows else "pending"
     return row
+
+
+def _exception_line(text: str) -> str:
+    """The most specific 'SomeError: message' line of a Ray error.txt traceback."""
+    hits = [ln.strip() for ln in text.splitlines() if re.match(r"^\s*[\w.]+(Error|Exception)\b", ln)]
+    return (hits[-1] if hits else text.strip().splitlines()[-1])[:300]
 
 
 def leaderboard(run_dir: Path) -> tuple[list[TrialRow], dict[str, Any]]:

@@ -64,11 +64,11 @@ def _threads_for_trial(cpus: float) -> None:
 def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: list[Any]) -> None:
     """The Ray Tune function trainable. ``config`` holds the trial's dotted hyperparameters."""
     started = time.perf_counter()
-    cfg = SweepConfig.model_validate(sweep)
-    _threads_for_trial(cfg.resources.cpu)
     trial_dir = Path(tune.get_context().get_trial_dir())
     trainer = None
     try:
+        cfg = SweepConfig.model_validate(sweep)
+        _threads_for_trial(cfg.resources.cpu)
         params = cfg.search_space().flat_params(config)  # drops OptunaSearch's qualified aliases
         run_cfg = trial_run_config(cfg, params, source=f"trial {tune.get_context().get_trial_id()}")
         model, reused = worker_model(run_cfg.model)
@@ -119,7 +119,8 @@ def _train_and_report(trainer: Any, cfg: SweepConfig, *, setup_s: float, model_r
 def _report_error(err: Exception, trainer: Any, trial_dir: Path) -> None:
     """End the trial as errored: reason to a file and as the last reported result (no metric)."""
     step = trainer.global_step if trainer is not None else 0
-    info = {"error_type": type(err).__name__, "error": str(err).splitlines()[0][:500] if str(err) else "",
+    message = " ".join(line.strip() for line in str(err).splitlines())  # multi-line errors name keys below
+    info = {"error_type": type(err).__name__, "error": message[:1000],
             "step": step, "traceback": traceback.format_exc(limit=8)}
     trial_dir.mkdir(parents=True, exist_ok=True)
     (trial_dir / ERROR_FILE).write_text(json.dumps(info, indent=1))

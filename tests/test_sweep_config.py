@@ -114,3 +114,10 @@ def test_scheduler_choices_build_with_steps_as_time():
         assert isinstance(sched, cls)
         if name != "none":
             assert sched._time_attr == "step"
+
+
+@pytest.mark.parametrize("sampler", [{"type": "tpe", "seed": 1}, {"type": "random", "seed": 2}])
+def test_a_sweep_config_survives_the_dump_reload_round_trip_workers_and_resume_use(tmp_path, sampler):
+    path = _write(tmp_path, lambda c: c["search"].update(sampler=sampler))
+    cfg = load_sweep(path)
+    assert SweepConfig.model_validate(cfg.model_dump(mode="json")) == cfg

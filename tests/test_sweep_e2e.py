@@ -122,9 +122,10 @@ def test_errored_trial_is_failed_in_optuna_and_the_others_go_on(tmp_path):
     storage = tmp_path / "study.db"
     path = sweep_file(tmp_path, search={
         "spaces": [{"method": "lora", "params": {
-            # rank 0 is an impossible combination: the run config rejects it inside the trial.
-            "lora.rank": {"type": "categorical", "choices": [0, 4], "default": 0}}}],
-        "sampler": {"type": "random", "seed": 0}, "num_samples": 3, "max_concurrent_trials": 2,
+            # rank 0 is impossible: the run config rejects it inside the trial. (As a default it would
+            # be refused before the sweep starts.) Random seed 0 proposes ranks 4, 4, 0, 4.
+            "lora.rank": {"type": "categorical", "choices": [0, 4], "default": 4}}}],
+        "sampler": {"type": "random", "seed": 0}, "num_samples": 4, "max_concurrent_trials": 2,
         "warm_start": True, "storage": f"sqlite:///{storage}", "study_name": "errors"},
         scheduler={"type": "none"}, tracking={"wandb": False})
     run_dir = tmp_path / "runs" / "err-run"
@@ -134,7 +135,8 @@ def test_errored_trial_is_failed_in_optuna_and_the_others_go_on(tmp_path):
 
     rows, _ = leaderboard(run_dir)
     errored = [r for r in rows if r.status == "error"]
-    assert errored and all(r.params["lora.rank"] == 0 for r in errored)
+    assert len(errored) == 1 and errored[0].params["lora.rank"] == 0 and "lora.rank" in errored[0].error
+    assert len(rows) == 4
     assert all(r.status == "completed" for r in rows if r.params["lora.rank"] == 4)
     study = optuna.load_study(study_name="errors", storage=f"sqlite:///{storage}")
     states = {t.params["lora.rank"]: t.state for t in study.trials}
