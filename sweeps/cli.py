@@ -162,16 +162,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def quiet_libraries() -> None:
-    """Keep the terminal for our progress: library notices at error level unless the user asks.
+QUIET_ENV = {
+    "TRANSFORMERS_VERBOSITY": "error",       # torchvision-fallback notices on every import
+    "DIFFUSERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",     # transformers' per-component "Loading weights" bars
+    "WANDB_SILENT": "true",                  # per-trial offline banners; we print the sync command once
+    # Tune warns when checkpoint-driven state snapshots come faster than every 5 s, which short
+    # tiny-model trials always do; the snapshots themselves are wanted.
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+}
 
-    transformers logs a torchvision fallback notice on every import and draws a weight-loading bar
-    for each component; neither helps someone watching a run. TRANSFORMERS_VERBOSITY /
-    DIFFUSERS_VERBOSITY set by the user win.
+
+def quiet_libraries() -> None:
+    """Keep the terminal for our progress: library notices off unless the user asks.
+
+    Environment variables, so Ray workers inherit them (sweeps.trial.trial_env forwards them);
+    values the user has set win.
     """
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

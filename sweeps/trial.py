@@ -14,6 +14,7 @@ worker or node that dies (a Ray actor error) is retried, up to ``max_failures``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import tempfile
@@ -64,6 +65,7 @@ def _threads_for_trial(cpus: float) -> None:
 def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: list[Any]) -> None:
     """The Ray Tune function trainable. ``config`` holds the trial's dotted hyperparameters."""
     started = time.perf_counter()
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per checkpoint otherwise
     trial_dir = Path(tune.get_context().get_trial_dir())
     trainer = None
     try:
@@ -130,6 +132,7 @@ def _report_error(err: Exception, trainer: Any, trial_dir: Path) -> None:
 
 def trial_env() -> dict[str, str]:
     """Environment for trial workers: offline hub access mirrors the driver's."""
-    keep = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "SDSWEEP_CACHE", "TRANSFORMERS_VERBOSITY",
-            "DIFFUSERS_VERBOSITY")
+    from sweeps.cli import QUIET_ENV
+
+    keep = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "SDSWEEP_CACHE", *QUIET_ENV)
     return {k: os.environ[k] for k in keep if k in os.environ}
