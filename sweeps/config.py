@@ -75,6 +75,8 @@ class SweepConfig(Frozen):
     resources: ResourceSettings = ResourceSettings()
     checkpoints_to_keep: int = Field(2, gt=0)
     max_failures: int = Field(1, ge=0, description="retries for infrastructure failures only")
+    # One worker process serves trial after trial: the base model loads once per process.
+    reuse_workers: bool = True
     storage_path: str = "runs"
     ray_address: str | None = None
     tracking: TrackingSettings = TrackingSettings()

@@ -134,7 +134,7 @@ def _tuner(cfg: SweepConfig, run_dir: Path, trainable: Any, run_id: str) -> tune
     tune_cfg = tune.TuneConfig(
         metric=cfg.evaluation.metric, mode=cfg.mode, search_alg=make_search(cfg), scheduler=make_scheduler(cfg),
         num_samples=cfg.search.num_samples, max_concurrent_trials=cfg.search.max_concurrent_trials,
-        reuse_actors=True)
+        reuse_actors=cfg.reuse_workers)
     run_cfg = tune.RunConfig(
         name=run_dir.name, storage_path=str(run_dir.parent),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep,

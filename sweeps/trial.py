@@ -64,7 +64,7 @@ def _threads_for_trial(cpus: float) -> None:
 
 def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: list[Any]) -> None:
     """The Ray Tune function trainable. ``config`` holds the trial's dotted hyperparameters."""
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per checkpoint otherwise
     trial_dir = Path(tune.get_context().get_trial_dir())
     trainer = None
@@ -82,7 +82,7 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: list[Any]
             with checkpoint.as_directory() as d:
                 trainer.load_checkpoint(d)
         setup_s = time.perf_counter() - started
-        _train_and_report(trainer, cfg, setup_s=setup_s, model_reused=reused)
+        _train_and_report(trainer, cfg, setup_s=setup_s, model_reused=reused, started_at=started_at)
     except Exception as err:  # noqa: BLE001 - every trial-code failure ends this trial, see module doc
         _report_error(err, trainer, trial_dir)
     finally:
@@ -90,7 +90,8 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: list[Any]
             trainer.teardown()
 
 
-def _train_and_report(trainer: Any, cfg: SweepConfig, *, setup_s: float, model_reused: bool) -> None:
+def _train_and_report(trainer: Any, cfg: SweepConfig, *, setup_s: float, model_reused: bool,
+                      started_at: float) -> None:
     every, total = cfg.evaluation.every, trainer.cfg.max_train_steps
     samples_per_step = trainer.cfg.train_batch_size * trainer.cfg.gradient_accumulation_steps
     first = True
@@ -109,9 +110,10 @@ def _train_and_report(trainer: Any, cfg: SweepConfig, *, setup_s: float, model_r
             "peak_memory_mb": peak_memory_mb(trainer.device),
             "method": trainer.method,
             "trial_status": "running" if trainer.global_step < total else "completed",
+            "reported_at": time.time(),  # Tune's own timestamp is whole seconds
         }
         if first:
-            metrics.update(setup_s=setup_s, model_reused=model_reused)
+            metrics.update(setup_s=setup_s, model_reused=model_reused, started_at=started_at)
             first = False
         with tempfile.TemporaryDirectory(prefix="sdsweep-ckpt-") as tmp:
             trainer.save_checkpoint(tmp)
