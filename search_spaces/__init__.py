@@ -18,7 +18,7 @@ dotted keys out, method-qualified Optuna names for keys shared by several method
 
 from search_spaces.errors import SearchSpaceError
 from search_spaces.loading import METHOD, MethodSpace, available_spaces, load_space, parse_space
-from search_spaces.optuna_glue import SamplerSettings, make_sampler, make_storage
+from search_spaces.optuna_glue import SamplerSettings, make_sampler, make_storage, parse_storage_url
 from search_spaces.params import CategoricalParam, FloatParam, IntParam, Param
 from search_spaces.space import SearchSpace, SuggestedParam, build_search_space
 
@@ -38,5 +38,6 @@ __all__ = [
     "load_space",
     "make_sampler",
     "make_storage",
+    "parse_storage_url",
     "parse_space",
 ]

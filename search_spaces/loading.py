@@ -26,6 +26,7 @@ from pydantic_core import ErrorDetails
 
 from search_spaces.errors import SearchSpaceError
 from search_spaces.params import PARAM_TYPES, Param, ParamSpec
+from trainers.config import YamlLoader
 
 _PACKAGE = "search_spaces"  # where the shipped *.yaml files live (package data)
 METHOD = "method"  # the flat-dict key (and Optuna name) that holds the chosen training method
@@ -42,20 +43,7 @@ _HINTS = {
 }
 
 
-class _Yaml12Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` and ``1.0e5`` as floats.
-
-    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so ``1e-4`` is the
-    *string* "1e-4": harmless for a float field (rejected as a non-number) but a silent type
-    change inside categorical ``choices``. YAML 1.2 reads these as numbers, as users expect.
-    """
-
-
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+_Yaml12Loader = YamlLoader  # shared with run and sweep files (trainers/config.py)
 
 
 class _SpaceDoc(BaseModel):

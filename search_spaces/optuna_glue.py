@@ -106,25 +106,29 @@ def make_storage(url: str | None) -> optuna.storages.BaseStorage | None:
     Parent directories are created. Anything else raises :class:`SearchSpaceError` naming
     ``search.storage`` and the accepted forms.
     """
+    parsed = parse_storage_url(url)
+    if parsed is None:
+        return None
+    kind, path = parsed
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "sqlite":
+        return optuna.storages.RDBStorage(url)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def parse_storage_url(url: str | None) -> tuple[str, Path] | None:
+    """Check a ``search.storage`` URL without touching the disk: ``("sqlite" | "journal", file)``,
+    or ``None`` for in-memory. Raises :class:`SearchSpaceError` naming the key and the forms."""
     if url is None:
         return None
-    if url.startswith("sqlite:///"):
-        path = url[len("sqlite:///") :].split("?", 1)[0]
-        if not path or path == ":memory:":
-            raise SearchSpaceError(
-                f"search.storage: {url!r} names no database file. Fix: use {_STORAGE_FORMS}"
-            )
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.RDBStorage(url)
-    if url.startswith("journal:"):
-        path = url[len("journal:") :]
-        if not path:
-            raise SearchSpaceError(
-                f"search.storage: {url!r} names no journal file. Fix: use {_STORAGE_FORMS}"
-            )
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        backend = JournalFileBackend(path)
-        return optuna.storages.JournalStorage(backend)
+    for kind, prefix in (("sqlite", "sqlite:///"), ("journal", "journal:")):
+        if url.startswith(prefix):
+            path = url[len(prefix):].split("?", 1)[0]
+            if not path or path == ":memory:":
+                raise SearchSpaceError(
+                    f"search.storage: {url!r} names no {kind} file. Fix: use {_STORAGE_FORMS}"
+                )
+            return kind, Path(path)
     raise SearchSpaceError(
         f"search.storage: {url!r} is not a storage URL this tool accepts. Fix: {_STORAGE_FORMS}"
     )

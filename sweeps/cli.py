@@ -14,15 +14,13 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_FAILED = 1
 
 
 def apply_overrides(data: Any, overrides: Sequence[str], source: str) -> Any:
     """Apply ``key.path=value`` overrides (value parsed as YAML) to a raw config mapping."""
-    from trainers.config import ConfigError
+    from trainers.config import ConfigError, yaml_load
 
     for item in overrides:
         if "=" not in item:
@@ -36,7 +34,7 @@ def apply_overrides(data: Any, overrides: Sequence[str], source: str) -> Any:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{source}: --set {key}: {p} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = yaml_load(raw)
     return data
 
 
@@ -92,11 +90,12 @@ def _finish_sweep(run: Any, export: str | None) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from sweeps.config import load_sweep
     from sweeps.driver import run_sweep
+    from trainers.config import yaml_load
 
     overrides = {}
     for item in args.set:
         key, _, raw = item.partition("=")
-        overrides[key] = yaml.safe_load(raw)
+        overrides[key] = yaml_load(raw)
     cfg = load_sweep(args.sweep, overrides)
     run = run_sweep(cfg, sweep_file=str(Path(args.sweep).resolve()),
                     run_dir=Path(args.run_dir) if args.run_dir else None)
@@ -194,11 +193,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from trainers.base import NonFiniteLossError
     from trainers.config import ConfigError
     from trainers.data import DatasetError
+    from sweeps.results import SweepError
     from trainers.models import ModelLoadError
 
     try:
         return int(args.func(args))
-    except (ConfigError, DatasetError, ModelLoadError, FileNotFoundError) as err:
+    except (ConfigError, DatasetError, ModelLoadError, SweepError, FileNotFoundError) as err:
         print(f"sdsweep: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except NonFiniteLossError as err:

@@ -13,9 +13,9 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from search_spaces import SamplerSettings, SearchSpace, build_search_space, load_space
+from search_spaces import SamplerSettings, SearchSpace, build_search_space, load_space, parse_storage_url
 from sweeps.tracking import TrackingSettings
 from trainers.config import ConfigError, Frozen, RunConfig, read_yaml, validate_mapping
 
@@ -39,6 +39,12 @@ class SearchSettings(Frozen):
     storage: str | None = None
     study_name: str | None = None
 
+    @field_validator("storage")
+    @classmethod
+    def _storage_url(cls, v: str | None) -> str | None:
+        parse_storage_url(v)  # a bad URL fails here, before preflight, Ray or the cache build
+        return v
+
 
 class SchedulerSettings(Frozen):
     """Early stopping of weak trials; times are in training steps."""
@@ -46,6 +52,15 @@ class SchedulerSettings(Frozen):
     type: Literal["asha", "hyperband", "median", "none"] = "asha"
     grace_period: int | None = Field(None, gt=0, description="default: evaluation.every")
     reduction_factor: float = Field(2.0, gt=1)
+
+    @model_validator(mode="after")
+    def _only_what_the_type_uses(self) -> "SchedulerSettings":
+        # Compared with defaults (not fields-set) so a dumped config reloads (workers, resume).
+        if self.grace_period is not None and self.type in ("hyperband", "none"):
+            raise ValueError(f"grace_period is not used by scheduler type {self.type!r}; remove it")
+        if self.reduction_factor != 2.0 and self.type in ("median", "none"):
+            raise ValueError(f"reduction_factor is not used by scheduler type {self.type!r}; remove it")
+        return self
 
 
 class EvaluationSettings(Frozen):
@@ -122,13 +137,45 @@ def trial_run_config(sweep: SweepConfig, params: dict[str, Any], source: str = "
 
 def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
     """Read and validate a sweep file; also check that its search space compiles and that every
-    searched parameter is a key the run config accepts (trying each method's defaults)."""
+    searched parameter is a key the run config accepts (trying each method's defaults).
+    Relative local paths are resolved against the current directory here, once: Ray runs each
+    trial in its own working directory, where they would point elsewhere."""
     raw = read_yaml(path)
     if overrides:
         raw = apply_hyperparameters(raw, overrides)
     cfg = validate_mapping(raw, SweepConfig, str(path))
+    cfg = absolute_paths(cfg, Path.cwd())
     check_space_against_base(cfg, str(path))
     return cfg
+
+
+def _abs(value: str | None, root: Path, *, must_exist: bool = False) -> str | None:
+    if value is None or value.startswith("builtin:") or Path(value).is_absolute():
+        return value
+    candidate = root / value
+    if must_exist and not candidate.exists():
+        return value  # e.g. a hub id "org/name": not a local path
+    return str(candidate.resolve())
+
+
+def absolute_paths(cfg: SweepConfig, root: Path) -> SweepConfig:
+    """The same config with every relative local path made absolute against ``root``."""
+    base, search = cfg.base, cfg.search
+    model = base.model.model_copy(update={
+        "source": _abs(base.model.source, root, must_exist=True),
+        "single_file_config": _abs(base.model.single_file_config, root, must_exist=True)})
+    data = base.data.model_copy(update={"path": _abs(base.data.path, root)})
+    base = base.model_copy(update={"model": model, "data": data, "cache_dir": _abs(base.cache_dir, root)})
+    spaces = tuple(_abs(s, root, must_exist=True) if isinstance(s, str) and Path(s).suffix in (".yaml", ".yml")
+                   else s for s in search.spaces)
+    storage = search.storage
+    parsed = parse_storage_url(storage)
+    if parsed is not None and not parsed[1].is_absolute():
+        prefix = "sqlite:///" if parsed[0] == "sqlite" else "journal:"
+        storage = prefix + str((root / parsed[1]).resolve())
+    search = search.model_copy(update={"spaces": spaces, "storage": storage})
+    return cfg.model_copy(update={"base": base, "search": search,
+                                  "storage_path": _abs(cfg.storage_path, root)})
 
 
 def check_space_against_base(cfg: SweepConfig, source: str) -> None:

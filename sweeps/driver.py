@@ -22,12 +22,12 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces import make_sampler, make_storage
 from sweeps.config import SweepConfig
+from sweeps.results import SWEEP_STATE, SweepError
 from sweeps.tracking import make_callbacks, offline_sync_command
 from sweeps.trial import run_trial, trial_env
 from trainers.config import RunConfig
 from trainers.data import preflight
 
-SWEEP_STATE = "sweep.json"
 
 
 class SweepOptunaSearch(OptunaSearch):
@@ -104,11 +104,12 @@ def ensure_ray(cfg: SweepConfig) -> bool:
     """Connect to the configured cluster or start a local Ray. Returns True if we started it."""
     if ray.is_initialized():
         return False
-    env = {"runtime_env": {"env_vars": trial_env()}}
     if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.ray_address, **env)
+        # On a cluster the job's own runtime env (ray job submit) applies; adding ours would make
+        # Ray refuse to merge any key both set (cluster.yaml sets the node environment).
+        ray.init(address=cfg.ray_address)
         return False
-    ray.init(include_dashboard=False, **env)
+    ray.init(include_dashboard=False, runtime_env={"env_vars": trial_env()})
     return True
 
 
@@ -158,7 +159,7 @@ def run_sweep(cfg: SweepConfig, *, sweep_file: str | None = None, run_dir: Path 
     _prepare(cfg)
     run_dir = (run_dir or Path(cfg.storage_path) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"{run_dir} already holds a sweep; use `sdsweep resume {run_dir}` or another name")
+        raise SweepError(f"{run_dir} already holds a sweep; use `sdsweep resume {run_dir}` or another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     started = ensure_ray(cfg)
     try:
@@ -180,7 +181,7 @@ def resume_sweep(run_dir: Path) -> SweepRun:
     run_dir = Path(run_dir).resolve()
     state_file = run_dir / SWEEP_STATE
     if not state_file.is_file() or not tune.Tuner.can_restore(str(run_dir)):
-        raise FileNotFoundError(f"{run_dir}: not a resumable sdsweep run (no {SWEEP_STATE} or Tune state)")
+        raise SweepError(f"{run_dir}: not a resumable sdsweep run (no {SWEEP_STATE} or Tune state)")
     state = json.loads(state_file.read_text())
     cfg = SweepConfig.model_validate(state["config"])
     _prepare(cfg)
@@ -188,7 +189,7 @@ def resume_sweep(run_dir: Path) -> SweepRun:
     try:
         data_ref, report, key, _ = build_cache(cfg)
         if key != state["cache_key"]:
-            raise RuntimeError(f"{run_dir}: the dataset or base model changed since the sweep started "
+            raise SweepError(f"{run_dir}: the dataset or base model changed since the sweep started "
                                f"(cache key {key[:12]} != {state['cache_key'][:12]}); start a new sweep")
         state["cache_builds"].append(report)
         (run_dir / SWEEP_STATE).write_text(json.dumps(state, indent=1))

@@ -28,6 +28,10 @@ from trainers.lora import LORA_WEIGHTS, kohya_state_dict
 SWEEP_STATE = "sweep.json"
 
 
+class SweepError(ValueError):
+    """A sweep-level problem a user can fix; the message names the run directory and the fix."""
+
+
 @dataclass
 class TrialRow:
     """One line of the leaderboard."""
@@ -50,7 +54,7 @@ def read_state(run_dir: Path) -> dict[str, Any]:
     """The sweep's own state file (config, cache key, base model identity)."""
     path = Path(run_dir) / SWEEP_STATE
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no {SWEEP_STATE}; not an sdsweep run directory")
+        raise SweepError(f"{run_dir}: no {SWEEP_STATE}; not an sdsweep run directory")
     return json.loads(path.read_text())
 
 
@@ -156,7 +160,8 @@ def export_best(run_dir: Path, dest: Path) -> dict[str, Any]:
     rows, state = leaderboard(run_dir)
     ranked = [r for r in rows if r.rank is not None]
     if not ranked:
-        raise RuntimeError(f"{run_dir}: no trial reported the metric; nothing to export")
+        raise SweepError(f"{run_dir}: no trial reported the metric; nothing to export "
+                         "(see `sdsweep results` for each trial's status and error)")
     best = ranked[0]
     ckpt = find_checkpoint(best.path, best.best_step) if best.path else None
     if ckpt is None:
@@ -166,16 +171,17 @@ def export_best(run_dir: Path, dest: Path) -> dict[str, Any]:
     dest.mkdir(parents=True, exist_ok=True)
     files = _export_weights(ckpt, dest, state)
     cfg = state["config"]
+    metric = cfg["evaluation"]["metric"]
+    mode = cfg["evaluation"].get("mode") or _natural_mode(metric)
     info = {"trial_id": best.trial_id, "method": best.method, "hyperparameters": best.params,
-            "metric": {"name": cfg["evaluation"]["metric"], "mode": cfg["evaluation"].get("mode") or
-                       _natural_mode(cfg["evaluation"]["metric"]), "value": best.best, "step": best.best_step},
+            "metric": {"name": metric, "mode": mode, "value": best.best, "step": best.best_step},
             "metrics_at_best": {k: v for k, v in best.best_metrics.items() if isinstance(v, (int, float, str))},
             "base_model": cfg["base"]["model"]["source"], "base_model_identity": state["base_model_identity"],
             "cache_key": state["cache_key"], "sweep_file": state.get("sweep_file"),
             "package_version": state.get("package_version"), "run_dir": str(Path(run_dir).resolve()),
             "checkpoint": str(ckpt), "files": files,
-            "why": f"lowest {cfg['evaluation']['metric']}" if _natural_mode(cfg["evaluation"]["metric"]) == "min"
-            else f"highest {cfg['evaluation']['metric']}"}
+            "why": f"{'lowest' if mode == 'min' else 'highest'} {metric} over every evaluated checkpoint "
+                   f"of every trial ({len(ranked)} ranked of {len(rows)} trials)"}
     atomic_write_text(dest / "best.json", json.dumps(info, indent=1, default=str))
     return info
 

@@ -169,6 +169,7 @@ class WandbTrialCallback(tune.Callback):
         self.group = group
         self._runs: dict[str, Any] = {}  # trial id -> wandb Run (not picklable)
         self._last_step: dict[str, int] = {}
+        self._errored: set[str] = set()  # trials whose code raised (reported as trial_status error)
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles callbacks into the experiment state (Tuner.restore unpickles them):
@@ -233,6 +234,10 @@ class WandbTrialCallback(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial,
                         result: dict[str, Any], **info: Any) -> None:
         run = self._open_run(trial)
+        if result.get("trial_status") == "error":  # sweeps/trial.py's errored ending: no metrics
+            run.summary["error"] = f"{result.get('error_type')}: {result.get('error')}"
+            self._errored.add(trial.trial_id)
+            return
         step = _result_step(trial, result)
         last = self._last_step.get(trial.trial_id)
         if last is not None and step <= last:
@@ -247,7 +252,7 @@ class WandbTrialCallback(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial,
                           **info: Any) -> None:
-        self._finish(trial, exit_code=0)
+        self._finish(trial, exit_code=1 if trial.trial_id in self._errored else 0)
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial,
                        **info: Any) -> None:

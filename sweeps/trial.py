@@ -50,7 +50,8 @@ def worker_model(spec: Any) -> tuple[BaseModel, bool]:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: CUDA allocator peak on GPU, max RSS on CPU."""
+    """Peak memory: this trial's CUDA allocator peak on GPU; on CPU the worker process's max RSS
+    (a high-water mark that a reused worker carries over from earlier trials)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -77,6 +78,8 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: list[Any]
         data: CachedDataset = ray.get(cache[0])
         run_cfg = run_cfg.model_copy(update={"output_dir": str(trial_dir / "work")})
         trainer = make_trainer(run_cfg, model, data)
+        if trainer.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(trainer.device)  # reused workers: per-trial peak
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as d:

@@ -72,3 +72,19 @@ class EncodeCounter:
 def encode_counter():
     """Factory: ``encode_counter(vae)`` starts counting that VAE's encodes."""
     return EncodeCounter
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray runtime for every in-process Ray test of the session.
+
+    Ray 2.60 does not reliably start a second time in the same process after ``ray.shutdown()``
+    (the new GCS never publishes its port file), so tests share one runtime instead of each
+    starting their own. End-to-end tests run the CLI in subprocesses with their own Ray.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -469,17 +469,11 @@ def tune_sweep(space: SearchSpace, storage_path: Path, name: str) -> list[Any]:
 
 
 @pytest.mark.slow
-def test_ray_tune_optuna_search_runs_warm_start_first_then_proposals(tmp_path: Path) -> None:
-    import ray
-
+def test_ray_tune_optuna_search_runs_warm_start_first_then_proposals(tmp_path: Path, ray_local: object) -> None:
     lora, ti = load_space("lora"), load_space(TI_SPACE)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        single = tune_sweep(build_search_space([lora]), tmp_path, "lora")
-        both_space = build_search_space([lora, ti])
-        both = tune_sweep(both_space, tmp_path, "lora-and-ti")
-    finally:
-        ray.shutdown()
+    single = tune_sweep(build_search_space([lora]), tmp_path, "lora")
+    both_space = build_search_space([lora, ti])
+    both = tune_sweep(both_space, tmp_path, "lora-and-ti")
 
     # One method: the warm start first, then six different configs, all inside the space.
     assert single[0].config == {"method": "lora", **LORA_DEFAULTS}

@@ -121,3 +121,28 @@ def test_a_sweep_config_survives_the_dump_reload_round_trip_workers_and_resume_u
     path = _write(tmp_path, lambda c: c["search"].update(sampler=sampler))
     cfg = load_sweep(path)
     assert SweepConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+
+
+def test_relative_paths_are_resolved_at_load_because_trials_run_elsewhere(tmp_path, monkeypatch):
+    (tmp_path / "my-data").mkdir()
+    path = _write(tmp_path, lambda c: (c["base"]["data"].update(path="my-data"),
+                                       c["search"].update(storage="sqlite:///studies/s.db"),
+                                       c.update(storage_path="my-runs")))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_sweep(path)
+    assert cfg.base.data.path == str(tmp_path / "my-data")
+    assert cfg.search.storage == f"sqlite:///{tmp_path / 'studies' / 's.db'}"
+    assert cfg.storage_path == str(tmp_path / "my-runs")
+    assert cfg.base.model.source == "builtin:tiny-sd"
+
+
+@pytest.mark.parametrize("mutate, words", [
+    (lambda c: c["search"].update(storage="postgres://db/x"), ["search.storage", "postgres"]),
+    (lambda c: c["scheduler"].update(type="hyperband", grace_period=10), ["grace_period", "hyperband"]),
+    (lambda c: c["scheduler"].update(type="median", grace_period=10, reduction_factor=3), ["reduction_factor"]),
+])
+def test_settings_that_would_fail_late_or_be_ignored_are_rejected_at_load(tmp_path, mutate, words):
+    with pytest.raises(ConfigError) as err:
+        load_sweep(_write(tmp_path, mutate))
+    for w in words:
+        assert w in str(err.value)

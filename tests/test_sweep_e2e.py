@@ -127,7 +127,7 @@ def test_errored_trial_is_failed_in_optuna_and_the_others_go_on(tmp_path):
             "lora.rank": {"type": "categorical", "choices": [0, 4], "default": 4}}}],
         "sampler": {"type": "random", "seed": 0}, "num_samples": 4, "max_concurrent_trials": 2,
         "warm_start": True, "storage": f"sqlite:///{storage}", "study_name": "errors"},
-        scheduler={"type": "none"}, tracking={"wandb": False})
+        scheduler={"type": "none"}, tracking={"wandb": True, "mode": "offline", "project": "sdsweep-test"})
     run_dir = tmp_path / "runs" / "err-run"
     out = _sdsweep("run", str(path), "--run-dir", str(run_dir)).stdout
     assert "error" in out and "lora.rank" in out
@@ -142,6 +142,12 @@ def test_errored_trial_is_failed_in_optuna_and_the_others_go_on(tmp_path):
     states = {t.params["lora.rank"]: t.state for t in study.trials}
     assert states[0] == optuna.trial.TrialState.FAIL
     assert all(t.value is None for t in study.trials if t.params["lora.rank"] == 0)
+    from sweeps.tracking import read_offline_run
+
+    runs = [read_offline_run(d) for d in sorted((run_dir / "wandb").glob("offline-run-*"))]
+    exit_codes = {r.config["lora.rank"]: r.exit_code for r in runs if r.config["lora.rank"] == 0}
+    assert exit_codes == {0: 1}, "the errored trial's W&B run should end with exit code 1"
+    assert sorted(r.exit_code for r in runs if r.config["lora.rank"] == 4) == [0, 0, 0]
 
 
 def test_kill_9_the_driver_then_resume_finishes_without_rerunning(tmp_path):

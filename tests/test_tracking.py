@@ -54,20 +54,15 @@ def _isolate_wandb(mp: pytest.MonkeyPatch, root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Isolated W&B env + one Ray instance for the module (Ray start-up is the slow part)."""
+def env(tmp_path_factory: pytest.TempPathFactory, ray_local: Any) -> Iterator[Path]:
+    """Isolated W&B env on the session's shared Ray runtime (Ray start-up is the slow part)."""
     root = tmp_path_factory.mktemp("tracking")
     with pytest.MonkeyPatch.context() as mp:
         _isolate_wandb(mp, root)
         mp.chdir(root)  # W&B must write under run_dir, never the CWD: checked below
-        started = not ray.is_initialized()
-        if started:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             yield root
         finally:
-            if started:
-                ray.shutdown()
             wandb.teardown()
 
 

@@ -263,28 +263,34 @@ class Trainer(abc.ABC):
     @torch.no_grad()
     def validation_loss(self, timesteps: int = 4, seed: int = 20_231_123) -> float:
         """Deterministic loss: every image (unflipped) x ``timesteps`` evenly spaced timesteps,
-        noise from a fixed seed independent of the trial's own seed, unweighted MSE.
+        noise from fixed per-image seeds independent of the trial's seed and batch size,
+        unweighted MSE.
 
         Identical inputs for every trial of a sweep, so values are comparable across trials (min-SNR
         weighting is deliberately not applied: it would make trials with different snr_gamma
         incomparable). Adapter dropout is off (eval mode).
         """
         n = len(self.data)
-        gen = torch.Generator().manual_seed(seed)
         t_grid = torch.linspace(0, self.noise_scheduler.config.num_train_timesteps - 1, timesteps + 2)[1:-1].long()
+        no_flip = torch.zeros(1, dtype=torch.bool)
+        latents, noise = [], []
+        for i in range(n):  # image i's draws depend on (seed, i) only
+            gen = torch.Generator().manual_seed(seed + i)
+            lat = self.data.sample_latents(torch.tensor([i]), no_flip, gen)[0]
+            latents.append(lat)
+            noise.append(torch.randn((timesteps, *lat.shape), generator=gen))
         was_training = self.model.unet.training
         self.model.unet.eval()
         total, count = 0.0, 0
         for start in range(0, n, self.cfg.train_batch_size):
             idx = torch.arange(start, min(n, start + self.cfg.train_batch_size))
-            latents = self.data.sample_latents(idx, torch.zeros(len(idx), dtype=torch.bool), gen)
+            lat = torch.stack([latents[int(i)] for i in idx])
             hidden = self.encoder_hidden_states(idx)
-            for t_val in t_grid:
+            for k, t_val in enumerate(t_grid):
                 t = t_val.repeat(len(idx))
-                noise = torch.randn(latents.shape, generator=gen)
-                noisy = self.noise_scheduler.add_noise(latents, noise, t)
-                target = noise if self.prediction_type == "epsilon" else \
-                    self.noise_scheduler.get_velocity(latents, noise, t)
+                eps = torch.stack([noise[int(i)][k] for i in idx])
+                noisy = self.noise_scheduler.add_noise(lat, eps, t)
+                target = eps if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(lat, eps, t)
                 with self.accelerator.autocast():
                     pred = self.model.unet(noisy.to(self.device, self.weight_dtype), t.to(self.device), hidden).sample
                 total += F.mse_loss(pred.float(), target.to(self.device), reduction="sum").item()

@@ -7,6 +7,7 @@ config after validation (DESIGN.md, rules 1 and 2).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -14,6 +15,27 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainers.data import DataConfig
+
+
+class YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` and ``1.0e5`` as floats.
+
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so ``1e-4`` is the
+    *string* "1e-4": harmless for a float field (rejected as a non-number) but a silent type
+    change inside categorical ``choices``. YAML 1.2 reads these as numbers, as users expect.
+    """
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML with :class:`YamlLoader` (safe, YAML 1.2 floats)."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ConfigError(ValueError):
@@ -157,7 +179,7 @@ def read_yaml(path: str | Path) -> Any:
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found; check the path")
     try:
-        return yaml.safe_load(p.read_text(encoding="utf-8"))
+        return yaml_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {err}") from None
 
