@@ -150,6 +150,22 @@ def test_errored_trial_is_failed_in_optuna_and_the_others_go_on(tmp_path):
     assert sorted(r.exit_code for r in runs if r.config["lora.rank"] == 4) == [0, 0, 0]
 
 
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process it started (its Ray), and nothing else: not
+    `ray stop --force`, which would also kill a Ray runtime this pytest process is using."""
+    import psutil
+
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=60)
+    psutil.wait_procs(tree, timeout=60)
+
+
 def test_kill_9_the_driver_then_resume_finishes_without_rerunning(tmp_path):
     # A continuous axis: a searcher that replayed its proposals after resume would repeat values.
     search = {"spaces": [{"method": "lora", "params": {
@@ -178,10 +194,7 @@ def test_kill_9_the_driver_then_resume_finishes_without_rerunning(tmp_path):
             done_before = done
             break
     assert done_before, "the sweep never reached a state with a finished and a running trial"
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
-    proc.wait(timeout=60)
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], env=_env(),
-                   capture_output=True, timeout=120)
+    _kill_tree(proc)
     before = {t.name: [r["step"] for r in _rows(t)] for t in _trial_dirs(run_dir)}
 
     _sdsweep("resume", str(run_dir))
