@@ -211,3 +211,46 @@ def test_kill_9_the_driver_then_resume_finishes_without_rerunning(tmp_path):
         assert after[name][: len(before[name])] == before[name], f"{name} restarted from scratch"
     params = [json.loads((t / "params.json").read_text()) for t in _trial_dirs(run_dir)]
     assert len({json.dumps(p, sort_keys=True) for p in params}) == len(params), "duplicate proposals"
+
+
+def test_a_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path):
+    # Infrastructure failure (the worker process dies): retried, unlike errors in trial code.
+    path = sweep_file(tmp_path, scheduler={"type": "none"}, max_failures=1, tracking={"wandb": False},
+                      base={"model": "builtin:tiny-sd", "data": {"path": "builtin:demo", "resolution": 64},
+                            "train": {"max_train_steps": 80, "train_batch_size": 2}},
+                      search={"spaces": ["lora"], "sampler": {"type": "random", "seed": 0}, "num_samples": 2,
+                              "max_concurrent_trials": 2, "warm_start": True})
+    run_dir = tmp_path / "runs" / "retry-run"
+    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(path), "--run-dir", str(run_dir)],
+                            env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    import psutil
+
+    victim_trial = None
+    deadline = time.time() + 600
+    while victim_trial is None and time.time() < deadline:
+        time.sleep(0.3)
+        for t in _trial_dirs(run_dir) if run_dir.exists() else []:
+            rows = _rows(t)
+            if rows and rows[-1].get("trial_status") == "running" and rows[-1]["step"] >= 20:
+                victim_trial = t
+                break
+    assert victim_trial is not None, "no trial got far enough to be killed"
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "ImplicitFunc" in " ".join(p.cmdline())]
+    pid = json.loads((victim_trial / "result.json").read_text().splitlines()[-1])["pid"]
+    victim = next(p for p in workers if p.pid == pid)
+    steps_before = [r["step"] for r in _rows(victim_trial)]
+    victim.kill()
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+
+    rows = _rows(victim_trial)
+    steps = [r["step"] for r in rows]
+    assert steps[: len(steps_before)] == steps_before, "history before the failure was rewritten"
+    assert steps == sorted(set(steps)) and steps[-1] == 80, f"not resumed from its checkpoint: {steps}"
+    restarts = [r for r in rows[1:] if r.get("iterations_since_restore") == 1]
+    assert len(restarts) == 1, "the trial was not restored exactly once"
+    from sweeps.results import leaderboard
+
+    assert [r.status for r in leaderboard(run_dir)[0]] == ["completed", "completed"]
