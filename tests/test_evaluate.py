@@ -1,0 +1,216 @@
+"""The evaluator: deterministic batched generation and CLIP metrics (tiny models, CPU, offline)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pydantic import ValidationError
+
+from trainers import evaluate as ev
+from trainers.evaluate import EvalSettings, generate, get_metric
+
+CLIP = "builtin:tiny-clip"
+# builtin:tiny-sd's native size is 64 px (UNet sample_size 8); 2 steps keep each image ~ms.
+FAST = dict(steps=2, guidance_scale=3.0)
+
+
+def _arrays(images: list[ev.GeneratedImage]) -> list[np.ndarray]:
+    return [np.asarray(g.image, dtype=np.float32) for g in images]
+
+
+def _assert_same_images(a: list[ev.GeneratedImage], b: list[ev.GeneratedImage], atol: float) -> None:
+    assert [(g.prompt, g.seed) for g in a] == [(g.prompt, g.seed) for g in b]
+    for x, y in zip(_arrays(a), _arrays(b)):
+        assert np.abs(x - y).max() <= atol
+
+
+def test_generation_is_prompt_major_at_native_resolution(tiny_model) -> None:
+    out = generate(tiny_model, EvalSettings(prompts=("a red cube", "a blue ball"), seeds=(3, 7), **FAST))
+    assert [(g.prompt, g.seed) for g in out] == [
+        ("a red cube", 3), ("a red cube", 7), ("a blue ball", 3), ("a blue ball", 7)
+    ]
+    assert all(g.image.size == (64, 64) and g.image.mode == "RGB" for g in out)
+    # Different seeds really give different images (the generator is used per image).
+    a, b = _arrays(out[:2])
+    assert np.abs(a - b).max() > 1
+
+
+def test_an_image_does_not_depend_on_its_batch(tiny_model) -> None:
+    base = dict(prompts=("a red cube", "a blue ball"), seeds=(0, 1, 2), **FAST)
+    one = generate(tiny_model, EvalSettings(batch_size=1, **base))
+    four = generate(tiny_model, EvalSettings(batch_size=4, **base))
+    # Batched vs single UNet/VAE passes differ only at float rounding; a uint8 pixel may flip by 1.
+    _assert_same_images(one, four, atol=1.0)
+
+
+def test_same_checkpoint_prompts_and_seeds_give_same_images_and_scores(tiny_sd_dir) -> None:
+    from trainers.models import load_base_model
+
+    settings = EvalSettings(prompts=("a photo of a cat",), seeds=(0, 1), negative_prompt="blurry", **FAST)
+    runs = [ev.evaluate(load_base_model("builtin:tiny-sd"), settings, ("clip_t",), clip=CLIP) for _ in range(2)]
+    _assert_same_images(runs[0].images, runs[1].images, atol=0.0)
+    assert runs[0].scores["clip_t"] == runs[1].scores["clip_t"]
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++", "euler"])
+def test_each_sampler_runs_and_uses_its_scheduler(tiny_model, sampler, monkeypatch) -> None:
+    seen = []
+    real = ev.make_scheduler
+
+    def spy(name, config):
+        sched = real(name, config)
+        seen.append(type(sched).__name__)
+        return sched
+
+    monkeypatch.setattr(ev, "make_scheduler", spy)
+    out = generate(tiny_model, EvalSettings(prompts=("x",), seeds=(0,), sampler=sampler, **FAST))
+    assert len(out) == 1 and np.isfinite(_arrays(out)[0]).all()
+    assert seen == [ev.SAMPLERS[sampler][0].__name__]
+    if sampler == "dpmsolver++":
+        assert ev.make_scheduler(sampler, tiny_model.scheduler_config).config.algorithm_type == "dpmsolver++"
+
+
+def test_token_placeholder_is_substituted() -> None:
+    s = EvalSettings(prompts=("a photo of {token} on a beach", "plain {x}"), token="sks toy")
+    assert s.resolved_prompts() == ("a photo of sks toy on a beach", "plain {x}")
+
+
+def test_token_substitution_reaches_the_generated_prompt(tiny_model) -> None:
+    out = generate(tiny_model, EvalSettings(prompts=("{token} toy",), seeds=(0,), token="sks", **FAST))
+    assert out[0].prompt == "sks toy"
+
+
+def test_placeholder_without_token_is_an_error() -> None:
+    with pytest.raises(ValidationError, match=r"\{token\}"):
+        EvalSettings(prompts=("a photo of {token}",))
+
+
+def test_bad_sampler_names_the_key_and_valid_choices() -> None:
+    with pytest.raises(ValidationError) as e:
+        EvalSettings(prompts=("x",), sampler="k_lms")
+    msg = str(e.value)
+    assert "sampler" in msg and "k_lms" in msg
+    assert all(name in msg for name in ("ddim", "dpmsolver++", "euler"))
+    with pytest.raises(KeyError, match=r"unknown sampler 'k_lms'.*ddim, dpmsolver\+\+, euler"):
+        ev.make_scheduler("k_lms", {})
+
+
+def test_unknown_settings_key_and_bad_resolution_are_errors() -> None:
+    with pytest.raises(ValidationError, match="stepz"):
+        EvalSettings(prompts=("x",), stepz=3)
+    with pytest.raises(ValidationError, match="multiple of 8"):
+        EvalSettings(prompts=("x",), resolution=60)
+
+
+def test_unknown_metric_names_the_key_and_valid_choices() -> None:
+    with pytest.raises(KeyError, match=r"unknown metric 'fid'; valid metrics: clip_i, clip_t"):
+        get_metric("fid")
+
+
+def _tm_clip_score(images: list[Image.Image], prompts: list[str]) -> tuple[float, list[float]]:
+    """torchmetrics' own CLIPScore on the tiny-CLIP objects.
+
+    torchmetrics 1.9 cannot load a local directory (only a fixed list of Hub names) and divides
+    ``get_*_features(...)`` by its norm, which transformers 5 returns as an output object. So we
+    pass its documented callable form with an adapter that returns ``.pooler_output``; every
+    step of the score (processing, normalising, x100, mean, clamp) is torchmetrics' code.
+    """
+    from torchmetrics.functional.multimodal.clip_score import _clip_score_update
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import CLIPProcessor
+
+    model, tokenizer, image_processor = ev.get_clip(CLIP)
+
+    class Adapter(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.clip = model
+            self.config = model.config
+
+        def get_image_features(self, pixel_values):
+            return self.clip.get_image_features(pixel_values=pixel_values).pooler_output
+
+        def get_text_features(self, input_ids, attention_mask):
+            return self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    metric = CLIPScore(model_name_or_path=lambda: (Adapter(), processor))
+    tensors = [torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous() for im in images]
+    with torch.no_grad(), pytest.warns(UserWarning, match="longer than"):
+        metric.update(tensors, prompts)
+        per_item, _ = _clip_score_update(tensors, prompts, Adapter(), processor)
+        return float(metric.compute()), per_item.tolist()
+
+
+def test_clip_t_equals_torchmetrics_clipscore(tiny_model) -> None:
+    # The long prompt (> 77 tokens for tiny-clip's char tokenizer) covers torchmetrics' truncation.
+    prompts_in = ("a red cube", "a dog on a beach " * 12)
+    out = generate(tiny_model, EvalSettings(prompts=prompts_in, seeds=(0, 1), **FAST))
+    images, prompts = [g.image for g in out], [g.prompt for g in out]
+    ours = get_metric("clip_t", clip=CLIP).score(images, prompts, None)
+    theirs, theirs_per_item = _tm_clip_score(images, prompts)
+    assert theirs > 0.5  # not the trivial case where both sides clamp to 0
+    assert abs(ours.value - theirs) < 1e-4
+    assert ours.per_item == pytest.approx(theirs_per_item, abs=1e-4)
+
+
+def test_clip_t_clamps_the_mean_not_each_item(monkeypatch) -> None:
+    # Embeddings chosen so cos = -0.5 and +0.2: torchmetrics clamps only the mean.
+    img = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    txt = torch.tensor([[-0.5, 0.75**0.5], [0.2, 0.96**0.5]])
+    monkeypatch.setattr(ev, "image_embeddings", lambda spec, images: img)
+    monkeypatch.setattr(ev, "text_embeddings", lambda spec, texts: txt)
+    r = ev.ClipTScore(clip="unused").score([None, None], ["a", "b"], None)  # type: ignore[list-item]
+    assert r.per_item == pytest.approx((-50.0, 20.0), abs=1e-4)
+    assert r.value == 0.0  # mean -15 clamped at 0
+    txt2 = torch.tensor([[0.5, 0.75**0.5], [0.2, 0.96**0.5]])
+    monkeypatch.setattr(ev, "text_embeddings", lambda spec, texts: txt2)
+    assert ev.ClipTScore(clip="unused").score([None, None], ["a", "b"], None).value == pytest.approx(35.0, abs=1e-4)
+
+
+def _noise_image(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+
+def _gradient_image() -> Image.Image:
+    ramp = np.linspace(0, 255, 64, dtype=np.float32)
+    arr = np.stack([np.tile(ramp, (64, 1)), np.tile(ramp[:, None], (1, 64)), np.full((64, 64), 30.0)], -1)
+    return Image.fromarray(arr.astype(np.uint8))
+
+
+def test_clip_i_is_higher_for_an_image_vs_itself() -> None:
+    metric = get_metric("clip_i", clip=CLIP)
+    a, b = _noise_image(1), _gradient_image()
+    same = metric.score([a], [""], [a])
+    other = metric.score([a], [""], [b])
+    assert same.value == pytest.approx(1.0, abs=1e-5)  # plain cosine, not x100
+    assert other.value < same.value - 1e-3
+    # per_item is each image's mean over all references.
+    both = metric.score([a, b], ["", ""], [a, b])
+    assert both.per_item[0] == pytest.approx((1.0 + other.value) / 2, abs=1e-5)
+
+
+def test_clip_i_without_references_is_an_error() -> None:
+    with pytest.raises(ValueError, match="reference images"):
+        get_metric("clip_i", clip=CLIP).score([_noise_image(0)], [""], None)
+
+
+def test_clip_model_is_loaded_once_across_evaluations(tiny_model, monkeypatch) -> None:
+    ev.clear_clip_cache()
+    calls: list[str] = []
+    real = ev.load_clip
+
+    def counting(spec: str):
+        calls.append(spec)
+        return real(spec)
+
+    monkeypatch.setattr(ev, "load_clip", counting)
+    settings = EvalSettings(prompts=("x",), seeds=(0,), **FAST)
+    refs = [_noise_image(0)]
+    for _ in range(2):
+        result = ev.evaluate(tiny_model, settings, ("clip_t", "clip_i"), references=refs, clip=CLIP)
+        assert set(result.scores) == {"clip_t", "clip_i"}
+    assert calls == [CLIP]
