@@ -51,7 +51,10 @@ def sweep_file(tmp_path: Path, **over) -> Path:
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("WANDB_API_KEY", None)
-    env.update(OMP_NUM_THREADS="1", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", PYTHONUNBUFFERED="1")
+    # Trial results reach the run directory when Tune snapshots the experiment state; its "auto"
+    # period can outlast a whole tiny sweep, and these tests watch the run directory mid-sweep.
+    env.update(OMP_NUM_THREADS="1", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", PYTHONUNBUFFERED="1",
+               TUNE_GLOBAL_CHECKPOINT_S="1")
     return env
 
 
@@ -193,6 +196,7 @@ def test_kill_9_the_driver_then_resume_finishes_without_rerunning(tmp_path):
         if done and midway:
             done_before = done
             break
+        assert proc.poll() is None, "the sweep ended before it could be killed mid-way"
     assert done_before, "the sweep never reached a state with a finished and a running trial"
     _kill_tree(proc)
     before = {t.name: [r["step"] for r in _rows(t)] for t in _trial_dirs(run_dir)}
@@ -221,8 +225,9 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path):
                       search={"spaces": ["lora"], "sampler": {"type": "random", "seed": 0}, "num_samples": 2,
                               "max_concurrent_trials": 2, "warm_start": True})
     run_dir = tmp_path / "runs" / "retry-run"
+    log = tmp_path / "sweep.log"  # a file, not a pipe: a full pipe would block the driver
     proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(path), "--run-dir", str(run_dir)],
-                            env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_env(), cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     import psutil
 
@@ -235,6 +240,7 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path):
             if rows and rows[-1].get("trial_status") == "running" and rows[-1]["step"] >= 20:
                 victim_trial = t
                 break
+        assert proc.poll() is None, "the sweep ended before a trial worker could be killed"
     assert victim_trial is not None, "no trial got far enough to be killed"
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
                if "ImplicitFunc" in " ".join(p.cmdline())]
@@ -242,8 +248,7 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path):
     victim = next(p for p in workers if p.pid == pid)
     steps_before = [r["step"] for r in _rows(victim_trial)]
     victim.kill()
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-4000:]
+    assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
 
     rows = _rows(victim_trial)
     steps = [r["step"] for r in rows]
