@@ -226,9 +226,9 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path):
                               "max_concurrent_trials": 2, "warm_start": True})
     run_dir = tmp_path / "runs" / "retry-run"
     log = tmp_path / "sweep.log"  # a file, not a pipe: a full pipe would block the driver
-    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(path), "--run-dir", str(run_dir)],
-                            env=_env(), cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(path), "--run-dir", str(run_dir)],
+                                env=_env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     import psutil
 
     victim_trial = None
