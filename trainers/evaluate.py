@@ -233,7 +233,17 @@ class Metric(Protocol):
         ...
 
 
-class ClipTScore:
+class _ClipMetric:
+    """Shared by the CLIP-based metrics: which CLIP to embed with (loaded once per process)."""
+
+    name: str
+    higher_is_better = True
+
+    def __init__(self, clip: str = DEFAULT_CLIP) -> None:
+        self.clip = clip
+
+
+class ClipTScore(_ClipMetric):
     """CLIP-T: torchmetrics' CLIPScore, ``max(mean_i 100 * cos(E_img_i, E_text_i), 0)``.
 
     Range [0, 100]. ``per_item`` holds the unclamped ``100 * cos`` per image, as torchmetrics
@@ -241,10 +251,6 @@ class ClipTScore:
     """
 
     name = "clip_t"
-    higher_is_better = True
-
-    def __init__(self, clip: str = DEFAULT_CLIP) -> None:
-        self.clip = clip
 
     def score(
         self, images: Sequence[Image.Image], prompts: Sequence[str], references: Sequence[Image.Image] | None = None
@@ -259,7 +265,7 @@ class ClipTScore:
         return MetricResult(float(value), tuple(float(v) for v in per_item))
 
 
-class ClipIScore:
+class ClipIScore(_ClipMetric):
     """CLIP-I: mean cosine similarity of each generated image to every reference image.
 
     DreamBooth's subject-fidelity metric (Ruiz et al. 2023, sec. 4.1: "average pairwise cosine
@@ -269,10 +275,6 @@ class ClipIScore:
     """
 
     name = "clip_i"
-    higher_is_better = True
-
-    def __init__(self, clip: str = DEFAULT_CLIP) -> None:
-        self.clip = clip
 
     def score(
         self, images: Sequence[Image.Image], prompts: Sequence[str], references: Sequence[Image.Image] | None = None
