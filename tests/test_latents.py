@@ -110,21 +110,21 @@ def test_damaged_cache_file_is_detected_and_rebuilt(tiny_model, demo_dir, tmp_pa
 
 
 def test_a_crash_mid_write_leaves_nothing_that_reads_as_valid(tiny_model, demo_dir, tmp_path, monkeypatch):
-    import trainers.latents as latents
+    import trainers.tensor_files as tensor_files
 
-    real = latents.save_file
+    real = tensor_files.save_file
 
     def dying_save(tensors, filename, metadata=None):
         real(tensors, filename, metadata=metadata)
         Path(filename).write_bytes(Path(filename).read_bytes()[:100])  # half-written file
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(latents, "save_file", dying_save)
+    monkeypatch.setattr(tensor_files, "save_file", dying_save)
     with pytest.raises(KeyboardInterrupt):
         _build(tiny_model, _cfg(demo_dir), tmp_path / "c")
     assert _entry_files(tmp_path / "c") == [], "a partial write became visible under the final name"
     assert not list((tmp_path / "c").rglob("*.tmp")), "temp file left behind"
-    monkeypatch.setattr(latents, "save_file", real)
+    monkeypatch.setattr(tensor_files, "save_file", real)
     data = _build(tiny_model, _cfg(demo_dir), tmp_path / "c")
     assert data.report.images_encoded == len(data)
 

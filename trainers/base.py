@@ -31,7 +31,8 @@ from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file
 
 from trainers.config import TrainConfig
-from trainers.latents import CachedDataset, atomic_save_safetensors, atomic_write_text, tokenize
+from trainers.latents import CachedDataset, tokenize
+from trainers.tensor_files import atomic_save_safetensors, atomic_write_text
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"

@@ -20,7 +20,8 @@ from peft.utils import get_peft_model_state_dict
 
 from trainers.base import Trainer
 from trainers.config import LoraSettings, TrainConfig
-from trainers.latents import CachedDataset, atomic_save_safetensors
+from trainers.latents import CachedDataset
+from trainers.tensor_files import atomic_save_safetensors
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 ADAPTER = "sdsweep"

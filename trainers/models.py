@@ -49,6 +49,7 @@ from transformers import (
 
 from trainers import single_file, tiny
 from trainers.paths import cache_root, materialize_dir
+from trainers.tensor_files import tensors_digest
 
 BUILTIN_PREFIX = "builtin:"
 # Bump the suffix whenever a builder's output changes, so stale caches are never reused.
@@ -142,15 +143,10 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     Deterministic across processes and machines; any change of a value, dtype or shape changes
     it. Reads every byte (an SD 1.5 UNet, 3.4 GB in fp32, takes a few seconds).
     """
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach()
-        if t.device.type == "meta":
-            raise ModelLoadError(f"cannot fingerprint {name!r}: the weight was never loaded (meta)")
-        raw = t.to("cpu").contiguous().reshape(-1).view(torch.uint8)  # bytes, any dtype (bf16 too)
-        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0{raw.numel()}\0".encode())
-        h.update(memoryview(raw.numpy()))
-    return h.hexdigest()
+    try:
+        return tensors_digest(module.state_dict())
+    except ValueError as err:  # a meta tensor: the weight was never loaded
+        raise ModelLoadError(f"cannot fingerprint: {err}") from None
 
 
 def weights_identity(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module) -> str:

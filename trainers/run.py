@@ -15,7 +15,8 @@ from trainers import TRAINERS, get_trainer_class
 from trainers.base import StepStats, Trainer
 from trainers.config import RunConfig
 from trainers.data import preflight
-from trainers.latents import CachedDataset, atomic_write_text, build_latent_cache
+from trainers.latents import CachedDataset, build_latent_cache
+from trainers.tensor_files import atomic_write_text
 from trainers.models import load_base_model
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")

@@ -15,16 +15,15 @@ own single-file converters (rule 5) and checks the result is complete.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-from safetensors.torch import save_file
 from transformers import CLIPTextModel
+
+from trainers.tensor_files import atomic_save_safetensors
 
 if TYPE_CHECKING:
     from trainers.models import BaseModel
@@ -261,13 +260,5 @@ def save_single_file(model: BaseModel, path: Path, metadata: dict[str, str] | No
         "sdsweep.identity": weights_identity(model.unet, model.vae, model.text_encoder),
     }
     meta.update(metadata or {})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp_name, metadata=meta)
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    atomic_save_safetensors(tensors, path, meta)
     return path
