@@ -68,20 +68,48 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finish_sweep(run: Any, export: str | None) -> int:
-    """Print the leaderboard, export the best checkpoint, and say how to sync W&B."""
-    from sweeps.results import export_best, format_leaderboard, leaderboard
+def print_results(run_dir: Path, metric: str | None = None) -> list[Any]:
+    """Print the leaderboard (image scores with their gain over the baseline) and, for a
+    multi-objective sweep, the Pareto front. Returns the rows."""
+    from sweeps.config import natural_mode
+    from sweeps.results import baseline_scores, format_leaderboard, image_metrics, leaderboard, metric_and_mode
+    from sweeps.results import find_checkpoint, pareto_front
 
-    rows, state = leaderboard(run.run_dir)
+    rows, state = leaderboard(run_dir, metric)
+    name, mode = metric_and_mode(state, metric)
+    base = baseline_scores(state)
+    print(f"ranked by {name} ({mode}) over every evaluated checkpoint"
+          + ("; (+x) = gain over the base model without adapter" if base else ""))
+    print(format_leaderboard(rows, name, image_metrics(state), base))
+    objectives = state["config"]["evaluation"].get("objectives")
+    if objectives:
+        front = pareto_front(rows, list(objectives), [natural_mode(o) for o in objectives])
+        print(f"\nPareto front of {', '.join(objectives)} ({len(front)} checkpoints; "
+              "`sdsweep best RUN_DIR --pareto K` exports point K; * = checkpoint kept):")
+        paths = {r.trial_id: r.path for r in rows}
+        for k, p in enumerate(front):
+            vals = ", ".join(f"{o} {v:.4g}" for o, v in p.values.items())
+            path = paths.get(p.trial_id)
+            mark = "*" if path and find_checkpoint(path, p.step) else " "
+            print(f" {mark}{k}: trial {p.trial_id} step {p.step}: {vals}")
+    return rows
+
+
+def _finish_sweep(run: Any, export: str | None) -> int:
+    """Print the leaderboard, export the best checkpoint, write the report, say how to sync W&B."""
+    from sweeps.report import write_report
+    from sweeps.results import export_best
+
     print(f"\nrun directory: {run.run_dir}")
     print(f"latent cache: {run.cache_report['images_encoded']} images encoded, "
           f"{run.cache_report['entries_reused']} reused")
-    print(format_leaderboard(rows, state["config"]["evaluation"]["metric"]))
+    rows = print_results(run.run_dir)
     if any(r.rank for r in rows):
         dest = Path(export) if export else run.run_dir / "best"
         info = export_best(run.run_dir, dest)
         print(f"best: trial {info['trial_id']} at step {info['metric']['step']} "
               f"({info['metric']['name']} {info['metric']['value']:.5f}) -> {dest}")
+    print(f"report: {write_report(run.run_dir)}")
     if run.sync_command:
         print(f"W&B ran offline; to upload: {run.sync_command}")
     return 0
@@ -109,18 +137,25 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
-    from sweeps.results import format_leaderboard, leaderboard
-
-    rows, state = leaderboard(Path(args.run_dir))
-    print(format_leaderboard(rows, state["config"]["evaluation"]["metric"]))
+    print_results(Path(args.run_dir), args.metric)
     return 0
 
 
 def _cmd_best(args: argparse.Namespace) -> int:
     from sweeps.results import export_best
 
-    info = export_best(Path(args.run_dir), Path(args.export))
-    print(json.dumps({k: info[k] for k in ("trial_id", "hyperparameters", "metric", "files")}, indent=1))
+    info = export_best(Path(args.run_dir), Path(args.export), metric=args.metric, pareto=args.pareto)
+    keys = ("trial_id", "hyperparameters", "metric", "image_scores", "gain_over_baseline", "why", "files")
+    print(json.dumps({k: info[k] for k in keys}, indent=1))
+    if "not_kept" in info:
+        print(f"note: {info['not_kept']}", file=sys.stderr)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from sweeps.report import write_report
+
+    print(write_report(Path(args.run_dir), Path(args.out) if args.out else None))
     return 0
 
 
@@ -150,14 +185,24 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--export", default=None)
     resume.set_defaults(func=_cmd_resume)
 
-    results = sub.add_parser("results", help="print a sweep's leaderboard")
+    results = sub.add_parser("results", help="print a sweep's leaderboard (and Pareto front)")
     results.add_argument("run_dir")
+    results.add_argument("--metric", default=None, help="rank by this reported metric (default: the sweep's)")
     results.set_defaults(func=_cmd_results)
 
     best = sub.add_parser("best", help="export a sweep's best checkpoint with best.json")
     best.add_argument("run_dir")
     best.add_argument("--export", required=True, help="destination directory")
+    pick = best.add_mutually_exclusive_group()
+    pick.add_argument("--metric", default=None, help="pick by this reported metric (default: the sweep's)")
+    pick.add_argument("--pareto", type=int, default=None, metavar="K",
+                      help="export point K of the Pareto front (multi-objective sweeps; see `results`)")
     best.set_defaults(func=_cmd_best)
+
+    report = sub.add_parser("report", help="write a static HTML report of a sweep (opens from disk)")
+    report.add_argument("run_dir")
+    report.add_argument("--out", default=None, help="report directory (default RUN_DIR/report)")
+    report.set_defaults(func=_cmd_report)
     return parser
 
 

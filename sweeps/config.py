@@ -18,14 +18,26 @@ from pydantic import Field, field_validator, model_validator
 from search_spaces import SamplerSettings, SearchSpace, build_search_space, load_space, parse_storage_url
 from sweeps.tracking import TrackingSettings
 from trainers.config import ConfigError, Frozen, RunConfig, read_yaml, validate_mapping
+from trainers.evaluate import EvaluatorConfig
+from trainers.metrics import COMPOSITE, METRICS
 
-# What every trial reports at each evaluation; the sweep's metric must be one of these.
+# What every trial reports at each evaluation, with its natural direction; with
+# ``evaluation.images`` set, trials also report each image metric and ``composite`` (all "max").
 REPORTED_METRICS = {
     "val_loss": "min",
     "train_loss": "min",
     "steps_per_s": "max",
     "samples_per_s": "max",
 }
+
+
+def natural_mode(metric: str) -> str:
+    """The direction in which ``metric`` improves."""
+    if metric in REPORTED_METRICS:
+        return REPORTED_METRICS[metric]
+    if metric == COMPOSITE or (metric in METRICS and METRICS[metric].higher_is_better):
+        return "max"
+    return "min"
 
 
 class SearchSettings(Frozen):
@@ -64,12 +76,46 @@ class SchedulerSettings(Frozen):
 
 
 class EvaluationSettings(Frozen):
-    """When trials evaluate and checkpoint, and what ranks them."""
+    """When trials evaluate and checkpoint, and what ranks them.
+
+    ``images`` turns on image evaluation (generate + CLIP-based scores) at every evaluation;
+    ``metric`` then defaults to ``composite``. ``objectives`` (two or more reported metrics)
+    makes the search multi-objective: Optuna samples for the Pareto front of those, while the
+    scheduler (ASHA) and checkpoint retention still use the single number ``metric``.
+    """
 
     every: int = Field(10, gt=0, description="evaluate + checkpoint every N training steps")
     metric: str = "val_loss"
     mode: Literal["min", "max"] | None = None
     validation_timesteps: int = Field(4, gt=0)
+    images: EvaluatorConfig | None = None
+    objectives: tuple[str, ...] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_metric(cls, data: Any) -> Any:
+        # With image evaluation on, what the user came for is the image score: rank by composite.
+        if isinstance(data, dict) and data.get("images") is not None and data.get("metric") is None:
+            return {**data, "metric": COMPOSITE}
+        return data
+
+    @model_validator(mode="after")
+    def _metrics_exist(self) -> "EvaluationSettings":
+        available = self.available()
+        if self.metric not in available:
+            hint = "" if self.images else " (image metrics need evaluation.images)"
+            raise ValueError(f"evaluation.metric {self.metric!r} is not reported by any trial{hint}; "
+                             f"choose one of {sorted(available)}")
+        if self.objectives is not None:
+            bad = [o for o in self.objectives if o not in available]
+            if bad or len(set(self.objectives)) < 2:
+                raise ValueError(f"evaluation.objectives {list(self.objectives)}: need two or more distinct metrics "
+                                 f"from {sorted(available)}" + (f"; unknown {bad}" if bad else ""))
+        return self
+
+    def available(self) -> set[str]:
+        """Every metric a trial of this sweep reports."""
+        return set(REPORTED_METRICS) | (set(self.images.reported()) if self.images else set())
 
 
 class ResourceSettings(Frozen):
@@ -97,11 +143,7 @@ class SweepConfig(Frozen):
     tracking: TrackingSettings = TrackingSettings()
 
     @model_validator(mode="after")
-    def _metric_is_produced(self) -> "SweepConfig":
-        if self.evaluation.metric not in REPORTED_METRICS:
-            raise ValueError(
-                f"evaluation.metric {self.evaluation.metric!r} is not reported by any trial; "
-                f"choose one of {sorted(REPORTED_METRICS)}")
+    def _grace_fits(self) -> "SweepConfig":
         if self.scheduler.grace_period and self.scheduler.grace_period > self.base.train.max_train_steps:
             raise ValueError(f"scheduler.grace_period ({self.scheduler.grace_period}) exceeds "
                              f"base.train.max_train_steps ({self.base.train.max_train_steps})")
@@ -110,7 +152,12 @@ class SweepConfig(Frozen):
     @property
     def mode(self) -> str:
         """The optimisation direction of the metric (its natural one unless set)."""
-        return self.evaluation.mode or REPORTED_METRICS[self.evaluation.metric]
+        return self.evaluation.mode or natural_mode(self.evaluation.metric)
+
+    @property
+    def objective_modes(self) -> list[str]:
+        """The direction of each multi-objective metric (empty without ``objectives``)."""
+        return [natural_mode(o) for o in self.evaluation.objectives or ()]
 
     def search_space(self) -> SearchSpace:
         """The compiled define-by-run search space of this sweep."""

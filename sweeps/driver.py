@@ -25,7 +25,6 @@ from sweeps.config import SweepConfig
 from sweeps.results import SWEEP_STATE, SweepError
 from sweeps.tracking import make_callbacks, offline_sync_command
 from sweeps.trial import run_trial, trial_env
-from trainers.config import RunConfig
 from trainers.data import preflight
 
 
@@ -52,18 +51,47 @@ class SweepOptunaSearch(OptunaSearch):
 
 
 @ray.remote(num_returns=2)
-def build_cache_task(run_cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """Build (or reuse from disk) the latent cache. Returns (dataset, summary) as two objects so
-    the dataset goes from this task into the object store and on to trials, never via the driver."""
+def build_cache_task(sweep: dict[str, Any], baseline: bool) -> tuple[Any, dict[str, Any]]:
+    """Build (or reuse from disk) the latent cache and, if asked, score the base model.
+
+    Returns (dataset, summary) as two objects so the dataset goes from this task into the object
+    store and on to trials, never via the driver. The baseline (the base model without any
+    adapter, through the sweep's evaluator) shares this task's model load; its files come back
+    as bytes in the summary so the driver writes them whatever node this ran on.
+    """
     from trainers.models import load_base_model
     from trainers.run import prepare_data
 
-    cfg = RunConfig.model_validate(run_cfg)
-    m = cfg.model
+    cfg = SweepConfig.model_validate(sweep)
+    m = cfg.base.model
     model = load_base_model(m.source, allow_pickle=m.allow_pickle, single_file_config=m.single_file_config,
                             revision=m.revision)
-    data = prepare_data(cfg, model, cache_text=True)
-    return data, {"report": dict(data.report.__dict__), "key": data.key, "model_identity": model.identity}
+    data = prepare_data(cfg.base, model, cache_text=True)
+    summary = {"report": dict(data.report.__dict__), "key": data.key, "model_identity": model.identity}
+    if baseline:
+        summary["baseline"] = _score_baseline(cfg, model)
+    return data, summary
+
+
+def _score_baseline(cfg: SweepConfig, model: Any) -> dict[str, Any]:
+    import tempfile
+
+    import torch
+
+    from sweeps.trial import worker_evaluator
+    from trainers.evaluate import write_samples
+
+    if torch.cuda.is_available():
+        for module in (model.unet, model.vae, model.text_encoder):
+            module.to("cuda")
+    evaluator = worker_evaluator(cfg)
+    assert evaluator is not None
+    record = evaluator.run(model)
+    with tempfile.TemporaryDirectory(prefix="sdsweep-baseline-") as tmp:
+        write_samples(record, Path(tmp), {"trial_id": "baseline", "step": 0})
+        files = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
+    return {"scores": record.scores, "identity": record.identity, "files": files,
+            "eval_s": record.generate_s + record.score_s}
 
 
 @dataclass
@@ -92,8 +120,13 @@ def make_scheduler(cfg: SweepConfig) -> Any:
 def make_search(cfg: SweepConfig) -> SweepOptunaSearch:
     """OptunaSearch over the sweep's define-by-run space, with explicit sampler and storage."""
     space = cfg.search_space()
+    # Multi-objective: Optuna's samplers (TPE / random) handle several values natively and its
+    # study keeps the Pareto front; Tune's own metric (ASHA, checkpoints) stays evaluation.metric.
+    objectives = cfg.evaluation.objectives
     return SweepOptunaSearch(
-        space=space.define_by_run, metric=cfg.evaluation.metric, mode=cfg.mode,
+        space=space.define_by_run,
+        metric=list(objectives) if objectives else cfg.evaluation.metric,
+        mode=cfg.objective_modes if objectives else cfg.mode,
         sampler=make_sampler(cfg.search.sampler), storage=make_storage(cfg.search.storage),
         study_name=cfg.search.study_name or cfg.name,
         points_to_evaluate=space.warm_start_points() if cfg.search.warm_start else None,
@@ -113,16 +146,30 @@ def ensure_ray(cfg: SweepConfig) -> bool:
     return True
 
 
-def build_cache(cfg: SweepConfig) -> tuple[Any, dict[str, int], str, str]:
-    """Run the cache build as a Ray task; return (object ref, build report, dataset key, model id)."""
+BASELINE_DIR = "baseline"
+
+
+def build_cache(cfg: SweepConfig, baseline: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Run the cache build (and the baseline) as a Ray task; return (object ref, summary)."""
     res = cfg.resources
     data_ref, summary_ref = build_cache_task.options(num_cpus=res.cpu, num_gpus=1 if res.gpu > 0 else 0).remote(
-        cfg.base.model_dump(mode="json"))
+        cfg.model_dump(mode="json"), baseline)
     try:
         summary = ray.get(summary_ref)
     except ray.exceptions.RayTaskError as err:  # surface the cause (bad dataset, model) as itself
         raise err.as_instanceof_cause() from None
-    return data_ref, summary["report"], summary["key"], summary["model_identity"]
+    return data_ref, summary
+
+
+def _save_baseline(run_dir: Path, baseline: dict[str, Any]) -> dict[str, Any]:
+    """Write the baseline's images and scores.json under ``run_dir/baseline``; return its entry
+    for sweep.json (scores, evaluator identity, directory)."""
+    out = run_dir / BASELINE_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in baseline["files"].items():
+        (out / name).write_bytes(data)
+    return {"scores": baseline["scores"], "identity": baseline["identity"], "dir": BASELINE_DIR,
+            "eval_s": baseline["eval_s"]}
 
 
 def _trainable(cfg: SweepConfig, data_ref: Any) -> Any:
@@ -163,10 +210,13 @@ def run_sweep(cfg: SweepConfig, *, sweep_file: str | None = None, run_dir: Path 
     run_dir.mkdir(parents=True, exist_ok=True)
     started = ensure_ray(cfg)
     try:
-        data_ref, report, key, model_id = build_cache(cfg)
+        data_ref, summary = build_cache(cfg, baseline=cfg.evaluation.images is not None)
+        report = summary["report"]
         state = {"run_id": run_dir.name, "sweep_file": sweep_file, "config": cfg.model_dump(mode="json"),
-                 "cache_key": key, "base_model_identity": model_id, "cache_builds": [report],
-                 "package_version": _version(), "started": time.time()}
+                 "cache_key": summary["key"], "base_model_identity": summary["model_identity"],
+                 "cache_builds": [report], "package_version": _version(), "started": time.time()}
+        if "baseline" in summary:
+            state["baseline"] = _save_baseline(run_dir, summary["baseline"])
         (run_dir / SWEEP_STATE).write_text(json.dumps(state, indent=1))
         results = _tuner(cfg, run_dir, _trainable(cfg, data_ref), run_dir.name).fit()
     finally:
@@ -187,7 +237,11 @@ def resume_sweep(run_dir: Path) -> SweepRun:
     _prepare(cfg)
     started = ensure_ray(cfg)
     try:
-        data_ref, report, key, _ = build_cache(cfg)
+        need_baseline = cfg.evaluation.images is not None and "baseline" not in state
+        data_ref, summary = build_cache(cfg, baseline=need_baseline)
+        report, key = summary["report"], summary["key"]
+        if "baseline" in summary:
+            state["baseline"] = _save_baseline(run_dir, summary["baseline"])
         if key != state["cache_key"]:
             raise SweepError(f"{run_dir}: the dataset or base model changed since the sweep started "
                                f"(cache key {key[:12]} != {state['cache_key'][:12]}); start a new sweep")

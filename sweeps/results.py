@@ -5,7 +5,10 @@ Everything is read back from the run directory (Tune's experiment state, each tr
 resumed sweep, from another process, without Ray running.
 
 A trial is ranked by the best value of the metric over all its evaluations (checkpoint-level
-selection: the step of that evaluation is reported and that checkpoint is the one exported).
+selection: the step of that evaluation is reported and that checkpoint is the one exported). Any
+reported metric can rank (``metric=``), not only the sweep's; with image evaluation the
+baseline (the base model without adapter, scored once per sweep) gives each score's gain, and
+``pareto_front`` lists the evaluated checkpoints no other checkpoint beats on every objective.
 """
 
 from __future__ import annotations
@@ -48,6 +51,16 @@ class TrialRow:
     path: Path | None = None
     best_metrics: dict[str, Any] = field(default_factory=dict)
     rank: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # every evaluation's numeric results
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    """One evaluated checkpoint on the Pareto front of the objectives."""
+
+    trial_id: str
+    step: int
+    values: dict[str, float]
 
 
 def read_state(run_dir: Path) -> dict[str, Any]:
@@ -65,15 +78,25 @@ def _results(trial_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _numeric(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _has(r: dict[str, Any], metric: str) -> bool:
+    v = r.get(metric)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _trial_row(trial: Any, metric: str, mode: str, max_steps: int) -> TrialRow:
     path = Path(trial.path)  # storage path; trial.local_path needs a live Ray session
     rows = _results(path)
-    evals = [r for r in rows if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+    evals = [r for r in rows if _has(r, metric)]
     last = rows[-1] if rows else {}
     # Multi-method sweeps also carry OptunaSearch's qualified aliases ("lora:train.x"): drop them.
     cfg = {k: v for k, v in dict(trial.config).items() if ":" not in k}
     row = TrialRow(trial_id=trial.trial_id, status="pending", method=str(cfg.get("method", last.get("method", "?"))),
-                   params=cfg, steps=int(last.get("step", 0)), wall_s=float(last.get("time_total_s", 0.0)), path=path)
+                   params=cfg, steps=int(last.get("step", 0)), wall_s=float(last.get("time_total_s", 0.0)), path=path,
+                   history=[_numeric(r) for r in rows if "step" in r and r.get("trial_status") != "error"])
     if evals:
         pick = min if mode == "min" else max
         best = pick(evals, key=lambda r: r[metric])
@@ -99,17 +122,30 @@ def _exception_line(text: str) -> str:
     return (hits[-1] if hits else text.strip().splitlines()[-1])[:300]
 
 
-def leaderboard(run_dir: Path) -> tuple[list[TrialRow], dict[str, Any]]:
-    """All trials, best first (trials without a metric value last), plus the sweep state."""
+def metric_and_mode(state: dict[str, Any], metric: str | None = None) -> tuple[str, str]:
+    """The ranking metric (the sweep's unless given) and its direction."""
+    from sweeps.config import natural_mode
+
+    ev = state["config"]["evaluation"]
+    if metric is None or metric == ev["metric"]:
+        return ev["metric"], ev.get("mode") or natural_mode(ev["metric"])
+    return metric, natural_mode(metric)
+
+
+def leaderboard(run_dir: Path, metric: str | None = None) -> tuple[list[TrialRow], dict[str, Any]]:
+    """All trials, best first by ``metric`` (default: the sweep's), trials without it last."""
     from ray.tune import ExperimentAnalysis
 
     state = read_state(run_dir)
     cfg = state["config"]
-    metric = cfg["evaluation"]["metric"]
-    mode = cfg["evaluation"].get("mode") or _natural_mode(metric)
+    metric, mode = metric_and_mode(state, metric)
     analysis = ExperimentAnalysis(str(Path(run_dir).resolve()))
     max_steps = cfg["base"]["train"]["max_train_steps"]
     rows = [_trial_row(t, metric, mode, max_steps) for t in analysis.trials]
+    reported = {k for r in rows for h in r.history for k in h}
+    if reported and metric not in reported:
+        raise SweepError(f"{run_dir}: no trial reported {metric!r}; reported metrics: "
+                         f"{', '.join(sorted(reported - _BOOKKEEPING))}")
     sign = 1 if mode == "min" else -1
     rows.sort(key=lambda r: (r.best is None, sign * (r.best if r.best is not None else 0.0), r.trial_id))
     for i, r in enumerate(rows, 1):
@@ -117,10 +153,39 @@ def leaderboard(run_dir: Path) -> tuple[list[TrialRow], dict[str, Any]]:
     return rows, state
 
 
-def _natural_mode(metric: str) -> str:
-    from sweeps.config import REPORTED_METRICS
+# Tune's and our own per-report bookkeeping: never a ranking metric.
+_BOOKKEEPING = {"step", "training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid",
+                "time_since_restore", "iterations_since_restore", "reported_at", "started_at", "setup_s",
+                "peak_memory_mb", "lr", "eval_s"}
 
-    return REPORTED_METRICS.get(metric, "min")
+
+def image_metrics(state: dict[str, Any]) -> list[str]:
+    """The image scores this sweep's trials report (empty without ``evaluation.images``)."""
+    images = state["config"]["evaluation"].get("images")
+    return [*images["metrics"], "composite"] if images else []
+
+
+def baseline_scores(state: dict[str, Any]) -> dict[str, float]:
+    """The base model's scores (no adapter), scored once per sweep; empty if none."""
+    return dict((state.get("baseline") or {}).get("scores") or {})
+
+
+def pareto_front(rows: list[TrialRow], objectives: list[str], modes: list[str]) -> list[ParetoPoint]:
+    """Every evaluated checkpoint (trial, step) that no other beats on all ``objectives``.
+
+    A point dominates another if it is at least as good on every objective and better on one
+    (Optuna's definition). Sorted best-first by the first objective.
+    """
+    sign = {o: (1.0 if m == "max" else -1.0) for o, m in zip(objectives, modes)}
+    points = [ParetoPoint(r.trial_id, int(h["step"]), {o: float(h[o]) for o in objectives})
+              for r in rows for h in r.history if all(_has(h, o) for o in objectives)]
+
+    def dominates(a: ParetoPoint, b: ParetoPoint) -> bool:
+        ge = all(sign[o] * a.values[o] >= sign[o] * b.values[o] for o in objectives)
+        return ge and any(sign[o] * a.values[o] > sign[o] * b.values[o] for o in objectives)
+
+    front = [p for p in points if not any(dominates(q, p) for q in points)]
+    return sorted(front, key=lambda p: (-sign[objectives[0]] * p.values[objectives[0]], p.trial_id, p.step))
 
 
 def _fmt(v: Any) -> str:
@@ -129,15 +194,33 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def format_leaderboard(rows: list[TrialRow], metric: str) -> str:
-    """A plain-text table a terminal shows well."""
+def _score(value: Any, base: float | None) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    return f"{value:.4g}" if base is None else f"{value:.4g} ({value - base:+.3g})"
+
+
+def format_leaderboard(rows: list[TrialRow], metric: str, scores: list[str] | None = None,
+                       baseline: dict[str, float] | None = None) -> str:
+    """A plain-text table a terminal shows well.
+
+    ``scores``: more metrics to show at each trial's best step (e.g. the image scores), each with
+    its gain over ``baseline`` in parentheses when a baseline value exists.
+    """
+    baseline = baseline or {}
+    extra = [s for s in (scores or []) if s != metric]
     keys = sorted({k for r in rows for k in r.params if k != "method"})
-    head = ["rank", "trial", "method", *keys, metric, "best@step", "status", "steps", "wall"]
+    head = ["rank", "trial", "method", *keys, metric, *extra, "best@step", "status", "steps", "wall"]
     lines = [head]
     for r in rows:
         lines.append([str(r.rank or "-"), r.trial_id, r.method, *[_fmt(r.params.get(k, "")) for k in keys],
-                      f"{r.best:.5f}" if r.best is not None else "-", str(r.best_step or "-"), r.status,
-                      str(r.steps), f"{r.wall_s:.0f}s"])
+                      _score(r.best, baseline.get(metric)) if metric in baseline else
+                      (f"{r.best:.5f}" if r.best is not None else "-"),
+                      *[_score(r.best_metrics.get(s), baseline.get(s)) for s in extra],
+                      str(r.best_step or "-"), r.status, str(r.steps), f"{r.wall_s:.0f}s"])
+    if baseline:
+        lines.append(["base", "(no adapter)", "-", *["" for _ in keys], _score(baseline.get(metric), None),
+                      *[_score(baseline.get(s), None) for s in extra], "-", "baseline", "0", ""])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     for r in rows:
@@ -155,33 +238,91 @@ def find_checkpoint(trial_dir: Path, step: int) -> Path | None:
     return None
 
 
-def export_best(run_dir: Path, dest: Path) -> dict[str, Any]:
-    """Copy the best checkpoint's weights to ``dest`` in the formats people load, with best.json."""
-    rows, state = leaderboard(run_dir)
-    ranked = [r for r in rows if r.rank is not None]
-    if not ranked:
-        raise SweepError(f"{run_dir}: no trial reported the metric; nothing to export "
+def _candidates(rows: list[TrialRow], metric: str, mode: str) -> list[tuple[TrialRow, dict[str, Any]]]:
+    """Every evaluation of every trial that has ``metric``, best first."""
+    sign = 1 if mode == "min" else -1
+    evals = [(r, h) for r in rows for h in r.history if _has(h, metric)]
+    return sorted(evals, key=lambda rh: (sign * rh[1][metric], rh[0].trial_id, rh[1]["step"]))
+
+
+def select_checkpoint(run_dir: Path, metric: str | None = None,
+                      pareto: int | None = None) -> tuple[TrialRow, dict[str, Any], Path, dict[str, Any]]:
+    """The checkpoint ``sdsweep best`` exports: ``(trial row, its evaluation, checkpoint dir, why)``.
+
+    By ``metric`` (default: the sweep's) over every evaluated checkpoint of every trial; or, with
+    ``pareto=k``, the k-th point (0-based, best first on the first objective) of the Pareto front
+    of ``evaluation.objectives``. A checkpoint Tune did not keep (``checkpoints_to_keep`` retains
+    the best by the sweep's metric) cannot be exported: the best *kept* one is, and ``why`` says so.
+    """
+    rows, state = leaderboard(run_dir, metric)
+    metric, mode = metric_and_mode(state, metric)
+    by_id = {r.trial_id: r for r in rows}
+    why: dict[str, Any] = {"evaluated_trials": sum(1 for r in rows if any(_has(e, metric) for e in r.history)),
+                           "trials": len(rows)}
+    if pareto is not None:
+        objectives = state["config"]["evaluation"].get("objectives")
+        if not objectives:
+            raise SweepError(f"{run_dir}: --pareto needs a multi-objective sweep (evaluation.objectives)")
+        from sweeps.config import natural_mode
+
+        front = pareto_front(rows, list(objectives), [natural_mode(o) for o in objectives])
+        if not 0 <= pareto < len(front):
+            raise SweepError(f"{run_dir}: --pareto {pareto}: the Pareto front has {len(front)} points "
+                             f"(0..{len(front) - 1}); `sdsweep results` lists them")
+        point = front[pareto]
+        row = by_id[point.trial_id]
+        if row.path is None or find_checkpoint(row.path, point.step) is None:
+            kept = [k for k, p in enumerate(front) if by_id[p.trial_id].path
+                    and find_checkpoint(by_id[p.trial_id].path, p.step) is not None]  # type: ignore[arg-type]
+            raise SweepError(f"{run_dir}: Pareto point {pareto} (trial {point.trial_id} step {point.step}) has no "
+                             f"kept checkpoint; points with one: {kept} (raise checkpoints_to_keep to keep more)")
+        cands = [(row, next(h for h in row.history if h["step"] == point.step))]
+        why = {"pareto_index": pareto, "pareto_size": len(front), "objectives": list(objectives)}
+    else:
+        cands = _candidates(rows, metric, mode)
+    if not cands:
+        raise SweepError(f"{run_dir}: no trial reported {metric}; nothing to export "
                          "(see `sdsweep results` for each trial's status and error)")
-    best = ranked[0]
-    ckpt = find_checkpoint(best.path, best.best_step) if best.path else None
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir}: the checkpoint of trial {best.trial_id} at step {best.best_step} "
-                                "is not on disk (checkpoints_to_keep too low?)")
+    for i, (row, h) in enumerate(cands):
+        ckpt = find_checkpoint(row.path, int(h["step"])) if row.path else None
+        if ckpt is not None:
+            if i:
+                top_row, top = cands[0]
+                why["not_kept"] = (f"the best evaluation (trial {top_row.trial_id} step {top['step']}, "
+                                   f"{metric} {top[metric]:.5g}) has no kept checkpoint (checkpoints_to_keep "
+                                   f"keeps the best by the sweep's metric); exported the best kept one")
+            return row, h, ckpt, why
+    raise FileNotFoundError(f"{run_dir}: none of the {len(cands)} evaluated checkpoints is on disk")
+
+
+def export_best(run_dir: Path, dest: Path, metric: str | None = None, pareto: int | None = None) -> dict[str, Any]:
+    """Copy the chosen checkpoint's weights to ``dest`` in the formats people load, with best.json
+    (why it won, its step, every score and its gain over the baseline, the evaluator identity)."""
+    row, h, ckpt, why = select_checkpoint(run_dir, metric, pareto)
+    state = read_state(run_dir)
+    metric, mode = metric_and_mode(state, metric)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     files = _export_weights(ckpt, dest, state)
     cfg = state["config"]
-    metric = cfg["evaluation"]["metric"]
-    mode = cfg["evaluation"].get("mode") or _natural_mode(metric)
-    info = {"trial_id": best.trial_id, "method": best.method, "hyperparameters": best.params,
-            "metric": {"name": metric, "mode": mode, "value": best.best, "step": best.best_step},
-            "metrics_at_best": {k: v for k, v in best.best_metrics.items() if isinstance(v, (int, float, str))},
+    base = baseline_scores(state)
+    scores = {k: h[k] for k in image_metrics(state) if k in h}
+    samples = (row.path / "samples" / f"step-{int(h['step']):06d}" / "scores.json") if row.path else None
+    info = {"trial_id": row.trial_id, "method": row.method, "hyperparameters": row.params,
+            "metric": {"name": metric, "mode": mode, "value": h[metric], "step": int(h["step"])},
+            "metrics_at_best": {k: v for k, v in h.items() if k not in _BOOKKEEPING},
+            "image_scores": scores, "baseline": base,
+            "gain_over_baseline": {k: v - base[k] for k, v in scores.items() if k in base},
+            "evaluator": (state.get("baseline") or {}).get("identity"),
+            "samples": str(samples) if samples and samples.is_file() else None,
             "base_model": cfg["base"]["model"]["source"], "base_model_identity": state["base_model_identity"],
             "cache_key": state["cache_key"], "sweep_file": state.get("sweep_file"),
             "package_version": state.get("package_version"), "run_dir": str(Path(run_dir).resolve()),
-            "checkpoint": str(ckpt), "files": files,
-            "why": f"{'lowest' if mode == 'min' else 'highest'} {metric} over every evaluated checkpoint "
-                   f"of every trial ({len(ranked)} ranked of {len(rows)} trials)"}
+            "checkpoint": str(ckpt), "files": files, **why,
+            "why": (f"Pareto point {why['pareto_index']} of {why['pareto_size']} on {why['objectives']}"
+                    if "pareto_index" in why else
+                    f"{'lowest' if mode == 'min' else 'highest'} {metric} over every evaluated checkpoint "
+                    f"of every trial ({why['evaluated_trials']} of {why['trials']} trials evaluated)")}
     atomic_write_text(dest / "best.json", json.dumps(info, indent=1, default=str))
     return info
 

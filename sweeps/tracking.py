@@ -78,6 +78,7 @@ _TUNE_KEYS = frozenset({
     "date", "timestamp", "config", "checkpoint_dir_name",
 })
 IMAGES_KEY = "images"
+SAMPLES_KEY = "samples"  # path of an evaluation's scores.json (trainers.evaluate.write_samples)
 STEP_KEY = "step"
 METHOD_KEY = "method"
 # W&B run ids may not contain / \ # ? % : ; , ' (docs + wandb_settings.validate_run_id);
@@ -153,8 +154,9 @@ class WandbTrialCallback(tune.Callback):
     """Opens one W&B run per trial in the driver and logs every result at the trial's step.
 
     Result handling: numbers (nested dicts flattened with ``/``) are logged except Tune's
-    bookkeeping keys; ``step`` (an int, required) is the x-axis. Sample-image hook: a result key
-    ``images`` holding a list of image file paths is logged as ``wandb.Image``s; the files must
+    bookkeeping keys; ``step`` (an int, required) is the x-axis. Sample-image hooks: a result key
+    ``images`` holding a list of image file paths is logged as ``wandb.Image``s (the evaluation's
+    grid), and ``samples`` naming a ``scores.json`` as a per-prompt ``wandb.Table``; the files must
     be readable from the driver (on a cluster: shared storage or the synced trial dir).
     """
 
@@ -247,6 +249,8 @@ class WandbTrialCallback(tune.Callback):
         data = _metrics(result)
         if images := _images(trial, result.get(IMAGES_KEY, [])):
             data[IMAGES_KEY] = images
+        if result.get(SAMPLES_KEY):
+            data[SAMPLES_KEY] = _samples_table(Path(result[SAMPLES_KEY]))
         run.log(data, step=step)
         self._last_step[trial.trial_id] = step
 
@@ -295,6 +299,18 @@ def _images(trial: Trial, paths: Any) -> list[Any]:
                                     f"{path}, which is not a file readable from the driver")
         images.append(wandb.Image(str(path), caption=path.name))
     return images
+
+
+def _samples_table(scores_file: Path) -> Any:
+    """One row per generated image: prompt, seed, the image and its per-image scores."""
+    info = json.loads(scores_file.read_text())
+    rows = info["rows"]
+    metrics = [k for k in rows[0] if k not in ("file", "prompt", "seed")] if rows else []
+    table = wandb.Table(columns=["prompt", "seed", "image", *metrics])
+    for row in rows:
+        image = wandb.Image(str(scores_file.parent / row["file"]), caption=f"{row['prompt']} (seed {row['seed']})")
+        table.add_data(row["prompt"], row["seed"], image, *[row[m] for m in metrics])
+    return table
 
 
 def make_callbacks(settings: TrackingSettings, *, run_dir: Path, sweep_name: str,

@@ -28,13 +28,18 @@ import torch
 from ray import tune
 
 from sweeps.config import SweepConfig, trial_run_config
+from trainers.evaluate import GRID_FILE, Evaluator, load_references, write_samples
 from trainers.latents import CachedDataset
 from trainers.models import BaseModel, load_base_model
 from trainers.run import make_trainer
 
-# Worker-process cache: model spec -> loaded base model (frozen weights shared by trials).
+# Worker-process caches: model spec -> loaded base model (frozen weights shared by trials), and
+# evaluation settings -> Evaluator (reference images loaded once; scoring models are cached
+# per process by trainers.metrics).
 _MODELS: dict[tuple[Any, ...], BaseModel] = {}
+_EVALUATORS: dict[str, Evaluator] = {}
 ERROR_FILE = "sdsweep_error.json"
+SAMPLES_DIR = "samples"  # <trial dir>/samples/step-000040/{00.png, grid.png, scores.json}
 
 
 def worker_model(spec: Any) -> tuple[BaseModel, bool]:
@@ -47,6 +52,55 @@ def worker_model(spec: Any) -> tuple[BaseModel, bool]:
     _MODELS.clear()  # one base model per worker: a sweep never mixes base models
     _MODELS[key] = model
     return model, False
+
+
+def storage_trial_dir() -> Path:
+    """This trial's directory in the sweep's storage (``RUN_DIR/<trial>``), for files the driver,
+    ``sdsweep results`` and the report read (samples, the error file).
+
+    Tune's ``get_trial_dir()`` is a per-session working directory under ``/tmp/ray`` that reaches
+    storage only through artifact syncing; sdsweep's ``storage_path`` is a local or shared
+    filesystem path, so trials write straight to it (synchronously, before reporting).
+    """
+    ctx = tune.get_context()
+    try:
+        storage = ctx.get_storage()
+        if type(storage.storage_filesystem).__name__ == "LocalFileSystem":
+            return Path(storage.trial_fs_path)
+    except (AttributeError, RuntimeError):  # an older/newer Ray without the developer API
+        pass
+    return Path(ctx.get_trial_dir())
+
+
+def worker_evaluator(cfg: SweepConfig) -> Evaluator | None:
+    """The sweep's image evaluator (None without ``evaluation.images``), built once per process."""
+    ev_cfg = cfg.evaluation.images
+    if ev_cfg is None:
+        return None
+    key = json.dumps([ev_cfg.model_dump(mode="json"), cfg.base.data.model_dump(mode="json")], sort_keys=True)
+    if key not in _EVALUATORS:
+        _EVALUATORS.clear()
+        _EVALUATORS[key] = Evaluator(ev_cfg, load_references(ev_cfg, cfg.base.data))
+    return _EVALUATORS[key]
+
+
+def samples_dir(trial_dir: Path, step: int) -> Path:
+    """Where a trial's images and scores of the evaluation at ``step`` go."""
+    return trial_dir / SAMPLES_DIR / f"step-{step:06d}"
+
+
+def evaluate_images(evaluator: Evaluator, trainer: Any, out_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """Generate and score the trainer's current model; write the samples; return report keys.
+
+    ``images`` (the grid) and ``samples`` (scores.json: per-image scores, settings, scorer
+    identity) are paths the W&B callback logs as an image and a table.
+    """
+    trainer.prepare_for_sampling()
+    dtype = trainer.weight_dtype if trainer.weight_dtype != torch.float32 else None
+    record = evaluator.run(trainer.model, autocast_dtype=dtype)
+    scores_path = write_samples(record, out_dir, extra)
+    return {**record.scores, "eval_s": record.generate_s + record.score_s,
+            "images": [str(out_dir / GRID_FILE)], "samples": str(scores_path)}
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -67,7 +121,7 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: list[Any]
     """The Ray Tune function trainable. ``config`` holds the trial's dotted hyperparameters."""
     started, started_at = time.perf_counter(), time.time()
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per checkpoint otherwise
-    trial_dir = Path(tune.get_context().get_trial_dir())
+    trial_dir = storage_trial_dir()
     trainer = None
     try:
         cfg = SweepConfig.model_validate(sweep)
@@ -76,7 +130,7 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: list[Any]
         run_cfg = trial_run_config(cfg, params, source=f"trial {tune.get_context().get_trial_id()}")
         model, reused = worker_model(run_cfg.model)
         data: CachedDataset = ray.get(cache[0])
-        run_cfg = run_cfg.model_copy(update={"output_dir": str(trial_dir / "work")})
+        run_cfg = run_cfg.model_copy(update={"output_dir": str(Path(tune.get_context().get_trial_dir()) / "work")})
         trainer = make_trainer(run_cfg, model, data)
         if trainer.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.device)  # reused workers: per-trial peak
@@ -84,8 +138,10 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: list[Any]
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
                 trainer.load_checkpoint(d)
+        evaluator = worker_evaluator(cfg)
         setup_s = time.perf_counter() - started
-        _train_and_report(trainer, cfg, setup_s=setup_s, model_reused=reused, started_at=started_at)
+        _train_and_report(trainer, cfg, evaluator, trial_dir, setup_s=setup_s, model_reused=reused,
+                          started_at=started_at)
     except Exception as err:  # noqa: BLE001 - every trial-code failure ends this trial, see module doc
         _report_error(err, trainer, trial_dir)
     finally:
@@ -93,8 +149,8 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: list[Any]
             trainer.teardown()
 
 
-def _train_and_report(trainer: Any, cfg: SweepConfig, *, setup_s: float, model_reused: bool,
-                      started_at: float) -> None:
+def _train_and_report(trainer: Any, cfg: SweepConfig, evaluator: Evaluator | None, trial_dir: Path, *,
+                      setup_s: float, model_reused: bool, started_at: float) -> None:
     every, total = cfg.evaluation.every, trainer.cfg.max_train_steps
     samples_per_step = trainer.cfg.train_batch_size * trainer.cfg.gradient_accumulation_steps
     first = True
@@ -115,6 +171,10 @@ def _train_and_report(trainer: Any, cfg: SweepConfig, *, setup_s: float, model_r
             "trial_status": "running" if trainer.global_step < total else "completed",
             "reported_at": time.time(),  # Tune's own timestamp is whole seconds
         }
+        if evaluator is not None:
+            step = trainer.global_step
+            extra = {"trial_id": tune.get_context().get_trial_id(), "step": step}
+            metrics.update(evaluate_images(evaluator, trainer, samples_dir(trial_dir, step), extra))
         if first:
             metrics.update(setup_s=setup_s, model_reused=model_reused, started_at=started_at)
             first = False

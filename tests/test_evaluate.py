@@ -9,7 +9,9 @@ from PIL import Image
 from pydantic import ValidationError
 
 from trainers import evaluate as ev
-from trainers.evaluate import EvalSettings, generate, get_metric
+from trainers import metrics as mt
+from trainers.evaluate import EvalSettings, generate
+from trainers.metrics import get_metric
 
 CLIP = "builtin:tiny-clip"
 # builtin:tiny-sd's native size is 64 px (UNet sample_size 8); 2 steps keep each image ~ms.
@@ -105,7 +107,7 @@ def test_unknown_settings_key_and_bad_resolution_are_errors() -> None:
 
 
 def test_unknown_metric_names_the_key_and_valid_choices() -> None:
-    with pytest.raises(KeyError, match=r"unknown metric 'fid'; valid metrics: clip_i, clip_t"):
+    with pytest.raises(KeyError, match=r"unknown metric 'fid'; valid metrics: clip_i, clip_t, dino"):
         get_metric("fid")
 
 
@@ -121,7 +123,7 @@ def _tm_clip_score(images: list[Image.Image], prompts: list[str]) -> tuple[float
     from torchmetrics.multimodal.clip_score import CLIPScore
     from transformers import CLIPProcessor
 
-    model, tokenizer, image_processor = ev.get_clip(CLIP)
+    model, tokenizer, image_processor = mt.get_clip(CLIP)
 
     class Adapter(torch.nn.Module):
         def __init__(self) -> None:
@@ -160,14 +162,14 @@ def test_clip_t_clamps_the_mean_not_each_item(monkeypatch) -> None:
     # Embeddings chosen so cos = -0.5 and +0.2: torchmetrics clamps only the mean.
     img = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     txt = torch.tensor([[-0.5, 0.75**0.5], [0.2, 0.96**0.5]])
-    monkeypatch.setattr(ev, "image_embeddings", lambda spec, images: img)
-    monkeypatch.setattr(ev, "text_embeddings", lambda spec, texts: txt)
-    r = ev.ClipTScore(clip="unused").score([None, None], ["a", "b"], None)  # type: ignore[list-item]
+    monkeypatch.setattr(mt, "image_embeddings", lambda spec, images: img)
+    monkeypatch.setattr(mt, "text_embeddings", lambda spec, texts: txt)
+    r = mt.ClipTScore(clip="unused").score([None, None], ["a", "b"], None)  # type: ignore[list-item]
     assert r.per_item == pytest.approx((-50.0, 20.0), abs=1e-4)
     assert r.value == 0.0  # mean -15 clamped at 0
     txt2 = torch.tensor([[0.5, 0.75**0.5], [0.2, 0.96**0.5]])
-    monkeypatch.setattr(ev, "text_embeddings", lambda spec, texts: txt2)
-    assert ev.ClipTScore(clip="unused").score([None, None], ["a", "b"], None).value == pytest.approx(35.0, abs=1e-4)
+    monkeypatch.setattr(mt, "text_embeddings", lambda spec, texts: txt2)
+    assert mt.ClipTScore(clip="unused").score([None, None], ["a", "b"], None).value == pytest.approx(35.0, abs=1e-4)
 
 
 def _noise_image(seed: int) -> Image.Image:
@@ -199,18 +201,129 @@ def test_clip_i_without_references_is_an_error() -> None:
 
 
 def test_clip_model_is_loaded_once_across_evaluations(tiny_model, monkeypatch) -> None:
-    ev.clear_clip_cache()
+    mt.clear_clip_cache()
     calls: list[str] = []
-    real = ev.load_clip
+    real = mt.load_clip
 
     def counting(spec: str):
         calls.append(spec)
         return real(spec)
 
-    monkeypatch.setattr(ev, "load_clip", counting)
+    monkeypatch.setattr(mt, "load_clip", counting)
     settings = EvalSettings(prompts=("x",), seeds=(0,), **FAST)
     refs = [_noise_image(0)]
     for _ in range(2):
         result = ev.evaluate(tiny_model, settings, ("clip_t", "clip_i"), references=refs, clip=CLIP)
         assert set(result.scores) == {"clip_t", "clip_i"}
     assert calls == [CLIP]
+
+
+# ---- DINO-style metric, composite, Evaluator ------------------------------------------------
+
+VIT = "builtin:tiny-vit"
+
+
+def test_dino_is_the_mean_cls_cosine_to_the_references() -> None:
+    from transformers import AutoImageProcessor, ViTModel
+
+    from trainers.models import ensure_builtin
+
+    metric = get_metric("dino", clip=CLIP, vision=VIT)
+    a, b, c = _noise_image(1), _gradient_image(), _noise_image(2)
+    got = metric.score([a, b], ["", ""], [a, c])
+    # Independently: the saved ViT through plain transformers, class token of the last layer.
+    root = ensure_builtin("tiny-vit")
+    vit = ViTModel.from_pretrained(root).eval()
+    proc = AutoImageProcessor.from_pretrained(root, backend="pil")
+    with torch.no_grad():
+        cls = vit(pixel_values=proc(images=[a, b, a, c], return_tensors="pt")["pixel_values"]).last_hidden_state[:, 0]
+    cls = torch.nn.functional.normalize(cls, dim=-1)
+    expected = (cls[:2] @ cls[2:].T).mean(dim=1)
+    assert got.per_item == pytest.approx(expected.tolist(), abs=1e-5)
+    assert got.per_item[0] > got.per_item[1]  # image a is one of the references
+    assert metric.score([a], [""], [a]).value == pytest.approx(1.0, abs=1e-5)
+
+
+def test_dino_without_a_vision_model_is_an_error_that_says_which_key() -> None:
+    with pytest.raises(ValueError, match="vision_model"):
+        get_metric("dino", clip=CLIP)
+    with pytest.raises(ValidationError, match="vision_model"):
+        ev.EvaluatorConfig(generation=EvalSettings(prompts=("x",)), metrics=("clip_t", "dino"))
+
+
+def test_a_pickle_only_vision_model_is_refused(tmp_path) -> None:
+    from trainers.models import PickleRefusedError, ensure_builtin
+    from trainers.scoring_models import load_vision_model
+
+    src = ensure_builtin("tiny-vit")
+    for f in src.iterdir():
+        if f.suffix == ".json":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(PickleRefusedError, match="safetensors"):
+        load_vision_model(str(tmp_path))
+
+
+def test_composite_is_the_weighted_mean_on_one_scale() -> None:
+    # CLIP-T's x100 is undone: 30 -> 0.30; weights need not sum to 1.
+    assert mt.composite({"clip_t": 30.0, "clip_i": 0.8}, {"clip_t": 1, "clip_i": 1}) == pytest.approx(0.55)
+    assert mt.composite({"clip_t": 30.0, "clip_i": 0.8}, {"clip_t": 3, "clip_i": 1}) == pytest.approx(0.425)
+    with pytest.raises(KeyError, match="dino"):
+        mt.composite({"clip_t": 30.0}, {"clip_t": 1, "dino": 1})
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(metrics=("clip_t", "fid")), "unknown ['fid']"),
+    (dict(weights={"clip_t": 1.0, "dino": 1.0}), "not in metrics"),
+    (dict(weights={"clip_t": 0.0, "clip_i": 0.0}), "positive sum"),
+    (dict(stepz=3), "stepz"),
+])
+def test_evaluator_config_errors_name_the_key(kwargs, fragment) -> None:
+    import re
+
+    with pytest.raises(ValidationError, match=re.escape(fragment)):
+        ev.EvaluatorConfig(generation=EvalSettings(prompts=("x",)), **kwargs)
+
+
+def test_references_are_the_training_images_as_trained_on(demo_dir) -> None:
+    from trainers.data import DataConfig, load_pixels, preflight
+
+    data = DataConfig(path=str(demo_dir), resolution=64)
+    cfg = ev.EvaluatorConfig(generation=EvalSettings(prompts=("x",)))
+    refs = ev.load_references(cfg, data)
+    records = preflight(data)
+    assert len(refs) == len(records) == 8 and all(r.size == (64, 64) for r in refs)
+    pixels = load_pixels(records[0], data)  # the crop the latent cache encodes
+    back = torch.from_numpy(np.asarray(refs[0], dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    assert (back - pixels).abs().max() <= 1 / 127.5 + 1e-6
+
+
+def test_evaluator_scores_writes_samples_and_records_what_the_scores_depend_on(tiny_model, demo_dir, tmp_path) -> None:
+    import json
+
+    from trainers.data import DataConfig
+
+    cfg = ev.EvaluatorConfig(
+        generation=EvalSettings(prompts=("a photo of {token}", "{token} on a beach"), token="sks toy",
+                                seeds=(0, 1, 2), **FAST),
+        metrics=("clip_t", "clip_i", "dino"), clip=CLIP, vision_model=VIT, weights={"clip_t": 1, "clip_i": 2})
+    refs = ev.load_references(cfg, DataConfig(path=str(demo_dir), resolution=64))
+    evaluator = ev.Evaluator(cfg, refs)
+    rec = evaluator.run(tiny_model)
+    assert set(rec.scores) == {"clip_t", "clip_i", "dino", "composite"}
+    assert rec.scores["composite"] == pytest.approx((rec.scores["clip_t"] / 100 + 2 * rec.scores["clip_i"]) / 3)
+    assert [(r["prompt"], r["seed"]) for r in rec.rows][:2] == [("a photo of sks toy", 0), ("a photo of sks toy", 1)]
+    # The aggregate is the mean of the per-image values (clip_t: before the clamp at 0).
+    assert np.mean([r["clip_i"] for r in rec.rows]) == pytest.approx(rec.scores["clip_i"], abs=1e-6)
+    ident = rec.identity
+    assert ident["clip"]["spec"] == CLIP and len(ident["clip"]["weights_sha256"]) == 64
+    assert ident["vision"]["spec"] == VIT and ident["settings"]["generation"]["seeds"] == [0, 1, 2]
+    out = ev.write_samples(rec, tmp_path / "s", {"step": 40})
+    info = json.loads(out.read_text())
+    assert info["step"] == 40 and info["scores"] == rec.scores and len(info["rows"]) == 6
+    assert all((tmp_path / "s" / r["file"]).is_file() for r in info["rows"])
+    grid = Image.open(tmp_path / "s" / "grid.png")
+    assert grid.size == (3 * 64, 2 * 64)  # one column per seed, one row per prompt
+    # The same checkpoint, prompts and seeds give the same scores (paired comparisons).
+    again = ev.Evaluator(cfg, refs).run(tiny_model)
+    assert again.scores == rec.scores and again.identity == rec.identity

@@ -16,7 +16,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.utils.flop_counter import FlopCounterMode
 
-from trainers.models import BaseModel, ensure_builtin, load_base_model, load_clip, module_fingerprint
+from trainers.models import BaseModel, ensure_builtin, load_base_model, module_fingerprint
+from trainers.scoring_models import load_clip
 from trainers.tiny import char_tokenizer
 
 
@@ -188,3 +189,12 @@ def test_load_clip_rejects_non_clip_specs() -> None:
         load_clip("builtin:tiny-sd")
     with pytest.raises(ValueError, match="offline|no network"):
         load_clip("nobody-xyz/no-such-clip")
+
+
+def test_fingerprint_covers_zero_dim_tensors() -> None:
+    # CLIP's logit_scale is a 0-dim parameter: it must hash, and a change of it must show.
+    from trainers.tensor_files import tensors_digest
+
+    a = tensors_digest({"w": torch.ones(2), "scale": torch.tensor(2.6592)})
+    b = tensors_digest({"w": torch.ones(2), "scale": torch.tensor(2.6593)})
+    assert a != b and len(a) == 64

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import optuna
@@ -25,7 +26,10 @@ def _write(tmp_path: Path, mutate) -> Path:
 
 def test_the_demo_sweep_validates():
     cfg = load_sweep(DEMO)
-    assert cfg.mode == "min" and cfg.search.num_samples == 8 and cfg.scheduler.type == "asha"
+    assert cfg.search.num_samples == 8 and cfg.scheduler.type == "asha"
+    # The demo ranks by the CLIP composite (the default metric once image evaluation is on).
+    assert cfg.evaluation.metric == "composite" and cfg.mode == "max"
+    assert cfg.evaluation.images is not None and cfg.evaluation.images.clip == "builtin:tiny-clip"
     assert cfg.search_space().fixed() == {"method": "lora"}
 
 
@@ -76,7 +80,7 @@ def _searcher(cfg: SweepConfig):
 
 
 def test_errored_trials_are_told_to_optuna_as_failed_never_as_a_score():
-    cfg = load_sweep(DEMO)
+    cfg = load_sweep(DEMO, {"evaluation.metric": "val_loss"})
     search = _searcher(cfg)
     for tid in ("ok", "nan", "crashed"):
         assert search.suggest(tid) is not None
@@ -93,6 +97,47 @@ def test_errored_trials_are_told_to_optuna_as_failed_never_as_a_score():
     assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
                       optuna.trial.TrialState.FAIL]
     assert trials[0].value == 0.4 and trials[1].value is None and trials[2].value is None
+
+
+def test_multi_objective_search_tells_optuna_both_values_and_keeps_a_pareto_front():
+    cfg = load_sweep(DEMO, {"evaluation.objectives": ["clip_t", "clip_i"]})
+    assert cfg.evaluation.metric == "composite"  # what ASHA and checkpoint retention still use
+    search = _searcher(cfg)
+    assert search.metric == ["clip_t", "clip_i"] and search.mode == ["max", "max"]
+    assert [d.name for d in search._ot_study.directions] == ["MAXIMIZE", "MAXIMIZE"]
+    for tid in ("a", "b", "c", "err"):
+        search.suggest(tid)
+    search.on_trial_result("a", {"clip_t": 20.0, "clip_i": 0.5, "step": 20})  # ignored: no pruning
+    search.on_trial_complete("a", {"clip_t": 21.0, "clip_i": 0.50, "step": 40})
+    search.on_trial_complete("b", {"clip_t": 19.0, "clip_i": 0.70, "step": 40})
+    search.on_trial_complete("c", {"clip_t": 18.0, "clip_i": 0.60, "step": 40})  # dominated by b
+    search.on_trial_complete("err", {"trial_status": "error", "step": 3})
+    study = search._ot_study
+    assert [t.values for t in study.get_trials(deepcopy=False)][:3] == [[21.0, 0.5], [19.0, 0.7], [18.0, 0.6]]
+    assert study.get_trials(deepcopy=False)[3].state == optuna.trial.TrialState.FAIL
+    assert sorted(t.values for t in study.best_trials) == [[19.0, 0.7], [21.0, 0.5]]
+
+
+@pytest.mark.parametrize("objectives, fragment", [
+    (["clip_t"], "two or more"),
+    (["clip_t", "clip_t"], "two or more"),
+    (["clip_t", "fid"], "unknown ['fid']"),
+])
+def test_bad_objectives_are_errors_naming_the_key(tmp_path, objectives, fragment):
+    p = _write(tmp_path, lambda c: c["evaluation"].update(objectives=objectives))
+    with pytest.raises(ConfigError, match=re.escape(fragment)) as err:
+        load_sweep(p)
+    assert "evaluation.objectives" in str(err.value)
+
+
+def test_image_metrics_need_image_evaluation(tmp_path):
+    def no_images(c):
+        c["evaluation"].pop("images")
+        c["evaluation"]["metric"] = "clip_t"
+    with pytest.raises(ConfigError, match=r"image metrics need evaluation.images"):
+        load_sweep(_write(tmp_path, no_images))
+    plain = _write(tmp_path, lambda c: c["evaluation"].pop("images"))
+    assert load_sweep(plain).evaluation.metric == "val_loss"  # the default without images
 
 
 def test_warm_start_enqueues_the_known_good_defaults_first():

@@ -259,3 +259,105 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path):
     from sweeps.results import leaderboard
 
     assert [r.status for r in leaderboard(run_dir)[0]] == ["completed", "completed"]
+
+
+def _image_sweep(tmp_path: Path) -> Path:
+    """3 trials, every checkpoint scored by CLIP-T/CLIP-I, multi-objective Optuna on both."""
+    return sweep_file(
+        tmp_path,
+        base={"model": "builtin:tiny-sd", "data": {"path": "builtin:demo", "resolution": 64},
+              "train": {"max_train_steps": 30, "train_batch_size": 2}},
+        search={"spaces": [{"method": "lora", "params": {
+            "train.learning_rate": {"type": "float", "low": 1e-5, "high": 3e-3, "log": True, "default": 1e-3},
+            "lora.rank": {"type": "categorical", "choices": [2, 4], "default": 4}}}],
+            "sampler": {"type": "tpe", "seed": 1, "n_startup_trials": 2}, "num_samples": 3,
+            "max_concurrent_trials": 2, "warm_start": True,
+            "storage": f"sqlite:///{tmp_path / 'study.db'}", "study_name": "images"},
+        scheduler={"type": "asha", "grace_period": 10, "reduction_factor": 2},
+        evaluation={"every": 10, "objectives": ["clip_t", "clip_i"], "images": {
+            "generation": {"prompts": ["a photo of {token}", "{token} on a beach"], "token": "sks toy",
+                           "seeds": [0, 1], "steps": 3},
+            "metrics": ["clip_t", "clip_i"], "clip": "builtin:tiny-clip"}},
+        checkpoints_to_keep=1)
+
+
+def test_image_evaluation_scores_every_checkpoint_against_a_baseline(tmp_path):
+    import optuna
+
+    from sweeps.config import load_sweep
+    from sweeps.results import leaderboard, pareto_front
+    from sweeps.tracking import read_offline_run
+    from trainers.data import DataConfig
+    from trainers.evaluate import Evaluator, load_references
+    from trainers.models import load_base_model
+
+    path = _image_sweep(tmp_path)
+    run_dir = tmp_path / "runs" / "img-run"
+    out = _sdsweep("run", str(path), "--run-dir", str(run_dir)).stdout
+    assert "ranked by composite (max)" in out and "gain over the base model" in out and "Pareto front" in out
+    assert (run_dir / "report" / "index.html").is_file()
+
+    # The baseline: the base model without adapter, scored once, reproducible in this process.
+    state = json.loads((run_dir / "sweep.json").read_text())
+    base = state["baseline"]
+    assert set(base["scores"]) == {"clip_t", "clip_i", "composite"} and (run_dir / "baseline" / "grid.png").is_file()
+    cfg = load_sweep(path)
+    ev_cfg = cfg.evaluation.images
+    again = Evaluator(ev_cfg, load_references(ev_cfg, DataConfig(path="builtin:demo", resolution=64)))
+    rec = again.run(load_base_model("builtin:tiny-sd"))
+    for k, v in base["scores"].items():
+        assert rec.scores[k] == pytest.approx(v, abs=1e-4), k
+    assert rec.identity == base["identity"]
+
+    # Every evaluated checkpoint of every trial is scored, with its images and scores on disk.
+    rows, _ = leaderboard(run_dir)
+    for trial in _trial_dirs(run_dir):
+        evals = [r for r in _rows(trial) if "val_loss" in r]
+        assert evals and all({"clip_t", "clip_i", "composite", "eval_s"} <= set(r) for r in evals)
+        for r in evals:
+            saved = json.loads((trial / "samples" / f"step-{r['step']:06d}" / "scores.json").read_text())
+            assert saved["scores"] == {k: r[k] for k in ("clip_t", "clip_i", "composite")}
+            assert saved["identity"] == base["identity"]  # same settings + same CLIP weights everywhere
+
+    # Checkpoint-level selection by another metric than the sweep's.
+    _sdsweep("best", str(run_dir), "--metric", "clip_t", "--export", str(tmp_path / "by_clip_t"))
+    info = json.loads((tmp_path / "by_clip_t" / "best.json").read_text())
+    everything = [(r, t) for t in _trial_dirs(run_dir) for r in _rows(t) if "clip_t" in r]
+    top, top_dir = max(everything, key=lambda rt: rt[0]["clip_t"])
+    kept = {(t.name, json.loads((c / "trainer_state.json").read_text())["step"])
+            for t in _trial_dirs(run_dir) for c in t.glob("checkpoint_*")}
+    if (top_dir.name, top["step"]) in kept:
+        assert (info["metric"]["step"], info["metric"]["value"]) == (top["step"], top["clip_t"])
+        assert "not_kept" not in info
+    else:  # checkpoints_to_keep=1 keeps each trial's best composite: say so, export the best kept
+        assert "has no kept checkpoint" in info["not_kept"]
+        best_kept = max(r["clip_t"] for r, t in everything if (t.name, r["step"]) in kept)
+        assert info["metric"]["value"] == best_kept
+    assert info["gain_over_baseline"]["clip_t"] == pytest.approx(info["metric"]["value"] - base["scores"]["clip_t"])
+
+    # Multi-objective: Optuna's study has both values per finished trial; the Pareto front exports.
+    study = optuna.load_study(study_name="images", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MAXIMIZE"]
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert done and all(len(t.values) == 2 for t in done)
+    front = pareto_front(rows, ["clip_t", "clip_i"], ["max", "max"])
+    names = {r.trial_id: r.path.name for r in rows}
+    on_disk = [k for k, p in enumerate(front) if (names[p.trial_id], p.step) in kept]
+    assert on_disk, "each trial keeps its best-composite checkpoint; some must be on the front"
+    k = on_disk[0]
+    _sdsweep("best", str(run_dir), "--pareto", str(k), "--export", str(tmp_path / "pareto"))
+    pk = json.loads((tmp_path / "pareto" / "best.json").read_text())
+    assert (pk["trial_id"], pk["metric"]["step"]) == (front[k].trial_id, front[k].step)
+    assert pk["pareto_index"] == k and pk["objectives"] == ["clip_t", "clip_i"]
+    gone = [k for k in range(len(front)) if k not in on_disk]
+    if gone:  # a front point whose checkpoint was not kept: a clear error naming the kept ones
+        proc = subprocess.run([sys.executable, "-m", "sweeps.cli", "best", str(run_dir), "--pareto", str(gone[0]),
+                               "--export", str(tmp_path / "gone")], capture_output=True, text=True, env=_env())
+        assert proc.returncode == 2 and f"points with one: {on_disk}" in proc.stderr
+
+    # W&B: the grid and the per-prompt table at every evaluation step.
+    for d in sorted((run_dir / "wandb").glob("offline-run-*")):
+        run = read_offline_run(d)
+        logged = [h for h in run.history if "clip_t" in h]
+        assert logged and all(h["images._type"] == "images/separated" for h in logged)
+        assert all(h["samples._type"] == "table-file" and h["samples.nrows"] == 4 for h in logged)

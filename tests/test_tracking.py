@@ -320,3 +320,20 @@ def test_callback_survives_pickling_without_open_runs(tmp_path: Path) -> None:
     cb._runs["t"] = object()  # stands in for an open wandb Run, which cannot be pickled
     clone = pickle.loads(pickle.dumps(cb))
     assert clone._runs == {} and clone.run_dir == tmp_path and clone.group == "g"
+
+
+def test_an_evaluation_becomes_a_per_prompt_table_with_its_images(tmp_path: Path) -> None:
+    from sweeps.tracking import _samples_table
+
+    rows = []
+    for i, (prompt, seed) in enumerate([("a photo of sks toy", 0), ("sks toy on a beach", 0)]):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
+        rows.append({"file": f"{i:02d}.png", "prompt": prompt, "seed": seed, "clip_t": 20.0 + i, "clip_i": 0.5})
+    scores = tmp_path / "scores.json"
+    scores.write_text(json.dumps({"scores": {"clip_t": 20.5}, "rows": rows}))
+    table = _samples_table(scores)
+    assert table.columns == ["prompt", "seed", "image", "clip_t", "clip_i"]
+    assert [r[:2] + r[3:] for r in table.data] == [["a photo of sks toy", 0, 20.0, 0.5], ["sks toy on a beach", 0, 21.0, 0.5]]
+    images = [r[2] for r in table.data]
+    assert all(isinstance(im, wandb.Image) for im in images)
+    assert [np.asarray(im.image).max() for im in images] == [0, 40]  # each row holds its own file

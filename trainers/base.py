@@ -135,6 +135,12 @@ class Trainer(abc.ABC):
                                           num_training_steps=cfg.max_train_steps)
         self.named_trainable = self._named_trainable()
 
+    def prepare_for_sampling(self) -> None:
+        """Put the VAE and text encoder beside the UNet (sampling needs both; training with a
+        latent cache never moved them). A no-op on CPU."""
+        self._place(self.model.vae)
+        self._place(self.model.text_encoder)
+
     def _place(self, module: torch.nn.Module) -> None:
         """Move a frozen module to the training device and weight dtype (only what differs)."""
         p = next(module.parameters())

@@ -1,23 +1,24 @@
 """Evaluate a (fine-tuned) model: generate with fixed prompts and seeds, then score the images.
 
-Two halves, usable separately:
-
 * ``generate(model, EvalSettings(...))`` -- prompts x seeds, batched, one seeded generator per
   image so every image is the same whatever batch it lands in (sweeps compare trials image by
   image, and ``batch_size`` is a memory knob, not a result knob).
-* Metrics (``METRICS`` registry, ``get_metric(name)``): ``clip_t`` (prompt-image alignment,
-  torchmetrics' CLIPScore definition) and ``clip_i`` (similarity to the training images,
-  DreamBooth's definition). CLIP models are loaded once per process (``get_clip``).
+* ``Evaluator(EvaluatorConfig(...), references)`` -- generate, score with the configured metrics
+  (``trainers.metrics``: clip_t, clip_i, dino) and the weighted ``composite``; the record holds
+  per-image scores, timings and the identity of the settings and scoring models.
+  ``write_samples`` stores the images, a grid and ``scores.json`` for W&B and the HTML report.
 
-``evaluate(...)`` ties both together. Nothing here imports ray, optuna or wandb.
+Nothing here imports ray, optuna or wandb.
 """
 
 from __future__ import annotations
 
-import threading
+import json
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, NamedTuple, Protocol, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Literal, NamedTuple, Sequence
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, SchedulerMixin
@@ -25,11 +26,11 @@ from PIL import Image
 from pydantic import BaseModel as PydanticModel
 from pydantic import ConfigDict, Field, model_validator
 
-from trainers.models import BaseModel, load_clip
-
-# The CLIP most text-to-image papers (and torchmetrics' CLIPScore default) score with. Needs the
-# Hub or a local copy; tests use builtin:tiny-clip.
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+from trainers.config import Frozen
+from trainers.data import DataConfig, load_pixels, preflight
+from trainers.metrics import COMPOSITE, DEFAULT_CLIP, METRICS, MetricResult, composite, get_metric, scorer_identity
+from trainers.models import BaseModel
+from trainers.tensor_files import atomic_write_text
 TOKEN_PLACEHOLDER = "{token}"
 SamplerName = Literal["ddim", "dpmsolver++", "euler"]
 
@@ -144,165 +145,149 @@ def generate(model: BaseModel, settings: EvalSettings) -> list[GeneratedImage]:
 
 
 # --------------------------------------------------------------------------------------------
-# CLIP, loaded once per process
+# Evaluator: generate + score, with everything needed to reproduce and compare the scores
 # --------------------------------------------------------------------------------------------
 
-_CLIP_CACHE: dict[str, tuple[Any, Any, Any]] = {}
-_CLIP_LOCK = threading.Lock()
+
+class EvaluatorConfig(Frozen):
+    """How checkpoints are judged by what they draw (the sweep file's ``evaluation.images``)."""
+
+    generation: EvalSettings
+    metrics: tuple[str, ...] = Field(default=("clip_t", "clip_i"), min_length=1)
+    clip: str = DEFAULT_CLIP
+    vision_model: str | None = Field(None, description="transformers vision backbone for 'dino'")
+    # Composite weights; None: equal weights over ``metrics``. Values are scaled to one range first
+    # (trainers.metrics.composite), so 0.5/0.5 means CLIP-T and CLIP-I count the same.
+    weights: dict[str, float] | None = None
+    references: str | None = Field(None, description="folder of reference images; default: the training images")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvaluatorConfig":
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"metrics: unknown {unknown}; valid metrics: {', '.join(sorted(METRICS))}")
+        if "dino" in self.metrics and not self.vision_model:
+            raise ValueError("metrics includes 'dino' but vision_model is not set (e.g. facebook/dino-vits16)")
+        if self.weights is not None:
+            stray = sorted(set(self.weights) - set(self.metrics))
+            if stray:
+                raise ValueError(f"weights: {stray} are not in metrics {list(self.metrics)}")
+            if any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
+                raise ValueError(f"weights {self.weights} must be non-negative with a positive sum")
+        return self
+
+    def composite_weights(self) -> dict[str, float]:
+        """The composite's weights (equal over the metrics unless set)."""
+        return dict(self.weights) if self.weights is not None else {m: 1.0 for m in self.metrics}
+
+    def reported(self) -> tuple[str, ...]:
+        """Every score key an evaluation produces."""
+        return (*self.metrics, COMPOSITE)
 
 
-def get_clip(spec: str = DEFAULT_CLIP) -> tuple[Any, Any, Any]:
-    """``(CLIPModel, tokenizer, image processor)`` for ``spec``, loaded on first use and cached.
+@dataclass
+class EvalRecord:
+    """One evaluation: images, aggregate ``scores`` (metrics + composite), per-image ``rows``."""
 
-    A sweep evaluates every few hundred steps; ViT-L/14 takes seconds to load (1.7 GB), so it is
-    loaded once per process. The cached model is shared: do not train or move it.
+    images: list[GeneratedImage]
+    scores: dict[str, float]
+    rows: list[dict[str, Any]]
+    generate_s: float
+    score_s: float
+    identity: dict[str, Any]
+
+
+class Evaluator:
+    """Generate with fixed prompts/seeds and score; build once per worker, call per checkpoint.
+
+    ``references`` are the images CLIP-I / DINO compare against (the training images at training
+    resolution, ``load_references``). Scoring models come from ``trainers.metrics``' per-process
+    caches, so a second Evaluator (or evaluation) loads nothing.
     """
-    with _CLIP_LOCK:
-        if spec not in _CLIP_CACHE:
-            _CLIP_CACHE[spec] = load_clip(spec)
-        return _CLIP_CACHE[spec]
+
+    def __init__(self, cfg: EvaluatorConfig, references: Sequence[Image.Image]) -> None:
+        self.cfg, self.references = cfg, list(references)
+        self.metrics = [get_metric(n, clip=cfg.clip, vision=cfg.vision_model) for n in cfg.metrics]
+        needs_refs = [m.name for m in self.metrics if m.name in ("clip_i", "dino")]
+        if needs_refs and not self.references:
+            raise ValueError(f"metrics {needs_refs} need reference images; none were found")
+
+    def identity(self) -> dict[str, Any]:
+        """What a score depends on besides the checkpoint: settings and scoring-model weights."""
+        scorers = {m.scorer for m in self.metrics if m.scorer}
+        out: dict[str, Any] = {"settings": self.cfg.model_dump(mode="json"), "references": len(self.references)}
+        if "clip" in scorers:
+            out["clip"] = scorer_identity("clip", self.cfg.clip)
+        if "vision" in scorers and self.cfg.vision_model:
+            out["vision"] = scorer_identity("vision", self.cfg.vision_model)
+        return out
+
+    def run(self, model: BaseModel, autocast_dtype: torch.dtype | None = None) -> EvalRecord:
+        """Generate and score ``model`` as it is now (adapters included).
+
+        ``autocast_dtype`` (bf16/fp16 on a GPU) matches a mixed-precision trainer's frozen weights.
+        """
+        t0 = time.perf_counter()
+        device = next(model.unet.parameters()).device
+        use_autocast = autocast_dtype is not None and device.type == "cuda"
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
+            images = generate(model, self.cfg.generation)
+        t1 = time.perf_counter()
+        pils, prompts = [g.image for g in images], [g.prompt for g in images]
+        results = {m.name: m.score(pils, prompts, self.references) for m in self.metrics}
+        scores = {name: r.value for name, r in results.items()}
+        scores[COMPOSITE] = composite(scores, self.cfg.composite_weights())
+        rows = [{"prompt": g.prompt, "seed": g.seed, **{n: r.per_item[i] for n, r in results.items()}}
+                for i, g in enumerate(images)]
+        return EvalRecord(images, scores, rows, t1 - t0, time.perf_counter() - t1, self.identity())
 
 
-def clear_clip_cache() -> None:
-    """Drop every cached CLIP model (frees its memory; the next ``get_clip`` reloads)."""
-    with _CLIP_LOCK:
-        _CLIP_CACHE.clear()
+def load_references(cfg: EvaluatorConfig, data: DataConfig) -> list[Image.Image]:
+    """Reference images: ``cfg.references`` if set, else the training images, as trained on
+    (same resize and crop as the latent cache, no flip)."""
+    ref_cfg = data if cfg.references is None else data.model_copy(update={"path": cfg.references})
+    records = preflight(ref_cfg, require_captions=False)
+    out = []
+    for r in records:
+        x = load_pixels(r, ref_cfg)
+        out.append(Image.fromarray(x.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()))
+    return out
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def image_grid(images: Sequence[Image.Image], columns: int) -> Image.Image:
+    """Images tiled row-major, ``columns`` per row (one row per prompt, one column per seed)."""
+    w, h = images[0].size
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % columns) * w, (i // columns) * h))
+    return grid
 
 
-@torch.no_grad()
-def image_embeddings(spec: str, images: Sequence[Image.Image], chunk: int = 32) -> torch.Tensor:
-    """Projected CLIP image embeddings (not normalised), one row per image, float32 on CPU."""
-    model, _, processor = get_clip(spec)
+SCORES_FILE = "scores.json"
+GRID_FILE = "grid.png"
+
+
+def write_samples(record: EvalRecord, out_dir: Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write each image (``NN.png``), ``grid.png`` and ``scores.json`` into ``out_dir``.
+
+    ``scores.json`` holds the aggregate scores, one row per image (file, prompt, seed, each
+    metric), the timings and the evaluator identity, plus ``extra`` (e.g. the training step).
+    Returns the path of ``scores.json``.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i in range(0, len(images), chunk):
-        pixels = processor(images=list(images[i : i + chunk]), return_tensors="pt")["pixel_values"]
-        # transformers 5: the projected embedding is the output object's pooler_output.
-        rows.append(model.get_image_features(pixel_values=pixels.to(_device(model))).pooler_output.float().cpu())
-    return torch.cat(rows)
-
-
-@torch.no_grad()
-def text_embeddings(spec: str, texts: Sequence[str]) -> torch.Tensor:
-    """Projected CLIP text embeddings (not normalised), tokenized exactly as torchmetrics does.
-
-    torchmetrics pads to the longest prompt and, for prompts over the model's
-    ``max_position_embeddings``, slices ids and mask to that length (it does not use the
-    tokenizer's truncation); we copy that so scores match its CLIPScore.
-    """
-    model, tokenizer, _ = get_clip(spec)
-    enc = tokenizer(list(texts), padding=True, return_tensors="pt")
-    limit = int(model.config.text_config.max_position_embeddings)
-    ids, mask = enc["input_ids"][..., :limit], enc["attention_mask"][..., :limit]
-    dev = _device(model)
-    return model.get_text_features(input_ids=ids.to(dev), attention_mask=mask.to(dev)).pooler_output.float().cpu()
-
-
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    # Plain division by the L2 norm, as torchmetrics does (not F.normalize's eps clamp), so the
-    # arithmetic matches operation for operation.
-    return x / x.norm(p=2, dim=-1, keepdim=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MetricResult:
-    """A metric's aggregate ``value`` and its per-image scores (same order as the images)."""
-
-    value: float
-    per_item: tuple[float, ...]
-
-
-class Metric(Protocol):
-    """The metric interface (DESIGN.md "New metric"): register the class in ``METRICS``."""
-
-    name: str
-    higher_is_better: bool
-
-    def score(
-        self, images: Sequence[Image.Image], prompts: Sequence[str], references: Sequence[Image.Image] | None
-    ) -> MetricResult:
-        """Score ``images`` (generated from ``prompts``) against optional ``references``."""
-        ...
-
-
-class _ClipMetric:
-    """Shared by the CLIP-based metrics: which CLIP to embed with (loaded once per process)."""
-
-    name: str
-    higher_is_better = True
-
-    def __init__(self, clip: str = DEFAULT_CLIP) -> None:
-        self.clip = clip
-
-
-class ClipTScore(_ClipMetric):
-    """CLIP-T: torchmetrics' CLIPScore, ``max(mean_i 100 * cos(E_img_i, E_text_i), 0)``.
-
-    Range [0, 100]. ``per_item`` holds the unclamped ``100 * cos`` per image, as torchmetrics
-    accumulates them; only the mean is clamped at 0 (torchmetrics ``CLIPScore.compute``).
-    """
-
-    name = "clip_t"
-
-    def score(
-        self, images: Sequence[Image.Image], prompts: Sequence[str], references: Sequence[Image.Image] | None = None
-    ) -> MetricResult:
-        """Score each image against its own prompt (``prompts[i]`` for ``images[i]``)."""
-        if len(images) != len(prompts) or not images:
-            raise ValueError(f"clip_t needs one prompt per image; got {len(images)} images, {len(prompts)} prompts")
-        img = _normalize(image_embeddings(self.clip, images))
-        txt = _normalize(text_embeddings(self.clip, prompts))
-        per_item = 100 * (img * txt).sum(dim=-1)
-        value = torch.clamp(per_item.mean(), min=0.0)
-        return MetricResult(float(value), tuple(float(v) for v in per_item))
-
-
-class ClipIScore(_ClipMetric):
-    """CLIP-I: mean cosine similarity of each generated image to every reference image.
-
-    DreamBooth's subject-fidelity metric (Ruiz et al. 2023, sec. 4.1: "average pairwise cosine
-    similarity between CLIP embeddings of generated and real images"), reported as a plain cosine
-    in [-1, 1] (their tables read e.g. 0.803), not x100 and not clamped: this keeps the number
-    comparable with the paper. ``per_item[i]`` is image i's mean over the references.
-    """
-
-    name = "clip_i"
-
-    def score(
-        self, images: Sequence[Image.Image], prompts: Sequence[str], references: Sequence[Image.Image] | None = None
-    ) -> MetricResult:
-        """Score ``images`` against ``references`` (the training images); prompts are unused."""
-        if not references:
-            raise ValueError("clip_i needs reference images (the training images); none were given")
-        if not images:
-            raise ValueError("clip_i needs at least one generated image")
-        gen = _normalize(image_embeddings(self.clip, images))
-        ref = _normalize(image_embeddings(self.clip, references))
-        per_item = (gen @ ref.T).mean(dim=1)
-        return MetricResult(float(per_item.mean()), tuple(float(v) for v in per_item))
-
-
-# Plain dict registry (DESIGN.md): one line per metric.
-METRICS: dict[str, type] = {
-    "clip_t": ClipTScore,
-    "clip_i": ClipIScore,
-}
-
-
-def get_metric(name: str, **kwargs: Any) -> Metric:
-    """An instance of metric ``name``; an unknown name lists the valid ones."""
-    if name not in METRICS:
-        raise KeyError(f"unknown metric {name!r}; valid metrics: {', '.join(sorted(METRICS))}")
-    metric: Metric = METRICS[name](**kwargs)
-    return metric
+    for i, (g, row) in enumerate(zip(record.images, record.rows)):
+        name = f"{i:02d}.png"
+        g.image.save(out_dir / name)
+        rows.append({"file": name, **row})
+    columns = len(record.identity["settings"]["generation"]["seeds"])
+    image_grid([g.image for g in record.images], columns).save(out_dir / GRID_FILE)
+    info = {**(extra or {}), "scores": record.scores, "rows": rows, "grid": GRID_FILE,
+            "generate_s": record.generate_s, "score_s": record.score_s, "identity": record.identity}
+    path = out_dir / SCORES_FILE
+    atomic_write_text(path, json.dumps(info, indent=1))
+    return path
 
 
 @dataclass(frozen=True)

@@ -39,9 +39,6 @@ from diffusers import (
 from huggingface_hub import snapshot_download
 from huggingface_hub.constants import is_offline_mode
 from transformers import (
-    AutoImageProcessor,
-    AutoTokenizer,
-    CLIPModel,
     CLIPTextModel,
     CLIPTokenizer,
     PreTrainedTokenizerBase,
@@ -57,6 +54,7 @@ BUILTIN_VERSION = "v1"
 _BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny-sd": tiny.build_tiny_sd,
     "tiny-clip": tiny.build_tiny_clip,
+    "tiny-vit": tiny.build_tiny_vit,
 }
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -400,47 +398,3 @@ def _load_hub(repo: str, allow_pickle: bool, dtype: torch.dtype, revision: str |
             ) from e
         raise ModelLoadError(_hub_error(repo, "model", e)) from e
     return _load_directory(Path(local), repo, allow_pickle, dtype)
-
-
-def load_clip(spec: str) -> tuple[CLIPModel, PreTrainedTokenizerBase, Any]:
-    """Load ``(CLIPModel, tokenizer, image processor)`` for scoring.
-
-    ``spec``: ``builtin:tiny-clip``, a local directory in the transformers layout, or a Hub id.
-    Safetensors only. The image processor is always transformers' PIL backend: the default
-    backend needs torchvision (not installable beside our torch), and one backend everywhere
-    keeps scores comparable across machines.
-    """
-    if spec.startswith(BUILTIN_PREFIX):
-        if spec != BUILTIN_PREFIX + "tiny-clip":
-            ensure_builtin(spec)
-            raise ModelLoadError(f"{spec!r} is not a CLIP model; the built-in CLIP model is builtin:tiny-clip")
-        root = ensure_builtin("tiny-clip")
-    elif Path(spec).expanduser().is_dir():
-        root = Path(spec).expanduser()
-    elif _HUB_ID.match(spec):
-        # transformers' weight names only: CLIP repos also carry open_clip/flax/tf copies.
-        patterns = ["*.json", "*.txt", "model.safetensors", "model-*.safetensors"]
-        root = _hub_snapshot(spec, None, patterns, what="CLIP model")
-    else:
-        raise ModelLoadError(
-            f"CLIP model {spec!r}: not builtin:tiny-clip, an existing directory or a Hub id 'org/name'"
-        )
-    if not any(root.glob("*.safetensors")):
-        if any(p.suffix in PICKLE_SUFFIXES for p in root.iterdir()):
-            raise PickleRefusedError(
-                f"CLIP model {spec!r} ({root}) has only pickle weights; the evaluator reads .safetensors "
-                "only (unpickling can run code). Convert it once where you trust the file: "
-                "CLIPModel.from_pretrained(dir, use_safetensors=False).save_pretrained(new_dir)."
-            )
-        raise ModelLoadError(f"CLIP model {spec!r} ({root}): no *.safetensors weights found")
-    model = _guard(
-        f"CLIP model {root}",
-        lambda: CLIPModel.from_pretrained(root, use_safetensors=True, local_files_only=True),
-    )
-    tokenizer = _guard(f"CLIP tokenizer {root}", lambda: AutoTokenizer.from_pretrained(root, local_files_only=True))
-    processor = _guard(
-        f"CLIP image processor {root}",
-        lambda: AutoImageProcessor.from_pretrained(root, backend="pil", local_files_only=True),
-    )
-    model.eval()
-    return model, tokenizer, processor

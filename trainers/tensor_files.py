@@ -24,7 +24,8 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
             raise ValueError(f"cannot digest {name!r}: the tensor has no data (meta device)")
         t = t.contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape(-1): a 0-dim tensor (e.g. CLIP's logit_scale) cannot be viewed as bytes directly.
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

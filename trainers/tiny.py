@@ -46,6 +46,9 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
+    ViTConfig,
+    ViTImageProcessorPil,
+    ViTModel,
 )
 
 BOS_TOKEN = "<|startoftext|>"
@@ -204,6 +207,20 @@ def build_tiny_clip(out: Path, seed: int = 0) -> None:
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
     ).save_pretrained(out)
     _write_readme(out, "tiny-clip", seed)
+
+
+def build_tiny_vit(out: Path, seed: int = 0) -> None:
+    """Write a tiny ``ViTModel`` + PIL image processor: the backbone the DINO-style metric tests use.
+
+    DINO's ViT-S/16 architecture at toy size (32 px, 8 px patches, width 32); randomly initialised.
+    """
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4)
+    with _seeded(seed + 20):
+        model = ViTModel(config, add_pooling_layer=False)  # DINO's checkpoints carry no pooler
+    model.save_pretrained(out, safe_serialization=True)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(out)
+    _write_readme(out, "tiny-vit", seed)
 
 
 def _write_readme(out: Path, name: str, seed: int) -> None:
