@@ -1,0 +1,354 @@
+"""The static HTML report (``sdsweep report``), built from a real tiny sweep.
+
+One real sweep (3 trials of the demo, image evaluation on, two objectives) runs once for the
+module through the CLI in a subprocess, so Ray never starts in the pytest process. The report is
+rendered by headless Debian Chromium from ``file://`` after being moved away from where it was
+written: what a user gets when they zip the folder and open it elsewhere. The sweep-driven tests
+are ``slow`` (they start Ray in a subprocess, like tests/test_sweep_e2e.py) and still run in CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import unquote, urlsplit
+
+import pytest
+from PIL import Image, ImageStat
+
+from sweeps.report import line_chart, nice_ticks, write_report
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "sweeps" / "configs" / "demo.yaml"
+INSTALL_HINT = ("headless Chromium is needed to test the HTML report and was not found; install it with "
+                "`bash tests/install_chromium.sh` (Debian: `apt-get install -y --no-install-recommends chromium`)")
+Board = tuple[list[Any], dict[str, Any]]  # leaderboard(): (rows, state)
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+# --- a small HTML tree, stdlib only ------------------------------------------------------------
+
+@dataclass
+class Node:
+    """One parsed element: enough structure to query tables, figures and charts."""
+
+    tag: str
+    attrs: dict[str, str]
+    children: list[Any] = field(default_factory=list)
+
+    def text(self) -> str:
+        return "".join(c if isinstance(c, str) else c.text() for c in self.children)
+
+    def iter(self, tag: str | None = None, cls: str | None = None) -> Iterator["Node"]:
+        for c in self.children:
+            if isinstance(c, Node):
+                if (tag is None or c.tag == tag) and (cls is None or cls in c.attrs.get("class", "").split()):
+                    yield c
+                yield from c.iter(tag, cls)
+
+    def find(self, tag: str | None = None, cls: str | None = None, **attrs: str) -> "Node":
+        hits = [n for n in self.iter(tag, cls) if all(n.attrs.get(k) == v for k, v in attrs.items())]
+        assert len(hits) == 1, f"expected one <{tag} class={cls} {attrs}>, found {len(hits)}"
+        return hits[0]
+
+
+class _TreeBuilder(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.root = Node("#document", {})
+        self.stack = [self.root]
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        node = Node(tag, {k: v or "" for k, v in attrs})
+        self.stack[-1].children.append(node)
+        if tag not in VOID:
+            self.stack.append(node)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.stack[-1].children.append(Node(tag, {k: v or "" for k, v in attrs}))
+
+    def handle_endtag(self, tag: str) -> None:
+        for i in range(len(self.stack) - 1, 0, -1):
+            if self.stack[i].tag == tag:
+                del self.stack[i:]
+                return
+
+    def handle_data(self, data: str) -> None:
+        self.stack[-1].children.append(data)
+
+
+def parse(page: str) -> Node:
+    builder = _TreeBuilder()
+    builder.feed(page)
+    return builder.root
+
+
+def table_rows(doc: Node, table_id: str) -> list[tuple[dict[str, str], list[str]]]:
+    """(attributes, cell texts) of each body row of the table with ``id``."""
+    body = doc.find("table", id=table_id).find("tbody")
+    return [(tr.attrs, [td.text().strip() for td in tr.iter("td")]) for tr in body.iter("tr")]
+
+
+def table_head(doc: Node, table_id: str) -> list[str]:
+    return [th.text().strip() for th in doc.find("table", id=table_id).iter("th")]
+
+
+# --- the real sweep and its report -------------------------------------------------------------
+
+def _env(cache: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("WANDB_API_KEY", None)
+    # One torch thread per trial: another process may be using the other core (docs/DEVELOPING.md).
+    env.update(OMP_NUM_THREADS="1", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", PYTHONUNBUFFERED="1",
+               SDSWEEP_CACHE=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline")
+    return env
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory, sdsweep_cache: Path) -> tuple[Path, str]:
+    """A finished 3-trial demo sweep with image evaluation and two objectives: (run dir, CLI stdout)."""
+    run_dir = tmp_path_factory.mktemp("report-sweep") / "run"
+    cmd = [sys.executable, "-m", "sweeps.cli", "run", str(DEMO), "--run-dir", str(run_dir),
+           "--set", "search.num_samples=3", "--set", "base.train.max_train_steps=40",
+           "--set", "evaluation.objectives=[clip_t, clip_i]", "--set", "tracking.wandb=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(sdsweep_cache), cwd=REPO, timeout=600)
+    assert proc.returncode == 0, f"sdsweep run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return run_dir, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def board(sweep: tuple[Path, str]) -> Board:
+    from sweeps.results import leaderboard
+
+    return leaderboard(sweep[0])
+
+
+@pytest.fixture(scope="module")
+def report(sweep: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The report written outside the run dir, then moved: its index.html."""
+    written = tmp_path_factory.mktemp("written") / "report"
+    write_report(sweep[0], written)
+    moved = tmp_path_factory.mktemp("moved") / "zipped-and-unpacked"
+    shutil.move(str(written), str(moved))
+    return moved / "index.html"
+
+
+@pytest.fixture(scope="module")
+def doc(report: Path) -> Node:
+    return parse(report.read_text())
+
+
+def chromium(page: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run headless Chromium on ``page`` (a file:// URL) with a throwaway profile."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.fail(INSTALL_HINT)
+    with tempfile.TemporaryDirectory() as profile:
+        cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={profile}", "--virtual-time-budget=10000", *args, page.as_uri()]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"chromium failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _best_samples(rows: list[Any]) -> dict[str, Any]:
+    best = next(r for r in rows if r.rank == 1)
+    path = best.path / "samples" / f"step-{best.best_step:06d}" / "scores.json"
+    scores: dict[str, Any] = json.loads(path.read_text())
+    return scores
+
+
+@pytest.mark.slow
+def test_sweep_run_writes_the_report_into_the_run_dir(sweep: tuple[Path, str]) -> None:
+    run_dir, stdout = sweep
+    index = run_dir / "report" / "index.html"
+    assert f"report: {index}" in stdout
+    assert index.is_file() and (run_dir / "report" / "images" / "baseline" / "grid.png").is_file()
+
+
+@pytest.mark.slow
+def test_chromium_loads_every_image_of_the_moved_report(report: Path, board: Board) -> None:
+    rows, _ = board
+    ranked = [r for r in rows if r.rank]
+    assert len(ranked) == 3, [(r.trial_id, r.status, r.error) for r in rows]
+    # Baseline grid + each ranked trial's grid + a baseline and a trial thumbnail per generated image.
+    expected = 1 + len(ranked) + 2 * len(_best_samples(rows)["rows"])
+    body = parse(chromium(report, "--dump-dom").stdout).find("body")
+    assert "data-images-total" in body.attrs, "the load script did not run: " + str(body.attrs)
+    assert int(body.attrs["data-images-total"]) == expected
+    assert int(body.attrs["data-images-loaded"]) == expected
+
+
+@pytest.mark.slow
+def test_screenshot_of_the_report_is_not_blank(report: Path, tmp_path: Path) -> None:
+    shot = tmp_path / "report.png"
+    chromium(report, f"--screenshot={shot}", "--window-size=1280,2400")
+    with Image.open(shot) as im:
+        grey = im.convert("L")
+        assert im.size == (1280, 2400)
+        assert ImageStat.Stat(grey).stddev[0] > 10, "screenshot is one flat colour"
+        assert len(im.convert("RGB").getcolors(1 << 20) or []) > 200, "screenshot has almost no content"
+
+
+@pytest.mark.slow
+def test_leaderboard_table_has_leaderboard_order_and_values(doc: Node, board: Board) -> None:
+    from sweeps.results import baseline_scores
+
+    rows, state = board
+    base = baseline_scores(state)
+    head = table_head(doc, "leaderboard")
+    shown = [(a, cells) for a, cells in table_rows(doc, "leaderboard") if "trial" in a.get("class", "")]
+    assert [a["data-trial"] for a, _ in shown] == [r.trial_id for r in rows]
+    for (attrs, cells), r in zip(shown, rows):
+        assert attrs["data-rank"] == str(r.rank or "")
+        assert float(attrs["data-best"]) == r.best  # repr() round-trips the exact float
+        col = dict(zip(head, cells))
+        assert col["composite"] == f"{r.best:.4g}{r.best - base['composite']:+.3g}"
+        for m in ("clip_t", "clip_i"):
+            assert col[m] == f"{r.best_metrics[m]:.4g}{r.best_metrics[m] - base[m]:+.3g}"
+        assert (col["best step"], col["status"]) == (str(r.best_step), r.status)
+    base_row = table_rows(doc, "leaderboard")[-1][1]
+    assert base_row[0] == "base" and f"{base['composite']:.4g}" in base_row
+
+
+@pytest.mark.slow
+def test_every_link_is_relative_and_inside_the_report(doc: Node, report: Path) -> None:
+    links = [n.attrs[a] for n in doc.iter() for a in ("src", "href") if a in n.attrs]
+    assert len(links) > 10
+    for link in links:
+        parts = urlsplit(link)
+        assert not parts.scheme and not parts.netloc and not link.startswith("/"), link
+        target = (report.parent / unquote(parts.path)).resolve()
+        assert target.is_relative_to(report.parent.resolve()) and target.is_file(), link
+    assert not list(doc.iter("link")) and "url(" not in doc.find("style").text()
+
+
+@pytest.mark.slow
+def test_charts_draw_one_line_per_trial_and_the_baseline_dashed(doc: Node, board: Board) -> None:
+    rows, _ = board
+    charts = {n.attrs["data-metric"]: n for n in doc.iter("div", "chart")}
+    assert list(charts) == ["clip_t", "clip_i", "composite", "val_loss", "train_loss"]
+    for metric, chart in charts.items():
+        series = {g.attrs["data-label"]: g for g in chart.iter("g", "series")}
+        assert list(series) == [r.trial_id for r in rows]
+        for r in rows:
+            points = series[r.trial_id].find("polyline").attrs["points"].split()
+            assert len(points) == sum(1 for h in r.history if metric in h)
+        assert len(list(chart.iter("line", "baseline"))) == (0 if metric.endswith("_loss") else 1)
+
+
+@pytest.mark.slow
+def test_grids_show_the_baseline_first_then_each_trial_at_its_best_step(doc: Node,
+                                                                       board: Board) -> None:
+    rows, _ = board
+    figures = list(doc.iter("figure", "grid"))
+    assert "baseline" in figures[0].attrs["class"]
+    assert [f.attrs["data-trial"] for f in figures[1:]] == [r.trial_id for r in rows if r.rank]
+    for fig, r in zip(figures[1:], [r for r in rows if r.rank]):
+        assert f"step-{r.best_step:06d}/grid.png" in fig.find("img").attrs["src"]
+        assert f"#{r.rank} {r.trial_id} step {r.best_step}" in " ".join(fig.find("figcaption").text().split())
+
+
+@pytest.mark.slow
+def test_per_prompt_table_lists_every_image_of_the_best_trial(doc: Node, board: Board) -> None:
+    samples = _best_samples(board[0])
+    shown = table_rows(doc, "prompts")
+    assert [(c[0], c[1]) for _, c in shown] == [(r["prompt"], str(r["seed"])) for r in samples["rows"]]
+    assert table_head(doc, "prompts")[-2:] == ["clip_t", "clip_i"]
+    assert [c[-2].startswith(f"{r['clip_t']:.4g}") for (_, c), r in zip(shown, samples["rows"])] == \
+        [True] * len(shown)
+
+
+@pytest.mark.slow
+def test_pareto_table_lists_the_front_of_the_objectives(doc: Node, board: Board) -> None:
+    from sweeps.results import pareto_front
+
+    front = pareto_front(board[0], ["clip_t", "clip_i"], ["max", "max"])
+    assert [(a["data-trial"], int(a["data-step"])) for a, _ in table_rows(doc, "pareto")] == \
+        [(p.trial_id, p.step) for p in front]
+
+
+def _copy_run(run_dir: Path, dest: Path) -> Path:
+    shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns("report", "best"))
+    return dest
+
+
+def _edit_state(run_dir: Path, edit: Any) -> None:
+    path = run_dir / "sweep.json"
+    state = json.loads(path.read_text())
+    edit(state)
+    path.write_text(json.dumps(state))
+
+
+@pytest.mark.slow
+def test_text_from_the_run_dir_is_escaped(sweep: tuple[Path, str], board: Board,
+                                          tmp_path: Path) -> None:
+    run = _copy_run(sweep[0], tmp_path / "run")
+    name, prompt, error = "<script>alert(1)</script>", '<img src=x onerror="alert(2)">', "<b>boom</b> & co"
+    _edit_state(run, lambda s: s["config"].update(name=name))
+    best = next(r for r in board[0] if r.rank == 1)
+    scores = run / best.path.name / "samples" / f"step-{best.best_step:06d}" / "scores.json"
+    data = json.loads(scores.read_text())
+    data["rows"][0]["prompt"] = prompt
+    scores.write_text(json.dumps(data))
+    last = board[0][-1]
+    (run / last.path.name / "sdsweep_error.json").write_text(json.dumps({"error_type": "ValueError", "error": error}))
+
+    page = write_report(run).read_text()
+    parsed = parse(page)
+    assert name not in page and prompt not in page and "<b>boom" not in page
+    assert parsed.find("h1").text() == name
+    assert table_rows(parsed, "prompts")[0][1][0] == prompt
+    assert table_rows(parsed, "leaderboard")[len(board[0]) - 1][1][-1] == f"ValueError: {error}"
+    assert len(list(parsed.iter("script"))) == 1
+    assert not [n for n in parsed.iter() if any(a.startswith("on") for a in n.attrs)]
+
+
+@pytest.mark.slow
+def test_sweep_without_image_evaluation_reports_losses_only(sweep: tuple[Path, str], tmp_path: Path) -> None:
+    from sweeps.results import leaderboard
+
+    run = _copy_run(sweep[0], tmp_path / "run")
+
+    def losses_only(state: dict[str, Any]) -> None:
+        state.pop("baseline")
+        state["config"]["evaluation"].update(images=None, metric="val_loss", mode=None, objectives=None)
+
+    _edit_state(run, losses_only)
+    shutil.rmtree(run / "baseline")
+    for samples in run.glob("*/samples"):
+        shutil.rmtree(samples)
+    rows, _ = leaderboard(run)
+
+    parsed = parse(write_report(run, tmp_path / "out").read_text())
+    assert [a["data-trial"] for a, _ in table_rows(parsed, "leaderboard")] == [r.trial_id for r in rows]
+    assert [n.attrs["data-metric"] for n in parsed.iter("div", "chart")] == ["val_loss", "train_loss"]
+    assert not list(parsed.iter("img")) and not list(parsed.iter("line", "baseline"))
+    assert [h.text() for h in parsed.iter("h2")] == ["Leaderboard", "Metric curves"]
+    assert "clip_t" not in table_head(parsed, "leaderboard")
+
+
+# --- chart helpers, no sweep needed ------------------------------------------------------------
+
+def test_chart_ticks_are_several_round_numbers_within_the_range() -> None:
+    assert nice_ticks(0.4871, 0.4942) == pytest.approx([0.488, 0.49, 0.492, 0.494])
+    assert nice_ticks(0, 100, 6) == [0, 20, 40, 60, 80, 100]
+    assert nice_ticks(0.952, 1.039) == pytest.approx([0.96, 0.98, 1.0, 1.02])  # not a lone 1.0
+    assert nice_ticks(3.0, 3.0) == [3.0]
+
+
+def test_chart_of_one_flat_evaluation_still_draws_its_point_and_baseline() -> None:
+    svg = parse(line_chart([("t<1>", "#000", [(20.0, 0.5)])], baseline=0.5))
+    circle = svg.find("circle")
+    assert 0 < float(circle.attrs["cx"]) < 400 and 0 < float(circle.attrs["cy"]) < 230
+    assert svg.find("line", "baseline").attrs["y1"] == circle.attrs["cy"]
+    assert svg.find("g", "series").attrs["data-label"] == "t<1>"  # escaped in the markup, intact when parsed
