@@ -191,3 +191,27 @@ def test_settings_that_would_fail_late_or_be_ignored_are_rejected_at_load(tmp_pa
         load_sweep(_write(tmp_path, mutate))
     for w in words:
         assert w in str(err.value)
+
+
+def test_a_worker_builds_the_evaluator_once_and_reuses_it_across_trials(monkeypatch):
+    from sweeps import trial
+    from trainers import metrics
+
+    calls = []
+    real = metrics.load_clip
+    monkeypatch.setattr(metrics, "load_clip", lambda spec: calls.append(spec) or real(spec))
+    metrics.clear_clip_cache()
+    trial._EVALUATORS.clear()
+    cfg = load_sweep(DEMO)
+    first = trial.worker_evaluator(cfg)
+    second = trial.worker_evaluator(load_sweep(DEMO))  # the next trial on this worker
+    assert first is not None and first is second
+    first.identity()  # touches the CLIP (weights fingerprint)
+    second.identity()
+    assert calls == ["builtin:tiny-clip"]
+    # Different evaluation settings: a new evaluator, the CLIP still cached.
+    other = trial.worker_evaluator(load_sweep(DEMO, {"evaluation.images.generation.steps": 3}))
+    assert other is not first and other.cfg.generation.steps == 3
+    other.identity()
+    assert calls == ["builtin:tiny-clip"]
+    assert trial.worker_evaluator(load_sweep(DEMO, {"evaluation.images": None})) is None
