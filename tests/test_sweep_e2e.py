@@ -48,8 +48,10 @@ def sweep_file(tmp_path: Path, **over) -> Path:
     return path
 
 
-def _env() -> dict[str, str]:
+def _env(cache: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if cache is not None:
+        env["SDSWEEP_CACHE"] = str(cache)
     env.pop("WANDB_API_KEY", None)
     # Trial results reach the run directory when Tune snapshots the experiment state; its "auto"
     # period can outlast a whole tiny sweep, and these tests watch the run directory mid-sweep.
@@ -58,9 +60,9 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _sdsweep(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def _sdsweep(*args: str, timeout: int = 900, cache: Path | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "sweeps.cli", *args], capture_output=True, text=True,
-                          env=_env(), timeout=timeout, cwd=REPO)
+                          env=_env(cache), timeout=timeout, cwd=REPO)
     assert proc.returncode == 0, f"sdsweep {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 
@@ -79,7 +81,9 @@ def test_sweep_ranks_trials_exports_the_best_and_logs_to_wandb(tmp_path):
     from sweeps.tracking import read_offline_run
 
     run_dir = tmp_path / "runs" / "e2e-run"
-    out = _sdsweep("run", str(sweep_file(tmp_path)), "--run-dir", str(run_dir)).stdout
+    # A private cache root: the latent cache is shared between sweeps on purpose, so one another
+    # test built on the same data would leave nothing to encode here.
+    out = _sdsweep("run", str(sweep_file(tmp_path)), "--run-dir", str(run_dir), cache=tmp_path / "cache").stdout
     assert "rank" in out and "best: trial" in out and "wandb sync" in out
 
     state = json.loads((run_dir / "sweep.json").read_text())
