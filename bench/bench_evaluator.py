@@ -1,7 +1,8 @@
 """The evaluator's cost: its share of trial wall time, and batched vs one-at-a-time generation.
 
-(a) Share of trial time: runs the demo sweep (sweeps/configs/demo.yaml, its own settings: 60
-    steps, evaluation every 20, 3 prompts x 2 seeds, 10 DDIM steps, tiny CLIP) on a local Ray and
+(a) Share of trial time: runs a demo sweep (``--config``, default sweeps/configs/demo.yaml: the
+    toy world, 600 steps, evaluation every 150, 6 prompts x 4 seeds, 25 DDIM steps; the first
+    figures were taken on tiny-demo.yaml: 60 steps, every 20, 3 x 2, 10 steps) on a local Ray and
     reads every trial's results back: each report carries ``eval_s`` (generation + scoring) and
     Tune's ``time_this_iter_s`` (everything since the previous report: training, validation loss,
     image evaluation, checkpointing). Share = sum(eval_s) / sum(time_this_iter_s), over all trials.
@@ -43,11 +44,11 @@ from trainers.models import load_base_model  # noqa: E402
 DEMO = REPO / "sweeps" / "configs" / "demo.yaml"
 
 
-def evaluator_share(num_samples: int) -> dict[str, float]:
+def evaluator_share(config: Path, num_samples: int) -> dict[str, float]:
     """Run the demo sweep; return the evaluator's share of trial time (and the parts)."""
     from sweeps.driver import run_sweep
 
-    cfg = load_sweep(DEMO, {"search.num_samples": num_samples, "tracking.wandb": False})
+    cfg = load_sweep(config, {"search.num_samples": num_samples, "tracking.wandb": False})
     with tempfile.TemporaryDirectory(prefix="sdsweep-bench-eval-") as tmp:
         run = run_sweep(cfg, run_dir=Path(tmp) / "run")
         eval_s = iter_s = 0.0
@@ -67,10 +68,10 @@ def evaluator_share(num_samples: int) -> dict[str, float]:
             "share": eval_s / iter_s, "per_eval_s": eval_s / reports, "baseline_eval_s": baseline_s}
 
 
-def batching_ratio(rounds: int, threads: int) -> dict[str, float]:
+def batching_ratio(config: Path, rounds: int, threads: int) -> dict[str, float]:
     """Seconds per image generating the demo's evaluation set batched vs one image per call."""
     torch.set_num_threads(threads)
-    cfg = load_sweep(DEMO)
+    cfg = load_sweep(config)
     gen = cfg.evaluation.images.generation  # type: ignore[union-attr]
     n = len(gen.prompts) * len(gen.seeds)
     model = load_base_model(cfg.base.model.source)
@@ -90,6 +91,7 @@ def batching_ratio(rounds: int, threads: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, default=DEMO, help="the sweep file (default: the demo)")
     parser.add_argument("--num-samples", type=int, default=8, help="trials in the demo sweep for (a)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds for (b)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for (b) (a demo trial has 1 CPU)")
@@ -98,11 +100,11 @@ def main() -> None:
     args = parser.parse_args()
     out: dict[str, dict[str, float]] = {}
     if not args.skip_sweep:
-        a = out["share"] = evaluator_share(args.num_samples)
-        print(f"(a) evaluator share of trial time, demo defaults: {a['share']:.1%} "
+        a = out["share"] = evaluator_share(args.config, args.num_samples)
+        print(f"(a) evaluator share of trial time, {args.config.name} defaults: {a['share']:.1%} "
               f"({a['eval_s']:.1f} s of {a['trial_s']:.1f} s over {a['evaluations']} evaluations in "
               f"{a['trials']} trials; {a['per_eval_s']:.2f} s per evaluation; baseline {a['baseline_eval_s']:.2f} s)")
-    b = out["batching"] = batching_ratio(args.rounds, args.threads)
+    b = out["batching"] = batching_ratio(args.config, args.rounds, args.threads)
     print(f"(b) generation per image, {b['images']} images x {b['steps']} steps, {b['threads']} thread(s): "
           f"batched {b['batched_s_per_image'] * 1000:.1f} ms vs one at a time {b['single_s_per_image'] * 1000:.1f} ms "
           f"-> batched is {b['speedup']:.2f}x faster (median of {b['rounds']} interleaved rounds)")

@@ -107,7 +107,7 @@ def test_unknown_settings_key_and_bad_resolution_are_errors() -> None:
 
 
 def test_unknown_metric_names_the_key_and_valid_choices() -> None:
-    with pytest.raises(KeyError, match=r"unknown metric 'fid'; valid metrics: clip_i, clip_t, dino"):
+    with pytest.raises(KeyError, match=r"unknown metric 'fid'; valid metrics: clip_i, clip_t, concept_rate, dino, prior_kept"):
         get_metric("fid")
 
 

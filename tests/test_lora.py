@@ -315,6 +315,33 @@ def test_validation_loss_is_deterministic_seed_independent_and_drops_with_traini
     assert a.validation_loss() < v0
 
 
+def test_conv_lora_exports_and_loads_in_diffusers_both_layouts(tiny_model, tiny_sd_dir, demo_dir, tmp_path):
+    """LoRA on the ResNet convolutions too: diffusers keeps peft's key names for them; our file and
+    its kohya conversion must both load into a pipeline that computes what the trainer trained."""
+    from safetensors.torch import save_file
+
+    from trainers.lora import kohya_state_dict
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+    tr = make_trainer(tiny_model, demo_dir, tmp_path, learning_rate=5e-3,
+                      lora={"rank": 4, "alpha": 8, "target_modules": targets})
+    tr.train(until_step=6)
+    sd = tr.lora_state_dict()
+    assert any(".resnets.0.conv1." in k for k in sd) and any(".attn2.to_k." in k for k in sd)
+    path = tr.export_weights(tmp_path / "export")
+    kohya = kohya_state_dict(sd, {"unet": 8})
+    assert any(k.startswith("lora_unet_down_blocks_0_resnets_0_conv1.lora_down") for k in kohya)
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+    tiny_model.unet.eval()
+    trained = _unet_out(tiny_model.unet)
+    for folder, name in ((path.parent, LORA_WEIGHTS), (tmp_path, "kohya.safetensors")):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
+        base_out = _unet_out(pipe.unet)
+        pipe.load_lora_weights(str(folder), weight_name=name)
+        assert not torch.allclose(_unet_out(pipe.unet), base_out)
+        assert torch.allclose(_unet_out(pipe.unet), trained, atol=1e-5), name
+
+
 def test_kohya_export_loads_in_diffusers_with_the_real_alpha(tiny_model, tiny_sd_dir, demo_dir, tmp_path):
     from safetensors.torch import save_file
 

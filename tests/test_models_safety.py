@@ -113,7 +113,7 @@ def test_nonsense_specs_name_the_accepted_forms(tmp_path: Path) -> None:
         load_base_model(str(tmp_path))
     with pytest.raises(ModelLoadError, match="no such checkpoint"):
         load_base_model(str(tmp_path / "missing.safetensors"))
-    with pytest.raises(ModelLoadError, match="not a diffusion model"):
+    with pytest.raises(ModelLoadError, match="not a base model"):
         load_base_model("builtin:tiny-clip")
 
 

@@ -27,7 +27,7 @@ from PIL import Image, ImageStat
 from sweeps.report import line_chart, nice_ticks, write_report
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "sweeps" / "configs" / "demo.yaml"
+DEMO = REPO / "sweeps" / "configs" / "tiny-demo.yaml"
 INSTALL_HINT = ("headless Chromium is needed to test the HTML report and was not found; install it with "
                 "`bash tests/install_chromium.sh` (Debian: `apt-get install -y --no-install-recommends chromium`)")
 Board = tuple[list[Any], dict[str, Any]]  # leaderboard(): (rows, state)

@@ -14,6 +14,7 @@ from trainers.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "sweeps" / "configs" / "demo.yaml"
+TINY_DEMO = REPO / "sweeps" / "configs" / "tiny-demo.yaml"
 
 
 def _write(tmp_path: Path, mutate) -> Path:
@@ -29,8 +30,18 @@ def test_the_demo_sweep_validates():
     assert cfg.search.num_samples == 8 and cfg.scheduler.type == "asha"
     # The demo ranks by the CLIP composite (the default metric once image evaluation is on).
     assert cfg.evaluation.metric == "composite" and cfg.mode == "max"
-    assert cfg.evaluation.images is not None and cfg.evaluation.images.clip == "builtin:tiny-clip"
+    images = cfg.evaluation.images
+    assert images is not None and images.clip == "builtin:toyworld" and cfg.base.model.source == "builtin:toyworld"
+    # Ground truth is reported beside the CLIP scores but the composite ranks by CLIP alone.
+    assert {"concept_rate", "prior_kept"} <= set(images.metrics)
+    assert set(images.composite_weights()) == {"clip_t", "clip_i"}
     assert cfg.search_space().fixed() == {"method": "lora"}
+
+
+def test_the_tiny_demo_sweep_validates():
+    cfg = load_sweep(TINY_DEMO)
+    assert cfg.evaluation.images is not None and cfg.evaluation.images.clip == "builtin:tiny-clip"
+    assert cfg.base.model.source == "builtin:tiny-sd" and cfg.evaluation.metric == "composite"
 
 
 @pytest.mark.parametrize("mutate, words", [
@@ -64,7 +75,7 @@ def test_hyperparameters_are_applied_to_nested_keys_without_touching_the_base():
 
 
 def test_an_impossible_trial_combination_is_a_config_error_naming_the_key():
-    cfg = load_sweep(DEMO)
+    cfg = load_sweep(TINY_DEMO)
     with pytest.raises(ConfigError, match="lr_warmup_steps"):
         trial_run_config(cfg, {"method": "lora", "train.lr_warmup_steps": 10_000})
     ok = trial_run_config(cfg, {"method": "lora", "train.learning_rate": 5e-4, "lora.rank": 16})
@@ -141,7 +152,7 @@ def test_image_metrics_need_image_evaluation(tmp_path):
 
 
 def test_warm_start_enqueues_the_known_good_defaults_first():
-    cfg = load_sweep(DEMO)
+    cfg = load_sweep(TINY_DEMO)  # search_spaces/lora.yaml's defaults
     first = _searcher(cfg).suggest("t0")
     assert first["train.learning_rate"] == 1e-4 and first["lora.rank"] == 8 and first["method"] == "lora"
 
@@ -178,7 +189,7 @@ def test_relative_paths_are_resolved_at_load_because_trials_run_elsewhere(tmp_pa
     assert cfg.base.data.path == str(tmp_path / "my-data")
     assert cfg.search.storage == f"sqlite:///{tmp_path / 'studies' / 's.db'}"
     assert cfg.storage_path == str(tmp_path / "my-runs")
-    assert cfg.base.model.source == "builtin:tiny-sd"
+    assert cfg.base.model.source == "builtin:toyworld"
 
 
 @pytest.mark.parametrize("mutate, words", [
@@ -208,10 +219,10 @@ def test_a_worker_builds_the_evaluator_once_and_reuses_it_across_trials(monkeypa
     assert first is not None and first is second
     first.identity()  # touches the CLIP (weights fingerprint)
     second.identity()
-    assert calls == ["builtin:tiny-clip"]
+    assert calls == ["builtin:toyworld"]
     # Different evaluation settings: a new evaluator, the CLIP still cached.
     other = trial.worker_evaluator(load_sweep(DEMO, {"evaluation.images.generation.steps": 3}))
     assert other is not first and other.cfg.generation.steps == 3
     other.identity()
-    assert calls == ["builtin:tiny-clip"]
+    assert calls == ["builtin:toyworld"]
     assert trial.worker_evaluator(load_sweep(DEMO, {"evaluation.images": None})) is None

@@ -36,7 +36,7 @@ import posixpath
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ ACCEPTED_MODES = frozenset({"RGB", "L", "1"})
 CONVERTIBLE_MODES = frozenset(
     {"CMYK", "P", "PA", "RGBA", "RGBa", "LA", "I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 )
+TOYSTAR_NAME = "toystar-v1"  # the toy world's star (trainers/toyworld/concept.py)
 DEMO_NAME = "demo-v1"  # bump when the demo drawing changes, so old materialized copies are not reused
 _EXIF_ORIENTATION = 0x0112
 
@@ -128,15 +129,23 @@ class ImageRecord:
     height: int
 
 
+def _builtin_datasets() -> dict[str, tuple[str, Callable[[Path], Any]]]:
+    """``{name: (cache folder, writer)}`` of the built-in datasets (imported on use)."""
+    from trainers.demo_data import write_demo_dataset
+    from trainers.toyworld.concept import write_star_dataset
+
+    return {"builtin:demo": (DEMO_NAME, write_demo_dataset), "builtin:toystar": (TOYSTAR_NAME, write_star_dataset)}
+
+
 def resolve_data_path(path: str) -> Path:
-    """Turn ``data.path`` into a folder: ``builtin:demo`` is materialized once in the cache."""
+    """Turn ``data.path`` into a folder: a built-in dataset is materialized once in the cache."""
     if path.startswith("builtin:"):
-        if path != "builtin:demo":
-            raise DatasetError(path, [Problem(path, "data.path: unknown builtin dataset; valid: builtin:demo")])
-
-        from trainers.demo_data import write_demo_dataset
-
-        return materialize_dir(cache_root() / "builtin" / DEMO_NAME, write_demo_dataset)
+        datasets = _builtin_datasets()
+        if path not in datasets:
+            valid = ", ".join(datasets)
+            raise DatasetError(path, [Problem(path, f"data.path: unknown builtin dataset; valid: {valid}")])
+        name, writer = datasets[path]
+        return materialize_dir(cache_root() / "builtin" / name, writer)
     folder = Path(path).expanduser()
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"

@@ -28,9 +28,20 @@ from pydantic import ConfigDict, Field, model_validator
 
 from trainers.config import Frozen
 from trainers.data import DataConfig, load_pixels, preflight
-from trainers.metrics import COMPOSITE, DEFAULT_CLIP, METRICS, MetricResult, composite, get_metric, scorer_identity
+from trainers.metrics import (
+    COMPOSITE,
+    DEFAULT_CLIP,
+    GROUND_TRUTH,
+    METRICS,
+    Metric,
+    MetricResult,
+    composite,
+    get_metric,
+    scorer_identity,
+)
 from trainers.models import BaseModel
 from trainers.tensor_files import atomic_write_text
+
 TOKEN_PLACEHOLDER = "{token}"
 SamplerName = Literal["ddim", "dpmsolver++", "euler"]
 
@@ -160,6 +171,10 @@ class EvaluatorConfig(Frozen):
     # (trainers.metrics.composite), so 0.5/0.5 means CLIP-T and CLIP-I count the same.
     weights: dict[str, float] | None = None
     references: str | None = Field(None, description="folder of reference images; default: the training images")
+    # Ground truth (concept_rate, prior_kept): a judge of generated images and what the concept
+    # token means to it. Only the toy world has one (docs/TOYWORLD.md).
+    checker: str | None = Field(None, description="ground-truth checker: builtin:toyworld or a checker directory")
+    concept: str | None = Field(None, description="what generation.token means to the checker, e.g. 'star'")
 
     @model_validator(mode="after")
     def _check(self) -> "EvaluatorConfig":
@@ -168,6 +183,17 @@ class EvaluatorConfig(Frozen):
             raise ValueError(f"metrics: unknown {unknown}; valid metrics: {', '.join(sorted(METRICS))}")
         if "dino" in self.metrics and not self.vision_model:
             raise ValueError("metrics includes 'dino' but vision_model is not set (e.g. facebook/dino-vits16)")
+        truth = [m for m in self.metrics if m in GROUND_TRUTH]
+        if truth and not (self.checker and self.concept and self.generation.token):
+            raise ValueError(f"metrics {truth} need `checker` (e.g. builtin:toyworld), `concept` (what the token "
+                             "means to it, e.g. star) and generation.token (e.g. 'sks shape')")
+        if truth and self.generation.token:
+            with_token = [p for p in self.generation.prompts if TOKEN_PLACEHOLDER in p or self.generation.token in p]
+            if "concept_rate" in truth and not with_token:
+                raise ValueError(f"concept_rate needs prompts with {TOKEN_PLACEHOLDER}; generation.prompts has none")
+            if "prior_kept" in truth and len(with_token) == len(self.generation.prompts):
+                raise ValueError(f"prior_kept needs prompts without {TOKEN_PLACEHOLDER} (known concepts); "
+                                 "every generation.prompts entry has the token")
         if self.weights is not None:
             stray = sorted(set(self.weights) - set(self.metrics))
             if stray:
@@ -207,8 +233,9 @@ class Evaluator:
 
     def __init__(self, cfg: EvaluatorConfig, references: Sequence[Image.Image]) -> None:
         self.cfg, self.references = cfg, list(references)
-        self.metrics = [get_metric(n, clip=cfg.clip, vision=cfg.vision_model) for n in cfg.metrics]
-        needs_refs = [m.name for m in self.metrics if m.name in ("clip_i", "dino")]
+        self.metrics = [get_metric(n, clip=cfg.clip, vision=cfg.vision_model, checker=cfg.checker,
+                                   token=cfg.generation.token, concept=cfg.concept) for n in cfg.metrics]
+        needs_refs = [m.name for m in self.metrics if m.subject_only]
         if needs_refs and not self.references:
             raise ValueError(f"metrics {needs_refs} need reference images; none were found")
 
@@ -220,7 +247,26 @@ class Evaluator:
             out["clip"] = scorer_identity("clip", self.cfg.clip)
         if "vision" in scorers and self.cfg.vision_model:
             out["vision"] = scorer_identity("vision", self.cfg.vision_model)
+        if "checker" in scorers and self.cfg.checker:
+            out["checker"] = scorer_identity("checker", self.cfg.checker)
         return out
+
+    def _subject_images(self, prompts: Sequence[str]) -> list[int]:
+        """Indices of the images the reference metrics score: those of prompts with the token when
+        only some prompts have it (see ``trainers.metrics``), else every image."""
+        token = self.cfg.generation.token
+        picked = [i for i, p in enumerate(prompts) if token and token in p]
+        return picked if picked else list(range(len(prompts)))
+
+    def _score(self, metric: Metric, pils: list[Image.Image], prompts: list[str]) -> MetricResult:
+        if not metric.subject_only:
+            return metric.score(pils, prompts, self.references)
+        picked = self._subject_images(prompts)
+        r = metric.score([pils[i] for i in picked], [prompts[i] for i in picked], self.references)
+        per_item: list[float | None] = [None] * len(pils)
+        for i, v in zip(picked, r.per_item):
+            per_item[i] = v
+        return MetricResult(r.value, tuple(per_item))
 
     def run(self, model: BaseModel, autocast_dtype: torch.dtype | None = None) -> EvalRecord:
         """Generate and score ``model`` as it is now (adapters included).
@@ -234,7 +280,7 @@ class Evaluator:
             images = generate(model, self.cfg.generation)
         t1 = time.perf_counter()
         pils, prompts = [g.image for g in images], [g.prompt for g in images]
-        results = {m.name: m.score(pils, prompts, self.references) for m in self.metrics}
+        results = {m.name: self._score(m, pils, prompts) for m in self.metrics}
         scores = {name: r.value for name, r in results.items()}
         scores[COMPOSITE] = composite(scores, self.cfg.composite_weights())
         rows = [{"prompt": g.prompt, "seed": g.seed, **{n: r.per_item[i] for n, r in results.items()}}

@@ -1,4 +1,5 @@
-"""LoRA: low-rank adapters (peft) on the UNet attention projections, optionally the text encoder.
+"""LoRA: low-rank adapters (peft) on the UNet attention projections (and any other UNet module named
+in ``lora.target_modules``, e.g. the ResNet convolutions), optionally the text encoder.
 
 Saved as ``pytorch_lora_weights.safetensors`` in the diffusers layout (``unet.*`` and
 ``text_encoder.*`` keys, the adapter configs under the ``lora_adapter_metadata`` metadata key that
@@ -27,7 +28,12 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 ADAPTER = "sdsweep"
 # kohya-ss / AUTOMATIC1111 / ComfyUI name modules by their diffusers path with "_" for "." under
 # these prefixes; the SD 1.x text encoder's path starts at text_model (transformers 5 drops it).
-_DIFFUSERS_LORA_KEY = re.compile(r"^(unet|text_encoder)\.(.+)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$")
+# diffusers' converter renames attention projections' peft keys (lora_A/B -> lora.down/up) but
+# leaves other modules (the ResNet convolutions) in peft's naming; both mean the same matrices.
+_DIFFUSERS_LORA_KEY = re.compile(
+    r"^(unet|text_encoder)\.(.+)\.(?:(?:lora|lora_linear_layer)\.(down|up)|lora_(A|B))\.weight$"
+)
+_PEFT_KIND = {"A": "down", "B": "up"}
 _KOHYA_PREFIX = {"unet": ("lora_unet_", ""), "text_encoder": ("lora_te_", "text_model_")}
 
 
@@ -51,7 +57,8 @@ def kohya_state_dict(diffusers_sd: dict[str, torch.Tensor], alphas: dict[str, fl
         m = _DIFFUSERS_LORA_KEY.match(key)
         if m is None:
             raise ValueError(f"not a diffusers LoRA key: {key!r}")
-        component, module, kind = m.groups()
+        component, module, kind, peft_kind = m.groups()
+        kind = kind or _PEFT_KIND[peft_kind]
         prefix, inner = _KOHYA_PREFIX[component]
         name = prefix + inner + module.replace(".", "_")
         out[f"{name}.lora_{kind}.weight"] = value

@@ -10,6 +10,14 @@ Every metric implements the interface of DESIGN.md ("New metric"): ``name``,
 * ``dino`` -- the same with any transformers vision backbone (DreamBooth's DINO metric uses a
   self-supervised ViT-S/16: unlike CLIP it is not trained to ignore appearance details, so it
   separates subjects of one class better).
+* ``concept_rate`` / ``prior_kept`` -- ground truth where a judge exists (the toy world's
+  checker, docs/TOYWORLD.md): the share of concept-prompt images drawn right with the token read
+  as the concept, and the share of the other prompts' images still drawn right.
+
+When some prompts carry the concept token and some do not, the reference metrics (``clip_i``,
+``dino``) score only the images of prompts with the token: those are the images that should
+look like the references. An image of "a red circle" is meant not to look like the subject,
+and scoring it against the subject would reward a model that forgets everything else.
 
 ``composite`` (:func:`composite`) is the weighted mean of metrics on one scale (each value times
 its ``scale``, so CLIP-T's x100 is undone and every term is a cosine). Scoring models load once
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
 import torch
@@ -40,6 +49,7 @@ COMPOSITE = "composite"
 
 _CLIP_CACHE: dict[str, tuple[Any, Any, Any]] = {}
 _VISION_CACHE: dict[str, tuple[Any, Any]] = {}
+_CHECKER_CACHE: dict[str, Any] = {}
 _FINGERPRINTS: dict[tuple[str, str], str] = {}
 _CLIP_LOCK = threading.Lock()
 
@@ -64,23 +74,49 @@ def get_vision_model(spec: str) -> tuple[Any, Any]:
         return _VISION_CACHE[spec]
 
 
+def get_checker(spec: str) -> Any:
+    """The ground-truth checker ``spec`` (``builtin:toyworld`` or a checker directory), cached."""
+    with _CLIP_LOCK:
+        if spec not in _CHECKER_CACHE:
+            _CHECKER_CACHE[spec] = load_checker_spec(spec)
+        return _CHECKER_CACHE[spec]
+
+
+def load_checker_spec(spec: str) -> Any:
+    """Load a checker: ``builtin:toyworld`` (the shipped one) or a directory ``save_checker`` wrote."""
+    from trainers.models import BUILTIN_PREFIX, ModelLoadError, shipped_dir
+    from trainers.toyworld.checker import CONFIG_NAME, load_checker
+
+    if spec == BUILTIN_PREFIX + "toyworld":
+        return load_checker(shipped_dir("toyworld") / "checker")
+    root = Path(spec).expanduser()
+    if not (root / CONFIG_NAME).is_file():
+        raise ModelLoadError(f"checker {spec!r}: not builtin:toyworld nor a directory holding {CONFIG_NAME} "
+                             "and checker.safetensors (trainers.toyworld.checker.save_checker writes one)")
+    return load_checker(root)
+
+
 def clear_clip_cache() -> None:
     """Drop every cached scoring model (frees memory; the next ``get_*`` reloads)."""
     with _CLIP_LOCK:
         _CLIP_CACHE.clear()
         _VISION_CACHE.clear()
+        _CHECKER_CACHE.clear()
         _FINGERPRINTS.clear()
 
 
 def scorer_identity(kind: str, spec: str) -> dict[str, str]:
-    """``{"spec", "weights_sha256"}`` of a scoring model (``kind`` "clip" or "vision").
+    """``{"spec", "weights_sha256"}`` of a scoring model (``kind`` "clip", "vision" or "checker").
 
     The fingerprint hashes every weight (``module_fingerprint``), so two scores are comparable
     only if their scorer identities are equal, whatever path or Hub id named the model.
     """
     key = (kind, spec)
     if key not in _FINGERPRINTS:
-        model = get_clip(spec)[0] if kind == "clip" else get_vision_model(spec)[0]
+        if kind == "checker":
+            model = get_checker(spec)
+        else:
+            model = get_clip(spec)[0] if kind == "clip" else get_vision_model(spec)[0]
         _FINGERPRINTS[key] = module_fingerprint(model)
     return {"spec": spec, "weights_sha256": _FINGERPRINTS[key]}
 
@@ -154,23 +190,27 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class MetricResult:
-    """A metric's aggregate ``value`` and its per-image scores (same order as the images)."""
+    """A metric's aggregate ``value`` and its per-image scores (same order as the images; ``None``
+    for an image the metric does not score, e.g. a prior prompt's image for ``concept_rate``)."""
 
     value: float
-    per_item: tuple[float, ...]
+    per_item: tuple[float | None, ...]
 
 
 class Metric(Protocol):
     """The metric interface (DESIGN.md "New metric"): register the class in ``METRICS``.
 
-    ``scale`` maps a value onto the composite's common scale (a cosine-like 0..1 range), and
-    ``scorer`` names the scoring model a value depends on (``"clip"``, ``"vision"`` or ``None``).
+    ``scale`` maps a value onto the composite's common scale (a cosine-like 0..1 range),
+    ``scorer`` names the scoring model a value depends on (``"clip"``, ``"vision"``,
+    ``"checker"`` or ``None``), and ``subject_only`` says the metric compares images with the
+    references, so only the images of prompts with the concept token are meant for it.
     """
 
     name: str
     higher_is_better: bool
     scale: float
     scorer: str | None
+    subject_only: bool
 
     def score(
         self, images: Sequence[Image.Image], prompts: Sequence[str], references: Sequence[Image.Image] | None
@@ -180,19 +220,22 @@ class Metric(Protocol):
 
 
 class _ClipMetric:
-    """Shared by the embedding metrics: which scoring models to use (loaded once per process).
+    """Shared by every metric: which scoring models to use (loaded once per process).
 
     Every metric class takes the same keywords, so the evaluator builds any registered metric
-    the same way; a metric uses the models it needs.
+    the same way; a metric uses the models it needs. ``token`` is the concept token of the
+    prompts (``{token}``'s value) and ``concept`` what it means in the judge's vocabulary.
     """
 
     name: str
     higher_is_better = True
     scale = 1.0
     scorer: str | None = "clip"
+    subject_only = False
 
-    def __init__(self, clip: str = DEFAULT_CLIP, vision: str | None = None) -> None:
-        self.clip, self.vision = clip, vision
+    def __init__(self, clip: str = DEFAULT_CLIP, vision: str | None = None, checker: str | None = None,
+                 token: str | None = None, concept: str | None = None) -> None:
+        self.clip, self.vision, self.checker, self.token, self.concept = clip, vision, checker, token, concept
 
 
 class ClipTScore(_ClipMetric):
@@ -200,6 +243,9 @@ class ClipTScore(_ClipMetric):
 
     Range [0, 100]. ``per_item`` holds the unclamped ``100 * cos`` per image, as torchmetrics
     accumulates them; only the mean is clamped at 0 (torchmetrics ``CLIPScore.compute``).
+    With ``concept`` set, the token in each prompt is replaced by it before scoring ("a red sks
+    shape ..." is scored as "a red star ..."): the scoring CLIP has never seen the token, so the
+    text it can judge is the class the token stands for.
     """
 
     name = "clip_t"
@@ -211,6 +257,8 @@ class ClipTScore(_ClipMetric):
         """Score each image against its own prompt (``prompts[i]`` for ``images[i]``)."""
         if len(images) != len(prompts) or not images:
             raise ValueError(f"clip_t needs one prompt per image; got {len(images)} images, {len(prompts)} prompts")
+        if self.token and self.concept:  # the CLIP never saw the token: score what it stands for
+            prompts = [p.replace(self.token, self.concept) for p in prompts]
         img = _normalize(image_embeddings(self.clip, images))
         txt = _normalize(text_embeddings(self.clip, prompts))
         per_item = 100 * (img * txt).sum(dim=-1)
@@ -228,6 +276,7 @@ class ClipIScore(_ClipMetric):
     """
 
     name = "clip_i"
+    subject_only = True
 
     def score(
         self, images: Sequence[Image.Image], prompts: Sequence[str], references: Sequence[Image.Image] | None = None
@@ -252,12 +301,13 @@ class DinoScore(_ClipMetric):
 
     name = "dino"
     scorer = "vision"
+    subject_only = True
 
-    def __init__(self, clip: str = DEFAULT_CLIP, vision: str | None = None) -> None:
+    def __init__(self, clip: str = DEFAULT_CLIP, vision: str | None = None, **kwargs: Any) -> None:
         if not vision:
             raise ValueError("metric 'dino' needs a vision model: set evaluation.images.vision_model "
                              "(e.g. facebook/dino-vits16, or builtin:tiny-vit for tests)")
-        super().__init__(clip, vision)
+        super().__init__(clip, vision, **kwargs)
 
     def score(
         self, images: Sequence[Image.Image], prompts: Sequence[str], references: Sequence[Image.Image] | None = None
@@ -272,12 +322,72 @@ class DinoScore(_ClipMetric):
         return MetricResult(float(per_item.mean()), tuple(float(v) for v in per_item))
 
 
+class _TruthRate(_ClipMetric):
+    """Ground truth from a judge (the toy world's checker): the share of images drawn right.
+
+    An image is right when the checker sees the shape, colour and background its prompt asks
+    for, with the concept token read as ``concept`` ("a red sks shape on a blue background" asks
+    for a red star on blue). Range [0, 1]; ``per_item`` is 1.0/0.0 per judged image, ``None``
+    for the images this rate does not judge.
+    """
+
+    scorer = "checker"
+    concept_prompts: bool  # True: judge the prompts with the token; False: those without
+
+    def __init__(self, clip: str = DEFAULT_CLIP, vision: str | None = None, checker: str | None = None,
+                 token: str | None = None, concept: str | None = None) -> None:
+        if not checker or not token or not concept:
+            raise ValueError(f"metric {self.name!r} needs evaluation.images.checker (e.g. builtin:toyworld), "
+                             "generation.token (e.g. 'sks shape') and evaluation.images.concept (what the token "
+                             "means to the checker, e.g. 'star')")
+        super().__init__(clip, vision, checker, token, concept)
+
+    def score(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], references: Sequence[Image.Image] | None = None
+    ) -> MetricResult:
+        """Judge the images of the prompts this rate is about; references are unused."""
+        from trainers.toyworld.checker import judge
+
+        assert self.checker and self.token and self.concept
+        if len(images) != len(prompts):
+            raise ValueError(f"{self.name} needs one prompt per image; got {len(images)} images, {len(prompts)} prompts")
+        picked = [i for i, p in enumerate(prompts) if (self.token in p) == self.concept_prompts]
+        if not picked:
+            which = "contain" if self.concept_prompts else "lack"
+            raise ValueError(f"{self.name}: no evaluation prompt {which}s the token {self.token!r}; add such "
+                             f"prompts to evaluation.images.generation.prompts")
+        texts = [prompts[i].replace(self.token, self.concept) for i in picked]
+        verdicts = judge(get_checker(self.checker), [images[i] for i in picked], texts)
+        per_item: list[float | None] = [None] * len(images)
+        for i, v in zip(picked, verdicts):
+            per_item[i] = 1.0 if v.correct else 0.0
+        return MetricResult(sum(v.correct for v in verdicts) / len(verdicts), tuple(per_item))
+
+
+class ConceptRate(_TruthRate):
+    """``concept_rate``: the share of the concept prompts' images the checker finds right."""
+
+    name = "concept_rate"
+    concept_prompts = True
+
+
+class PriorKept(_TruthRate):
+    """``prior_kept``: the share of the other prompts' images (known concepts) still drawn right."""
+
+    name = "prior_kept"
+    concept_prompts = False
+
+
 # Plain dict registry (DESIGN.md): one line per metric.
 METRICS: dict[str, type] = {
     "clip_t": ClipTScore,
     "clip_i": ClipIScore,
     "dino": DinoScore,
+    "concept_rate": ConceptRate,
+    "prior_kept": PriorKept,
 }
+# Metrics that need a ground-truth judge (evaluation.images.checker).
+GROUND_TRUTH = ("concept_rate", "prior_kept")
 
 
 def get_metric(name: str, **kwargs: Any) -> Metric:

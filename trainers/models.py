@@ -4,6 +4,8 @@ Accepted ``model.base`` specs (``load_base_model``):
 
 * ``builtin:tiny-sd`` -- the toy SD 1.x model (``trainers.tiny``), written once to the cache in
   the diffusers layout and loaded through the *same* directory code path as a real model.
+* ``builtin:toyworld`` -- the pretrained toy world shipped in ``trainers/toyworld/weights``
+  (docs/TOYWORLD.md), checked against its manifest, then loaded like any diffusers directory.
 * a diffusers directory (``model_index.json`` + unet/ vae/ text_encoder/ tokenizer/ scheduler/).
 * a single-file ``.safetensors`` checkpoint (original SD / A1111 / ComfyUI / kohya layout), with
   ``single_file_config`` naming a diffusers directory or Hub id of the same architecture.
@@ -56,13 +58,21 @@ _BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny-clip": tiny.build_tiny_clip,
     "tiny-vit": tiny.build_tiny_vit,
 }
+# Built-ins shipped as files in the repository (pretrained, not buildable in a second).
+_SHIPPED = ("toyworld",)
+# Which built-ins can serve in which role; the toy world is a base model and its CLIP.
+BUILTIN_ROLES: dict[str, tuple[str, ...]] = {
+    "base model": ("tiny-sd", "toyworld"),
+    "CLIP model": ("tiny-clip", "toyworld"),
+    "vision model": ("tiny-vit",),
+}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a Stable Diffusion repo needs besides weights (diffusers' own config-only pattern set).
 _CONFIG_PATTERNS = ["*.json", "**/*.json", "*.txt", "**/*.txt"]
 ACCEPTED_FORMS = (
-    "builtin:tiny-sd; a diffusers directory containing model_index.json; a single-file "
+    "builtin:tiny-sd or builtin:toyworld; a diffusers directory containing model_index.json; a single-file "
     ".safetensors checkpoint (with model.single_file_config); a .ckpt/.pt/.pth/.bin pickle "
     "(only with model.allow_pickle: true); or a Hugging Face Hub id 'org/name'"
 )
@@ -157,10 +167,47 @@ def ensure_builtin(name: str) -> Path:
     """Build the built-in model ``name`` once into ``cache_root()/builtin/<name>-v1``; return it."""
     key = name.removeprefix(BUILTIN_PREFIX)
     if key not in _BUILDERS:
-        valid = ", ".join(BUILTIN_PREFIX + n for n in _BUILDERS)
+        valid = ", ".join(BUILTIN_PREFIX + n for n in (*_BUILDERS, *_SHIPPED))
         raise ModelLoadError(f"unknown built-in model {name!r}; valid built-in models: {valid}")
     final = cache_root() / "builtin" / f"{key}-{BUILTIN_VERSION}"
     return materialize_dir(final, _BUILDERS[key])
+
+
+_VERIFIED: set[Path] = set()
+
+
+def shipped_dir(name: str) -> Path:
+    """The directory of shipped built-in ``name``, verified against its manifest once per process."""
+    from trainers import toyworld
+    from trainers.toyworld.manifest import ManifestError, verify
+
+    assert name == "toyworld", name
+    root = toyworld.weights_dir()
+    if root not in _VERIFIED:
+        try:
+            verify(root)
+        except ManifestError as e:
+            raise ModelLoadError(
+                f"builtin:{name}: the shipped weights in {root} are damaged or missing ({e}). Restore them "
+                f"with `git checkout -- {root}` or rebuild with `python -m trainers.toyworld build --overwrite`."
+            ) from e
+        _VERIFIED.add(root)
+    return root
+
+
+def builtin_dir(spec: str, role: str) -> Path:
+    """The local directory of built-in ``spec`` in ``role`` (a key of ``BUILTIN_ROLES``)."""
+    key = spec.removeprefix(BUILTIN_PREFIX)
+    if key not in _BUILDERS and key not in _SHIPPED:
+        ensure_builtin(spec)  # raises, listing every valid name
+    names = BUILTIN_ROLES[role]
+    if key not in names:
+        valid = " or ".join(BUILTIN_PREFIX + n for n in names)
+        raise ModelLoadError(f"{spec!r} is not a {role}; the built-in {role}s are {valid}")
+    if key in _SHIPPED:
+        root = shipped_dir(key)
+        return root / "clip" if role == "CLIP model" else root
+    return ensure_builtin(key)
 
 
 def load_base_model(
@@ -175,10 +222,7 @@ def load_base_model(
     if revision is not None and (spec.startswith(BUILTIN_PREFIX) or Path(spec).expanduser().exists()):
         raise ModelLoadError(f"model.revision={revision!r} only applies to Hub ids, not to {spec!r}")
     if spec.startswith(BUILTIN_PREFIX):
-        if spec != BUILTIN_PREFIX + "tiny-sd":
-            ensure_builtin(spec)  # unknown names fail here with the list of valid names
-            raise ModelLoadError(f"{spec!r} is not a diffusion model; the built-in base model is builtin:tiny-sd")
-        return _load_directory(ensure_builtin("tiny-sd"), spec, allow_pickle, torch_dtype)
+        return _load_directory(builtin_dir(spec, "base model"), spec, allow_pickle, torch_dtype)
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():

@@ -1,7 +1,7 @@
 """Load the models the evaluator scores with: a CLIP, and any transformers vision backbone.
 
 Both accept the same specs as base models where that makes sense: a built-in tiny model
-(``builtin:tiny-clip``, ``builtin:tiny-vit``), a local directory in the transformers layout, or a
+(``builtin:tiny-clip``, ``builtin:tiny-vit``, ``builtin:toyworld`` for the toy world's CLIP), a local directory in the transformers layout, or a
 Hugging Face Hub id. Safetensors only (unpickling can run code). The image processor is always
 transformers' PIL backend: the default backend needs torchvision (not installable beside our
 torch), and one backend everywhere keeps scores comparable across machines.
@@ -22,25 +22,24 @@ from trainers.models import (
     PickleRefusedError,
     _guard,
     _hub_snapshot,
-    ensure_builtin,
+    BUILTIN_ROLES,
+    builtin_dir,
 )
 
 # transformers' weight names only: CLIP/DINO repos also carry open_clip/flax/tf copies.
 _HUB_PATTERNS = ["*.json", "*.txt", "model.safetensors", "model-*.safetensors"]
 
 
-def _resolve(spec: str, what: str, builtin: str) -> Path:
+def _resolve(spec: str, what: str) -> Path:
     """The local directory of scoring model ``spec`` (built-in, directory or Hub snapshot)."""
     if spec.startswith(BUILTIN_PREFIX):
-        if spec != BUILTIN_PREFIX + builtin:
-            ensure_builtin(spec)  # an unknown name lists the valid ones
-            raise ModelLoadError(f"{spec!r} is not a {what}; the built-in {what} is {BUILTIN_PREFIX}{builtin}")
-        return ensure_builtin(builtin)
+        return builtin_dir(spec, what)
     if Path(spec).expanduser().is_dir():
         return Path(spec).expanduser()
     if _HUB_ID.match(spec):
         return _hub_snapshot(spec, None, _HUB_PATTERNS, what=what)
-    raise ModelLoadError(f"{what} {spec!r}: not {BUILTIN_PREFIX}{builtin}, an existing directory or a Hub id 'org/name'")
+    builtins = " or ".join(BUILTIN_PREFIX + n for n in BUILTIN_ROLES[what])
+    raise ModelLoadError(f"{what} {spec!r}: not {builtins}, an existing directory or a Hub id 'org/name'")
 
 
 def _require_safetensors(root: Path, spec: str, what: str, cls: str) -> None:
@@ -57,7 +56,7 @@ def _require_safetensors(root: Path, spec: str, what: str, cls: str) -> None:
 
 def load_clip(spec: str) -> tuple[CLIPModel, PreTrainedTokenizerBase, Any]:
     """Load ``(CLIPModel, tokenizer, image processor)`` for scoring, in eval mode."""
-    root = _resolve(spec, "CLIP model", "tiny-clip")
+    root = _resolve(spec, "CLIP model")
     _require_safetensors(root, spec, "CLIP model", "CLIPModel")
     model = _guard(
         f"CLIP model {root}",
@@ -78,7 +77,7 @@ def load_vision_model(spec: str) -> tuple[Any, Any]:
     Any transformers vision backbone ``AutoModel`` resolves (DINO/DINOv2 ViTs, CLIP vision
     towers, ConvNeXt, ...); ``trainers.metrics.vision_embeddings`` says which output is used.
     """
-    root = _resolve(spec, "vision model", "tiny-vit")
+    root = _resolve(spec, "vision model")
     _require_safetensors(root, spec, "vision model", "AutoModel")
     model = _guard(
         f"vision model {root}", lambda: AutoModel.from_pretrained(root, use_safetensors=True, local_files_only=True)
