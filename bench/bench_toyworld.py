@@ -120,7 +120,7 @@ def run_arm(arm: str, seed: int, num_samples: int, workdir: Path) -> dict[str, A
     from sweeps.driver import run_sweep
 
     over: dict[str, Any] = {"search.num_samples": num_samples, "tracking.wandb": False,
-                            "search.sampler.seed": seed, "name": f"bench-{arm}-{seed}"}
+                            "search.sampler.seed": seed, "name": f"bench-{arm.replace('+', '-')}-{seed}"}
     for key, value in ARMS[arm].items():
         if key == "search.sampler":
             over["search.sampler.type"] = value["type"]
@@ -128,7 +128,7 @@ def run_arm(arm: str, seed: int, num_samples: int, workdir: Path) -> dict[str, A
             over[key] = value
     cfg = load_sweep(DEMO, over)
     t0 = time.perf_counter()
-    run = run_sweep(cfg, run_dir=workdir / f"{arm}-{seed}")
+    run = run_sweep(cfg, run_dir=workdir / f"{arm.replace('+', '-')}-{seed}")
     wall = time.perf_counter() - t0
     out = summarize(read_checkpoints(run.run_dir), cfg.evaluation.every)
     out.update(arm=arm, seed=seed, wall_s=wall)

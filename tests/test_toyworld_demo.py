@@ -38,7 +38,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory, sdsweep_cache: Path) -> t
 
 def test_leaderboard_shows_clip_scores_beside_ground_truth_and_the_baseline(demo_run):
     run_dir, out = demo_run
-    header = next(line for line in out.splitlines() if line.startswith("rank"))
+    header = next(line for line in out.splitlines() if line.split()[:2] == ["rank", "trial"])
     for column in ("composite", "clip_t", "clip_i", "concept_rate", "prior_kept"):
         assert column in header.split(), (column, header)
     assert re.search(r"^base\s+\(no adapter\)", out, re.M), out
