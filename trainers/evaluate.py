@@ -167,8 +167,10 @@ class EvaluatorConfig(Frozen):
     metrics: tuple[str, ...] = Field(default=("clip_t", "clip_i"), min_length=1)
     clip: str = DEFAULT_CLIP
     vision_model: str | None = Field(None, description="transformers vision backbone for 'dino'")
-    # Composite weights; None: equal weights over ``metrics``. Values are scaled to one range first
-    # (trainers.metrics.composite), so 0.5/0.5 means CLIP-T and CLIP-I count the same.
+    # Composite weights; None: equal weights over ``metrics``. Values are put on one scale first
+    # (trainers.metrics.composite: CLIP-T/100 is a cosine like CLIP-I), but how far each one moves
+    # the composite also depends on its spread across checkpoints, which differs by model
+    # (docs/EVALUATION.md, "Choosing the composite weights").
     weights: dict[str, float] | None = None
     references: str | None = Field(None, description="folder of reference images; default: the training images")
     # Ground truth (concept_rate, prior_kept): a judge of generated images and what the concept
