@@ -44,6 +44,7 @@ from sweeps.cli import quiet_libraries  # noqa: E402
 quiet_libraries()
 
 from sweeps.config import load_sweep  # noqa: E402
+from trainers.metrics import METRICS, composite  # noqa: E402
 
 DEMO = REPO / "sweeps" / "configs" / "demo.yaml"
 ARMS: dict[str, dict[str, Any]] = {
@@ -52,6 +53,9 @@ ARMS: dict[str, dict[str, Any]] = {
     "random+asha": {"search.sampler": {"type": "random", "seed": 0}},
 }
 CLIP_SCORES = ("clip_t", "clip_i", "composite")
+# CLIP-T split by prompt, from each evaluation's per-image scores.json: the prompts with the token
+# (the checker scores them for concept_rate) and the known-shape prompts (scored for prior_kept).
+SPLIT_SCORES = ("clip_t_concept", "clip_t_known")
 
 
 def truth(row: dict[str, Any]) -> float:
@@ -67,8 +71,26 @@ def read_checkpoints(run_dir: Path) -> list[dict[str, Any]]:
             r = json.loads(line)
             if "concept_rate" in r and "composite" in r:
                 out.append({"trial": r["trial_id"], "step": int(r["step"]), "reported_at": float(r["reported_at"]),
-                            **{k: float(r[k]) for k in (*CLIP_SCORES, "concept_rate", "prior_kept")}})
+                            **{k: float(r[k]) for k in (*CLIP_SCORES, "concept_rate", "prior_kept")},
+                            **_split_clip_t(result.parent, int(r["step"]))})
     return sorted(out, key=lambda c: c["reported_at"])
+
+
+def _split_clip_t(trial_dir: Path, step: int) -> dict[str, float]:
+    """Mean per-image CLIP-T over the concept prompts and over the known prompts of one evaluation."""
+    samples = trial_dir / "samples" / f"step-{step:06d}" / "scores.json"
+    if not samples.is_file():  # a run directory without its samples: no split
+        return {}
+    rows = json.loads(samples.read_text())["rows"]
+    concept = [r["clip_t"] for r in rows if r.get("concept_rate") is not None]
+    known = [r["clip_t"] for r in rows if r.get("prior_kept") is not None]
+    return {"clip_t_concept": statistics.fmean(concept), "clip_t_known": statistics.fmean(known)} \
+        if concept and known else {}
+
+
+def reweight(ckpts: list[dict[str, Any]], weights: dict[str, float]) -> list[dict[str, Any]]:
+    """The same checkpoints with the composite recomputed from their stored scores."""
+    return [{**c, "composite": composite(c, weights)} for c in ckpts]
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -104,11 +126,15 @@ def summarize(ckpts: list[dict[str, Any]], every: int) -> dict[str, Any]:
         if incumbent is None or c["composite"] > incumbent["composite"]:
             incumbent = c
         curve.append((steps, truth(incumbent)))
+    scores = [s for s in (*CLIP_SCORES, *SPLIT_SCORES) if all(s in c for c in ckpts)]
     corr = {f"{s}~{t}": spearman([c[s] for c in ckpts], [truth(c) if t == "truth" else c[t] for c in ckpts])
-            for s in CLIP_SCORES for t in ("concept_rate", "truth")}
+            for s in scores for t in ("concept_rate", "truth")}
+    # Each score's spread over the checkpoints, in the composite's units (CLIP-T/100 is a cosine).
+    spread = {s: statistics.pstdev([c[s] * (METRICS[s].scale if s in METRICS else 1.0) for c in ckpts])
+              for s in CLIP_SCORES}
     return {"checkpoints": len(ckpts), "trials": len({c["trial"] for c in ckpts}), "train_steps": steps,
             "pick": {**pick, "truth": truth(pick)}, "best": {**best, "truth": truth(best)},
-            "regret": truth(best) - truth(pick), "curve": curve, "spearman": corr}
+            "regret": truth(best) - truth(pick), "curve": curve, "spearman": corr, "stdev": spread}
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
@@ -128,12 +154,55 @@ def run_arm(arm: str, seed: int, num_samples: int, workdir: Path) -> dict[str, A
             over[key] = value
     cfg = load_sweep(DEMO, over)
     t0 = time.perf_counter()
-    run = run_sweep(cfg, run_dir=workdir / f"{arm.replace('+', '-')}-{seed}")
-    wall = time.perf_counter() - t0
-    out = summarize(read_checkpoints(run.run_dir), cfg.evaluation.every)
-    out.update(arm=arm, seed=seed, wall_s=wall)
-    base = json.loads((run.run_dir / "sweep.json").read_text())["baseline"]["scores"]
+    run = run_sweep(cfg, run_dir=workdir / _run_name(arm, seed))
+    return summarize_run(run.run_dir, arm, seed, wall_s=time.perf_counter() - t0)
+
+
+def _run_name(arm: str, seed: int) -> str:
+    return f"{arm.replace('+', '-')}-{seed}"
+
+
+def summarize_run(run_dir: Path, arm: str, seed: int, wall_s: float,
+                  weights: dict[str, float] | None = None) -> dict[str, Any]:
+    """One sweep's figures from its run directory; ``weights``: recompute the composite first."""
+    state = json.loads((run_dir / "sweep.json").read_text())
+    ckpts = read_checkpoints(run_dir)
+    if weights:
+        ckpts = reweight(ckpts, weights)
+    out = summarize(ckpts, int(state["config"]["evaluation"]["every"]))
+    out.update(arm=arm, seed=seed, wall_s=wall_s)
+    base = state["baseline"]["scores"]
     out["baseline"] = {**base, "truth": truth(base)}
+    return out
+
+
+def rescore(keep: Path, weights: dict[str, float] | None) -> list[dict[str, Any]]:
+    """Re-read the sweeps a ``--keep`` run left (``<arm>-<seed>`` folders), optionally re-weighted.
+
+    Re-weighting changes which checkpoint is picked among those trained and the correlations; it
+    cannot show what the sweep would have trained under other weights (ASHA and TPE saw the old
+    composite): for that, run the sweeps again.
+    """
+    results = []
+    for arm in ARMS:
+        for run_dir in sorted(keep.glob(f"{arm.replace('+', '-')}-*")):
+            seed = run_dir.name.rsplit("-", 1)[1]
+            if seed.isdigit() and (run_dir / "sweep.json").is_file():
+                results.append(summarize_run(run_dir, arm, int(seed), float("nan"), weights))
+    if not results:
+        raise SystemExit(f"--rescore {keep}: no <arm>-<seed> run folders with a sweep.json (made by --keep)")
+    return results
+
+
+def _weights(text: str) -> dict[str, float]:
+    try:
+        pairs = [item.split("=") for item in text.split(",")]
+        out = {k.strip(): float(v) for k, v in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--weights {text!r}: expected e.g. clip_t=0.2,clip_i=0.8") from None
+    unknown = set(out) - {"clip_t", "clip_i"}
+    if unknown:
+        raise argparse.ArgumentTypeError(f"--weights: {sorted(unknown)} not stored per checkpoint; use clip_t, clip_i")
     return out
 
 
@@ -151,7 +220,7 @@ def report(results: list[dict[str, Any]]) -> None:
     print("\nper sweep:")
     for r in results:
         print(f"  {r['arm']:<12} seed {r['seed']}: {r['trials']} trials, {r['checkpoints']} checkpoints, "
-              f"{r['train_steps']} steps, {r['wall_s']:.0f}s; pick truth {r['pick']['truth']:.3f} "
+              f"{r['train_steps']} steps" + (f", {r['wall_s']:.0f}s wall" if r["wall_s"] == r["wall_s"] else "") + f"; pick truth {r['pick']['truth']:.3f} "
               f"(concept {r['pick']['concept_rate']:.3f}, prior {r['pick']['prior_kept']:.3f}), best "
               f"{r['best']['truth']:.3f}, regret {r['regret']:.3f}; baseline truth {r['baseline']['truth']:.3f}")
     print("\n(a) regret (truth of the best checkpoint trained - truth of the pick), mean (min, max) over seeds:")
@@ -176,6 +245,9 @@ def report(results: list[dict[str, Any]]) -> None:
     print("\n(d) Spearman rank correlation over each sweep's checkpoints, mean (min, max) over sweeps:")
     for key in results[0]["spearman"]:
         print(f"  {key:<26} {_spread([r['spearman'][key] for r in results])}")
+    print("\nstandard deviation over each sweep's checkpoints, in composite units, mean (min, max):")
+    for key in results[0]["stdev"]:
+        print(f"  {key:<26} {_spread([r['stdev'][key] for r in results])}")
 
 
 def main() -> None:
@@ -185,7 +257,19 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=8, help="trials per sweep")
     parser.add_argument("--json", default=None, help="write every figure (and the raw checkpoints' scores) here")
     parser.add_argument("--keep", default=None, help="keep the run directories under this folder")
+    parser.add_argument("--rescore", default=None, metavar="DIR",
+                        help="run nothing: re-read the sweeps an earlier --keep DIR left")
+    parser.add_argument("--weights", type=_weights, default=None,
+                        help="with --rescore: recompute the composite, e.g. clip_t=0.2,clip_i=0.8")
     args = parser.parse_args()
+    if args.weights and not args.rescore:
+        parser.error("--weights needs --rescore (a new sweep takes its weights from demo.yaml)")
+    if args.rescore:
+        results = rescore(Path(args.rescore), args.weights)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        report(results)
+        return
     results = []
     with tempfile.TemporaryDirectory(prefix="sdsweep-bench-toyworld-") as tmp:
         workdir = Path(args.keep) if args.keep else Path(tmp)

@@ -23,7 +23,7 @@ from ray.tune.search.optuna import OptunaSearch
 from search_spaces import make_sampler, make_storage
 from sweeps.config import SweepConfig
 from sweeps.results import SWEEP_STATE, SweepError
-from sweeps.tracking import make_callbacks, offline_sync_command
+from sweeps.tracking import make_callbacks, offline_sync_command, tensorboard_callbacks
 from sweeps.trial import run_trial, trial_env
 from trainers.data import preflight
 
@@ -189,7 +189,8 @@ def _tuner(cfg: SweepConfig, run_dir: Path, trainable: Any, run_id: str) -> tune
                                                 checkpoint_score_attribute=cfg.evaluation.metric,
                                                 checkpoint_score_order=cfg.mode),
         failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-        callbacks=make_callbacks(cfg.tracking, run_dir=run_dir, sweep_name=cfg.name, run_id=run_id),
+        callbacks=[*make_callbacks(cfg.tracking, run_dir=run_dir, sweep_name=cfg.name, run_id=run_id),
+                   *tensorboard_callbacks()],
         verbose=1)
     return tune.Tuner(trainable, tune_config=tune_cfg, run_config=run_cfg)
 

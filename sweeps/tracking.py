@@ -64,6 +64,7 @@ import wandb
 from pydantic import BaseModel, ConfigDict
 from ray import tune
 from ray.tune.experiment import Trial
+from ray.tune.logger import TBXLoggerCallback
 from ray.tune.utils import flatten_dict
 from wandb.sdk import wandb_setup
 from wandb.sdk.lib import wbauth
@@ -330,6 +331,26 @@ def make_callbacks(settings: TrackingSettings, *, run_dir: Path, sweep_name: str
     tags = settings.tags if sweep_name in settings.tags else (*settings.tags, sweep_name)
     return [WandbTrialCallback(mode=mode, project=settings.project, entity=settings.entity,
                                tags=tags, run_dir=Path(run_dir), group=run_id)]
+
+
+class _ScalarTBXLogger(TBXLoggerCallback):
+    """Tune's TensorBoard logger without the result's image paths.
+
+    Tune's own logger tries to log every list in a result as a histogram and warns, once per sweep
+    and with the whole path, that the evaluation's ``images`` list is invalid. The scalars (loss,
+    every score) are logged exactly as Tune logs them; the images go to W&B and the HTML report.
+    """
+
+    def log_trial_result(self, iteration: int, trial: Trial, result: dict[str, Any]) -> None:
+        super().log_trial_result(iteration, trial, {k: v for k, v in result.items() if k != IMAGES_KEY})
+
+
+def tensorboard_callbacks() -> list[tune.Callback]:
+    """Our TensorBoard logger, which replaces Tune's default one (none without tensorboardX)."""
+    try:
+        return [_ScalarTBXLogger()]
+    except ImportError:  # tensorboardX missing: Tune would skip its own logger too
+        return []
 
 
 def offline_run_paths(run_dir: Path) -> list[Path]:

@@ -27,6 +27,7 @@ from sweeps.tracking import (
     offline_sync_command,
     read_offline_run,
     resolve_mode,
+    tensorboard_callbacks,
     wandb_run_id,
 )
 
@@ -337,3 +338,63 @@ def test_an_evaluation_becomes_a_per_prompt_table_with_its_images(tmp_path: Path
     images = [r[2] for r in table.data]
     assert all(isinstance(im, wandb.Image) for im in images)
     assert [np.asarray(im.image).max() for im in images] == [0, 40]  # each row holds its own file
+
+
+class _TbxTrial:
+    """What Tune's TensorBoard logger reads of a trial: a folder and the sampled parameters."""
+
+    def __init__(self, path: Path) -> None:
+        self.local_path = str(path)
+        self.evaluated_params = {"lr": 1e-3}
+
+    def init_local_path(self) -> None:
+        Path(self.local_path).mkdir(parents=True, exist_ok=True)
+
+
+def _tbx_scalars(folder: Path) -> dict[str, list[float]]:
+    """Scalars from TensorBoard event files, read as TFRecords (no tensorboard package here)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[float]] = {}
+    for f in folder.glob("events.out.tfevents.*"):
+        data, pos = f.read_bytes(), 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            for v in event.summary.value:
+                if v.HasField("simple_value"):
+                    out.setdefault(v.tag, []).append(v.simple_value)
+    return out
+
+
+def test_tensorboard_logs_the_scores_without_warning_about_image_paths(
+        tmp_path: Path) -> None:
+    import logging
+
+    from ray.tune.logger import TBXLoggerCallback
+    from ray.util.debug import reset_log_once
+
+    (ours,) = tensorboard_callbacks()
+    assert isinstance(ours, TBXLoggerCallback)  # so Tune adds no default one beside it
+    image = tmp_path / "grid.png"
+    Image.new("RGB", (4, 4)).save(image)
+    result = {"training_iteration": 1, "step": 10, "composite": 0.25, "images": [str(image)]}
+    for name, cb in (("ours", ours), ("tune", TBXLoggerCallback())):
+        reset_log_once("invalid_tbx_value")  # Tune warns once per process
+        seen: list[str] = []
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+        tbx_log = logging.getLogger("ray.tune.logger.tensorboardx")  # Ray's loggers do not propagate
+        tbx_log.addHandler(handler)
+        try:
+            trial: Any = _TbxTrial(tmp_path / name)
+            cb.log_trial_result(1, trial, dict(result))
+            cb.log_trial_end(trial)
+        finally:
+            tbx_log.removeHandler(handler)
+        assert any("invalid value" in m for m in seen) == (name == "tune"), (name, seen)
+        scalars = _tbx_scalars(tmp_path / name)
+        assert scalars["ray/tune/composite"] == [0.25] and scalars["ray/tune/step"] == [10.0], scalars
