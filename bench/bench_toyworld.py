@@ -146,7 +146,7 @@ def run_arm(arm: str, seed: int, num_samples: int, workdir: Path) -> dict[str, A
     from sweeps.driver import run_sweep
 
     over: dict[str, Any] = {"search.num_samples": num_samples, "tracking.wandb": False,
-                            "search.sampler.seed": seed, "name": f"bench-{arm.replace('+', '-')}-{seed}"}
+                            "search.sampler.seed": seed, "name": f"bench-{_run_name(arm, seed)}"}
     for key, value in ARMS[arm].items():
         if key == "search.sampler":
             over["search.sampler.type"] = value["type"]
@@ -158,7 +158,7 @@ def run_arm(arm: str, seed: int, num_samples: int, workdir: Path) -> dict[str, A
     return summarize_run(run.run_dir, arm, seed, wall_s=time.perf_counter() - t0)
 
 
-def _run_name(arm: str, seed: int) -> str:
+def _run_name(arm: str, seed: int | str) -> str:
     return f"{arm.replace('+', '-')}-{seed}"
 
 
@@ -185,7 +185,7 @@ def rescore(keep: Path, weights: dict[str, float] | None) -> list[dict[str, Any]
     """
     results = []
     for arm in ARMS:
-        for run_dir in sorted(keep.glob(f"{arm.replace('+', '-')}-*")):
+        for run_dir in sorted(keep.glob(_run_name(arm, "*"))):
             seed = run_dir.name.rsplit("-", 1)[1]
             if seed.isdigit() and (run_dir / "sweep.json").is_file():
                 results.append(summarize_run(run_dir, arm, int(seed), float("nan"), weights))
