@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -72,14 +73,17 @@ def read_checkpoints(run_dir: Path) -> list[dict[str, Any]]:
             if "concept_rate" in r and "composite" in r:
                 out.append({"trial": r["trial_id"], "step": int(r["step"]), "reported_at": float(r["reported_at"]),
                             **{k: float(r[k]) for k in (*CLIP_SCORES, "concept_rate", "prior_kept")},
-                            **_split_clip_t(result.parent, int(r["step"]))})
+                            **_split_clip_t(r.get("samples"))})
     return sorted(out, key=lambda c: c["reported_at"])
 
 
-def _split_clip_t(trial_dir: Path, step: int) -> dict[str, float]:
-    """Mean per-image CLIP-T over the concept prompts and over the known prompts of one evaluation."""
-    samples = trial_dir / "samples" / f"step-{step:06d}" / "scores.json"
-    if not samples.is_file():  # a run directory without its samples: no split
+def _split_clip_t(scores_json: str | None) -> dict[str, float]:
+    """Mean per-image CLIP-T over the concept prompts and over the known prompts of one evaluation.
+
+    ``scores_json``: the evaluation's per-image scores file, as the trial reported it (``samples``).
+    """
+    samples = Path(scores_json) if scores_json else None
+    if samples is None or not samples.is_file():  # a run directory without its samples: no split
         return {}
     rows = json.loads(samples.read_text())["rows"]
     concept = [r["clip_t"] for r in rows if r.get("concept_rate") is not None]
@@ -220,7 +224,7 @@ def report(results: list[dict[str, Any]]) -> None:
     print("\nper sweep:")
     for r in results:
         print(f"  {r['arm']:<12} seed {r['seed']}: {r['trials']} trials, {r['checkpoints']} checkpoints, "
-              f"{r['train_steps']} steps" + (f", {r['wall_s']:.0f}s wall" if r["wall_s"] == r["wall_s"] else "") + f"; pick truth {r['pick']['truth']:.3f} "
+              f"{r['train_steps']} steps" + ("" if math.isnan(r["wall_s"]) else f", {r['wall_s']:.0f}s wall") + f"; pick truth {r['pick']['truth']:.3f} "
               f"(concept {r['pick']['concept_rate']:.3f}, prior {r['pick']['prior_kept']:.3f}), best "
               f"{r['best']['truth']:.3f}, regret {r['regret']:.3f}; baseline truth {r['baseline']['truth']:.3f}")
     print("\n(a) regret (truth of the best checkpoint trained - truth of the pick), mean (min, max) over seeds:")

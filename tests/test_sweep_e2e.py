@@ -298,9 +298,16 @@ def test_image_evaluation_scores_every_checkpoint_against_a_baseline(tmp_path):
 
     path = _image_sweep(tmp_path)
     run_dir = tmp_path / "runs" / "img-run"
-    out = _sdsweep("run", str(path), "--run-dir", str(run_dir)).stdout
+    proc = _sdsweep("run", str(path), "--run-dir", str(run_dir))
+    out = proc.stdout
     assert "ranked by composite (max)" in out and "gain over the base model" in out and "Pareto front" in out
     assert (run_dir / "report" / "index.html").is_file()
+    # TensorBoard: our logger replaced Tune's (one writer per trial, not two) and the result's image
+    # paths no longer make Tune warn.
+    assert "invalid value" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    for trial in _trial_dirs(run_dir):
+        events = list(trial.glob("events.out.tfevents.*"))
+        assert len(events) == 1 and events[0].stat().st_size > 0, (trial.name, events)
 
     # The baseline: the base model without adapter, scored once, reproducible in this process.
     state = json.loads((run_dir / "sweep.json").read_text())
