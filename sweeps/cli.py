@@ -20,13 +20,10 @@ EXIT_TRAINING_FAILED = 1
 
 def apply_overrides(data: Any, overrides: Sequence[str], source: str) -> Any:
     """Apply ``key.path=value`` overrides (value parsed as YAML) to a raw config mapping."""
-    from trainers.config import ConfigError, yaml_load
+    from trainers.config import ConfigError
 
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_train_steps=20")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
+    for key, value in parse_set(overrides).items():
+        parts = key.split(".")
         node = data
         for p in parts[:-1]:
             if isinstance(node.get(p), str) and p == "model":
@@ -34,8 +31,22 @@ def apply_overrides(data: Any, overrides: Sequence[str], source: str) -> Any:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{source}: --set {key}: {p} is not a mapping")
-        node[parts[-1]] = yaml_load(raw)
+        node[parts[-1]] = value
     return data
+
+
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as ``{dotted key: value parsed as YAML}``; an item without ``=``
+    or with an empty key is an error (it would otherwise set the key to null, silently)."""
+    from trainers.config import ConfigError, yaml_load
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_train_steps=20")
+        out[key.strip()] = yaml_load(raw)
+    return out
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -118,13 +129,8 @@ def _finish_sweep(run: Any, export: str | None) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from sweeps.config import load_sweep
     from sweeps.driver import run_sweep
-    from trainers.config import yaml_load
 
-    overrides = {}
-    for item in args.set:
-        key, _, raw = item.partition("=")
-        overrides[key] = yaml_load(raw)
-    cfg = load_sweep(args.sweep, overrides)
+    cfg = load_sweep(args.sweep, parse_set(args.set))
     run = run_sweep(cfg, sweep_file=str(Path(args.sweep).resolve()),
                     run_dir=Path(args.run_dir) if args.run_dir else None)
     return _finish_sweep(run, args.export)

@@ -13,6 +13,7 @@ worker or node that dies (a Ray actor error) is retried, up to ``max_failures``.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import torch
 from ray import tune
 
 from sweeps.config import SweepConfig, trial_run_config
+from trainers.base import run_precision
 from trainers.evaluate import GRID_FILE, Evaluator, load_references, write_samples
 from trainers.latents import CachedDataset
 from trainers.models import BaseModel, load_base_model
@@ -42,9 +44,15 @@ ERROR_FILE = "sdsweep_error.json"
 SAMPLES_DIR = "samples"  # <trial dir>/samples/step-000040/{00.png, grid.png, scores.json}
 
 
-def worker_model(spec: Any) -> tuple[BaseModel, bool]:
-    """The base model for ``spec``, loaded at most once per process. Returns (model, was_cached)."""
-    key = (spec.source, spec.allow_pickle, spec.single_file_config, spec.revision)
+def worker_model(spec: Any, precision: str = "no") -> tuple[BaseModel, bool]:
+    """The base model for ``spec``, loaded at most once per process and precision. Returns
+    (model, was_cached).
+
+    Keyed by the trial's resolved mixed precision too: a trainer casts the frozen weights to its
+    weight dtype in place, and a later trial with another precision must not train on weights an
+    earlier one rounded (a sweep that searches ``train.mixed_precision`` reloads on each change).
+    """
+    key = (spec.source, spec.allow_pickle, spec.single_file_config, spec.revision, precision)
     if key in _MODELS:
         return _MODELS[key], True
     model = load_base_model(spec.source, allow_pickle=spec.allow_pickle,
@@ -97,7 +105,7 @@ def evaluate_images(evaluator: Evaluator, trainer: Any, out_dir: Path, extra: di
     """
     trainer.prepare_for_sampling()
     dtype = trainer.weight_dtype if trainer.weight_dtype != torch.float32 else None
-    record = evaluator.run(trainer.model, autocast_dtype=dtype)
+    record = evaluator.run(trainer.model, autocast_dtype=dtype, prediction_type=trainer.prediction_type)
     scores_path = write_samples(record, out_dir, extra)
     return {**record.scores, "eval_s": record.generate_s + record.score_s,
             "images": [str(out_dir / GRID_FILE)], "samples": str(scores_path)}
@@ -117,18 +125,59 @@ def _threads_for_trial(cpus: float) -> None:
     torch.set_num_threads(max(1, int(cpus)))
 
 
+# Messages of CUDA errors after which the process's CUDA context is unusable: every later kernel
+# fails too (CUDA documents these as "sticky": the context must be destroyed), so the worker
+# process must go. Out-of-memory is not among them: freeing memory recovers.
+_STICKY_CUDA = ("device-side assert", "illegal memory access", "unspecified launch failure",
+                "misaligned address", "illegal instruction", "hardware stack error", "uncorrectable ecc")
+
+
+class WorkerReplaced(RuntimeError):
+    """Raised out of a trial after a sticky CUDA error, so Ray ends this worker process and starts
+    a fresh one; the trial itself is not rerun (see :func:`run_trial`)."""
+
+
+def device_failure(err: BaseException) -> str | None:
+    """``"oom"`` for a CUDA out-of-memory error, ``"sticky"`` for a CUDA error that leaves the
+    process's CUDA context unusable, ``None`` for anything else."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return "oom"
+    text = str(err).lower()
+    accel = getattr(torch, "AcceleratorError", ())
+    if (isinstance(err, accel) or "cuda error" in text) and any(m in text for m in _STICKY_CUDA):
+        return "sticky"
+    return None
+
+
+def free_device_memory() -> None:
+    """Return the memory a failed trial held to the CUDA allocator's pool and the driver."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: list[Any]) -> None:
-    """The Ray Tune function trainable. ``config`` holds the trial's dotted hyperparameters."""
+    """The Ray Tune function trainable. ``config`` holds the trial's dotted hyperparameters.
+
+    Device failures: after CUDA out-of-memory only this trial ends (errored) and its memory is
+    freed for the next trial on the worker. After a sticky CUDA error the trial ends errored and
+    :class:`WorkerReplaced` is raised so Ray replaces the worker process; Ray's retry of the trial
+    finds the error file marked ``worker_replaced`` and ends at once with the same error, so the
+    trial is never trained again.
+    """
     started, started_at = time.perf_counter(), time.time()
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per checkpoint otherwise
     trial_dir = storage_trial_dir()
+    if _already_failed_on_device(trial_dir):
+        return
     trainer = None
+    failure: str | None = None
     try:
         cfg = SweepConfig.model_validate(sweep)
         _threads_for_trial(cfg.resources.cpu)
         params = cfg.search_space().flat_params(config)  # drops OptunaSearch's qualified aliases
         run_cfg = trial_run_config(cfg, params, source=f"trial {tune.get_context().get_trial_id()}")
-        model, reused = worker_model(run_cfg.model)
+        model, reused = worker_model(run_cfg.model, run_precision(run_cfg.train)[1])
         data: CachedDataset = ray.get(cache[0])
         run_cfg = run_cfg.model_copy(update={"output_dir": str(Path(tune.get_context().get_trial_dir()) / "work")})
         trainer = make_trainer(run_cfg, model, data)
@@ -143,10 +192,30 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: list[Any]
         _train_and_report(trainer, cfg, evaluator, trial_dir, setup_s=setup_s, model_reused=reused,
                           started_at=started_at)
     except Exception as err:  # noqa: BLE001 - every trial-code failure ends this trial, see module doc
-        _report_error(err, trainer, trial_dir)
+        failure = device_failure(err)
+        _report_error(err, trainer, trial_dir, worker_replaced=failure == "sticky")
+        err.__traceback__ = None  # its frames hold the failed step's tensors
     finally:
-        if trainer is not None:
+        if trainer is not None and failure != "sticky":
             trainer.teardown()
+        trainer = None
+        if failure == "oom":
+            free_device_memory()
+    if failure == "sticky":
+        raise WorkerReplaced("a CUDA error left this worker's CUDA context unusable; Ray replaces the worker")
+
+
+def _already_failed_on_device(trial_dir: Path) -> bool:
+    """On Ray's retry of a trial whose worker was replaced: re-report its error, do not train."""
+    path = trial_dir / ERROR_FILE
+    if not path.is_file():
+        return False
+    info = json.loads(path.read_text())
+    if not info.get("worker_replaced"):
+        return False
+    tune.report({"trial_status": "error", "error_type": info["error_type"], "error": info["error"],
+                 "step": info["step"]})
+    return True
 
 
 def _train_and_report(trainer: Any, cfg: SweepConfig, evaluator: Evaluator | None, trial_dir: Path, *,
@@ -183,12 +252,12 @@ def _train_and_report(trainer: Any, cfg: SweepConfig, evaluator: Evaluator | Non
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def _report_error(err: Exception, trainer: Any, trial_dir: Path) -> None:
+def _report_error(err: Exception, trainer: Any, trial_dir: Path, *, worker_replaced: bool = False) -> None:
     """End the trial as errored: reason to a file and as the last reported result (no metric)."""
     step = trainer.global_step if trainer is not None else 0
     message = " ".join(line.strip() for line in str(err).splitlines())  # multi-line errors name keys below
-    info = {"error_type": type(err).__name__, "error": message[:1000],
-            "step": step, "traceback": traceback.format_exc(limit=8)}
+    info = {"error_type": type(err).__name__, "error": message[:1000], "step": step,
+            "traceback": traceback.format_exc(limit=8), "worker_replaced": worker_replaced}
     trial_dir.mkdir(parents=True, exist_ok=True)
     (trial_dir / ERROR_FILE).write_text(json.dumps(info, indent=1))
     tune.report({"trial_status": "error", "error_type": info["error_type"], "error": info["error"],

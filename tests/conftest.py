@@ -88,3 +88,22 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def model_digest(model) -> dict:
+    """Everything a trainer could leave behind on a shared base model, hashed: every weight and
+    buffer of UNet, VAE and text encoder (adapter weights included), the adapters registered, the
+    tokenizer's vocabulary size, the embedding matrix shape, train/eval modes and requires_grad."""
+    from trainers.tensor_files import tensors_digest
+
+    out: dict = {}
+    for name in ("unet", "vae", "text_encoder"):
+        module = getattr(model, name)
+        out[name] = tensors_digest({k: v for k, v in module.state_dict().items()})
+        out[f"{name}.adapters"] = sorted(getattr(module, "peft_config", None) or {})
+        out[f"{name}.training"] = sorted({m.training for m in module.modules()})
+        out[f"{name}.requires_grad"] = sorted({p.requires_grad for p in module.parameters()})
+        out[f"{name}.dtypes"] = sorted({str(p.dtype) for p in module.parameters()})
+    out["tokenizer"] = len(model.tokenizer)
+    out["embeddings"] = tuple(model.text_encoder.get_input_embeddings().weight.shape)
+    return out

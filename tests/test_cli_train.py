@@ -104,3 +104,13 @@ def test_console_script_runs_with_a_progress_bar(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "3/3" in proc.stderr and "loss=" in proc.stderr  # tqdm writes to stderr
     assert "done: step 3" in proc.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "run"])
+@pytest.mark.parametrize("item", ["train.max_train_steps", "=5"])
+def test_set_without_key_and_value_is_an_error_naming_it(tmp_path, capsys, command, item):
+    # `sdsweep run --set train.max_train_steps` used to set the key to null without a word.
+    config = DEMO if command == "train" else REPO / "sweeps" / "configs" / "tiny-demo.yaml"
+    assert main([command, str(config), "--set", item]) == 2
+    err = capsys.readouterr().err
+    assert f"--set {item!r}: expected KEY=VALUE" in err

@@ -54,27 +54,52 @@ def test_training_never_calls_the_vae(tiny_model, demo_dir, tmp_path):
     assert tr.global_step == 3
 
 
-def test_loss_matches_a_hand_computed_epsilon_and_v_prediction_loss(tiny_model, demo_dir, tmp_path):
+def test_loss_matches_the_direct_formula_and_diffusers_compute_snr(tiny_model, demo_dir, tmp_path):
+    """Independent reference: the DDPM forward process and targets written out from the paper's
+    formulas, min-SNR weights from SNR = abar/(1-abar) and from diffusers' own compute_snr."""
+    from diffusers.training_utils import compute_snr
+
+    g = torch.Generator().manual_seed(123)
     for pred_type in ("epsilon", "v_prediction"):
-        tr = make_trainer(tiny_model, demo_dir, tmp_path / pred_type, prediction_type=pred_type,
-                          snr_gamma=5.0, noise_offset=0.05)
-        idx, flip = tr.batch_indices(7)
-        gen = torch.Generator().manual_seed(tr.cfg.seed * 1_000_003 + 7)
-        lat = tr.data.sample_latents(idx, flip, gen)
-        noise = torch.randn(lat.shape, generator=gen)
-        noise = noise + 0.05 * torch.randn((lat.shape[0], lat.shape[1], 1, 1), generator=gen)
-        t = torch.randint(0, 1000, (lat.shape[0],), generator=gen)
-        ac = tr.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
-        noisy = ac.sqrt() * lat + (1 - ac).sqrt() * noise
-        target = noise if pred_type == "epsilon" else ac.sqrt() * noise - (1 - ac).sqrt() * lat
-        hidden = tr.data.text_embeds[tr.data.caption_index[idx]]
+        tr = make_trainer(tiny_model, demo_dir, tmp_path / pred_type, prediction_type=pred_type, snr_gamma=5.0)
+        lat = torch.randn(3, 4, 8, 8, generator=g)
+        eps = torch.randn(3, 4, 8, 8, generator=g)
+        t = torch.tensor([3, 400, 990])
+        hidden = torch.randn(3, 77, tiny_model.unet.config.cross_attention_dim, generator=g)
+        ac = tr.noise_scheduler.alphas_cumprod[t].double().view(-1, 1, 1, 1)
+        noisy = (ac.sqrt() * lat + (1 - ac).sqrt() * eps).float()
+        target = eps if pred_type == "epsilon" else (ac.sqrt() * eps - (1 - ac).sqrt() * lat).float()
+        snr = (ac / (1 - ac)).flatten()
+        assert torch.allclose(compute_snr(tr.noise_scheduler, t).double(), snr, rtol=1e-5)
+        w = torch.clamp(snr, max=5.0) / (snr if pred_type == "epsilon" else snr + 1)
+        assert torch.allclose(tr._snr_weights(t).double(), w, rtol=1e-5)
         with torch.no_grad():
             pred = tiny_model.unet(noisy, t, hidden).sample
-            snr = (ac / (1 - ac)).flatten()
-            w = torch.clamp(snr, max=5.0) / (snr if pred_type == "epsilon" else snr + 1)
-            expected = (((pred - target) ** 2).mean(dim=(1, 2, 3)) * w).mean()
-            got = tr.compute_loss(7)
+            expected = (((pred - target) ** 2).mean(dim=(1, 2, 3)) * w.float()).mean()
+            got = tr.diffusion_loss(lat, eps, t, hidden)
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6), pred_type
+        tr.teardown()
+
+
+def test_zero_terminal_snr_gives_finite_min_snr_weights(tiny_model, demo_dir, tmp_path):
+    import dataclasses
+
+    from diffusers import DDPMScheduler
+
+    tiny_model = dataclasses.replace(tiny_model, noise_scheduler=DDPMScheduler.from_config(
+        tiny_model.noise_scheduler.config, rescale_betas_zero_snr=True))
+    assert float(tiny_model.noise_scheduler.alphas_cumprod[-1]) == 0.0  # SNR 0 at the last step
+    t = torch.tensor([0, 500, 998, 999])
+    for pred_type, last in (("epsilon", 1.0), ("v_prediction", 0.0)):
+        tr = make_trainer(tiny_model, demo_dir, tmp_path / pred_type, prediction_type=pred_type, snr_gamma=5.0)
+        w = tr._snr_weights(t)
+        assert torch.isfinite(w).all(), w
+        # The limit of min(SNR, g)/SNR as SNR -> 0 is 1; min(SNR, g)/(SNR + 1) is 0 there.
+        assert float(w[-1]) == last
+        ac = tiny_model.noise_scheduler.alphas_cumprod[t[:3]].double()
+        snr = ac / (1 - ac)
+        ref = torch.clamp(snr, max=5.0) / (snr if pred_type == "epsilon" else snr + 1)
+        assert torch.allclose(w[:3].double(), ref, rtol=1e-5)
         tr.teardown()
 
 
@@ -298,8 +323,9 @@ def test_mixed_precision_resolves_per_device():
 
     assert resolve_mixed_precision("auto", torch.device("cpu")) == "no"
     assert resolve_mixed_precision("no", torch.device("cpu")) == "no"
+    assert resolve_mixed_precision("bf16", torch.device("cpu")) == "bf16"  # CPU autocast has bf16
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
-        resolve_mixed_precision("bf16", torch.device("cpu"))
+        resolve_mixed_precision("fp16", torch.device("cpu"))
     assert resolve_mixed_precision("fp16", torch.device("cuda")) == "fp16"
 
 

@@ -27,7 +27,9 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params, compute_snr
 from safetensors.torch import load_file
 
 from trainers.config import TrainConfig
@@ -54,18 +56,55 @@ class StepStats:
     grad_norm: float | None
 
 
+def resolve_device(requested: str | None) -> torch.device:
+    """The device a run trains on: ``train.device`` if set, else the GPU Ray gave the trial (or
+    the first visible one), else the CPU. The one place that picks a training device."""
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def resolve_mixed_precision(requested: str, device: torch.device) -> str:
-    """Map the config's precision to accelerate's: "auto" is bf16/fp16 on CUDA and fp32 on CPU."""
+    """Map the config's precision to accelerate's: "auto" is bf16/fp16 on CUDA and fp32 on CPU.
+
+    bf16 may be asked for explicitly on a CPU (torch autocasts bf16 there); fp16 needs a GPU
+    (CPU autocast has no fp16 and accelerate's grad scaler is CUDA-only).
+    """
     if device.type != "cuda":
-        if requested in ("fp16", "bf16"):
+        if requested == "fp16":
             raise ValueError(
-                f"train.mixed_precision={requested} needs a CUDA GPU, but training runs on {device}; "
-                "use mixed_precision: auto or no"
+                f"train.mixed_precision=fp16 needs a CUDA GPU, but training runs on {device}; "
+                "use mixed_precision: auto, no or bf16"
             )
-        return "no"
+        return "bf16" if requested == "bf16" else "no"
     if requested == "auto":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return requested
+
+
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
+
+
+def run_precision(cfg: TrainConfig) -> tuple[torch.device, str, torch.dtype]:
+    """(device, accelerate mixed_precision, frozen-weight dtype) of a run with ``cfg``."""
+    device = resolve_device(cfg.device)
+    precision = resolve_mixed_precision(cfg.mixed_precision, device)
+    return device, precision, WEIGHT_DTYPES[precision]
+
+
+def make_accelerator(precision: str, device: torch.device) -> Accelerator:
+    """A single-process Accelerator with ``precision``, whatever earlier runs in this process used.
+
+    accelerate keeps one process-wide ``AcceleratorState`` and refuses a second ``Accelerator``
+    with another ``mixed_precision`` ("AcceleratorState has already been initialized"). A reused
+    Ray worker runs trial after trial, each with the precision its config asks for, and a trial
+    is a single-process run with no distributed state worth keeping, so the accelerator part of
+    the state is reset (its ``PartialState``, which holds the device, is kept).
+    """
+    current = AcceleratorState._shared_state.get("_mixed_precision")
+    if current is not None and current != precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
 
 
 class Trainer(abc.ABC):
@@ -76,17 +115,21 @@ class Trainer(abc.ABC):
     def __init__(self, model: Any, data: CachedDataset, cfg: TrainConfig, output_dir: str | Path) -> None:
         self.model, self.data, self.cfg = model, data, cfg
         self.output_dir = Path(output_dir)
-        device = torch.device(cfg.device) if cfg.device else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
-        precision = resolve_mixed_precision(cfg.mixed_precision, device)
-        self.accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+        device, precision, self.weight_dtype = run_precision(cfg)
+        self.accelerator = make_accelerator(precision, device)
         self.device = self.accelerator.device
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
         self.prediction_type = cfg.prediction_type or model.scheduler_config.get("prediction_type", "epsilon")
         self.noise_scheduler = model.noise_scheduler
         self.global_step = 0
         self._epoch_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._setup()
+        # Setup is transactional: the base model may be shared with later trials (a reused Ray
+        # worker), so whatever a half-done setup added (an adapter, a new token) is removed before
+        # the error propagates; otherwise every later trial on the worker would fail on it.
+        try:
+            self._setup()
+        except BaseException:
+            self.teardown()
+            raise
 
     # ----- hooks for method subclasses -------------------------------------------------------
 
@@ -99,8 +142,12 @@ class Trainer(abc.ABC):
         """Write the method's deliverable weights (the format people load) into ``directory``."""
 
     @abc.abstractmethod
-    def teardown(self) -> None:
-        """Restore the base model to how it was before this trainer (remove adapters etc.)."""
+    def restore_base_model(self) -> None:
+        """Undo what this method added to the base model (adapters, tokens, weights).
+
+        Must work after a partial setup too (called when ``__init__`` raised): remove only what
+        is there, and never raise because something was not added yet.
+        """
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -120,9 +167,8 @@ class Trainer(abc.ABC):
         self.trainable = [p for g in groups for p in g["params"]]
         if not self.trainable:
             raise RuntimeError(f"{type(self).__name__}.configure_trainable returned no parameters")
-        for p in self.trainable:
-            # Trainable weights stay fp32 under mixed precision (AdamW on bf16 weights loses updates).
-            p.data = p.data.float()
+        # Trainable weights stay fp32 under mixed precision (AdamW on bf16 weights loses updates).
+        cast_training_params([m.unet, m.text_encoder], dtype=torch.float32)
         if cfg.gradient_checkpointing:
             m.unet.enable_gradient_checkpointing()
             if self.trains_text_encoder:
@@ -130,10 +176,23 @@ class Trainer(abc.ABC):
         optimizer = torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                       weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
         self.optimizer = self.accelerator.prepare(optimizer)
-        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
+        self.lr_scheduler = get_scheduler(cfg.effective_lr_scheduler, optimizer=optimizer,
                                           num_warmup_steps=cfg.lr_warmup_steps,
                                           num_training_steps=cfg.max_train_steps)
         self.named_trainable = self._named_trainable()
+
+    def teardown(self) -> None:
+        """Restore the base model to how it was before this trainer: the method's own additions
+        (``restore_base_model``), then what the shared loop changed (gradient checkpointing,
+        train mode, requires_grad). Safe to call after a failed setup and more than once."""
+        self.restore_base_model()
+        m = self.model
+        if self.cfg.gradient_checkpointing:  # both calls are no-ops where it was never enabled
+            m.unet.disable_gradient_checkpointing()
+            m.text_encoder.gradient_checkpointing_disable()
+        for module in (m.unet, m.vae, m.text_encoder):
+            module.requires_grad_(False)
+            module.eval()  # as loaded: from_pretrained returns modules in eval mode
 
     def prepare_for_sampling(self) -> None:
         """Put the VAE and text encoder beside the UNet (sampling needs both; training with a
@@ -144,6 +203,13 @@ class Trainer(abc.ABC):
     def _place(self, module: torch.nn.Module) -> None:
         """Move a frozen module to the training device and weight dtype (only what differs)."""
         p = next(module.parameters())
+        if p.dtype != self.weight_dtype and p.dtype != torch.float32:
+            # An earlier trainer cast this shared module down (e.g. to bf16); casting it back up
+            # would train on rounded weights, silently. Sweeps load one base model per precision.
+            raise RuntimeError(
+                f"{type(module).__name__} of the base model is in {p.dtype} (cast by an earlier run with "
+                f"mixed precision), but this run needs {self.weight_dtype}; load a fresh base model "
+                "(trainers.models.load_base_model) for runs with another train.mixed_precision")
         if p.device != self.device:
             module.to(self.device)
         if p.dtype != self.weight_dtype:
@@ -212,11 +278,16 @@ class Trainer(abc.ABC):
             # Offset noise (Guttenberg 2023): lets the model shift an image's mean brightness.
             noise = noise + self.cfg.noise_offset * torch.randn(
                 (latents.shape[0], latents.shape[1], 1, 1), generator=gen)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+        return self.diffusion_loss(latents, noise, t, self.encoder_hidden_states(idx))
+
+    def diffusion_loss(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                       hidden: torch.Tensor) -> torch.Tensor:
+        """The loss for given clean latents, noise, timesteps and text conditioning: MSE of the
+        UNet's prediction against the epsilon or v target, per-sample min-SNR weighted, batch mean."""
         sched = self.noise_scheduler
-        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen)
         noisy = sched.add_noise(latents, noise, t)
         target = noise if self.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-        hidden = self.encoder_hidden_states(idx)
         with self.accelerator.autocast():
             pred = self.model.unet(noisy.to(self.device, self.weight_dtype), t.to(self.device), hidden).sample
         per_sample = F.mse_loss(pred.float(), target.to(self.device), reduction="none").mean(dim=(1, 2, 3))
@@ -225,16 +296,26 @@ class Trainer(abc.ABC):
         return per_sample.mean()
 
     def _snr_weights(self, t: torch.Tensor) -> torch.Tensor:
-        """Min-SNR-gamma weights: min(SNR, g)/SNR for epsilon, min(SNR, g)/(SNR+1) for v."""
-        ac = self.noise_scheduler.alphas_cumprod[t].float()
-        snr = ac / (1 - ac)
+        """Min-SNR-gamma weights (Hang et al. 2023): min(SNR, g)/SNR for epsilon, min(SNR, g)/(SNR+1)
+        for v-prediction, with diffusers' ``compute_snr``.
+
+        A zero-terminal-SNR schedule (``rescale_betas_zero_snr``) has SNR = 0 at its last timestep,
+        where min(SNR, g)/SNR is 0/0; its limit as SNR -> 0 is 1 (min(SNR, g) = SNR below g), which
+        is used there instead of the NaN diffusers' training scripts would produce.
+        """
+        snr = compute_snr(self.noise_scheduler, t).float()
         clipped = torch.clamp(snr, max=self.cfg.snr_gamma)
-        return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
+        if self.prediction_type == "v_prediction":
+            return clipped / (snr + 1)
+        nonzero = snr > 0
+        return torch.where(nonzero, clipped / torch.where(nonzero, snr, 1.0), 1.0)
 
     def train_step(self) -> StepStats:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
         accum = self.cfg.gradient_accumulation_steps
         self.model.unet.train()
+        if self.trains_text_encoder:
+            self.model.text_encoder.train()  # its adapters' dropout is part of the recipe
         total = 0.0
         for k in range(accum):
             micro = self.global_step * accum + k
@@ -286,8 +367,10 @@ class Trainer(abc.ABC):
             lat = self.data.sample_latents(torch.tensor([i]), no_flip, gen)[0]
             latents.append(lat)
             noise.append(torch.randn((timesteps, *lat.shape), generator=gen))
-        was_training = self.model.unet.training
-        self.model.unet.eval()
+        modules = (self.model.unet, self.model.text_encoder)
+        was_training = [m.training for m in modules]
+        for m in modules:
+            m.eval()
         total, count = 0.0, 0
         for start in range(0, n, self.cfg.train_batch_size):
             idx = torch.arange(start, min(n, start + self.cfg.train_batch_size))
@@ -302,7 +385,8 @@ class Trainer(abc.ABC):
                     pred = self.model.unet(noisy.to(self.device, self.weight_dtype), t.to(self.device), hidden).sample
                 total += F.mse_loss(pred.float(), target.to(self.device), reduction="sum").item()
                 count += target.numel()
-        self.model.unet.train(was_training)
+        for m, flag in zip(modules, was_training):
+            m.train(flag)
         return total / count
 
     # ----- the loop ----------------------------------------------------------------------------

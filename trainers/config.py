@@ -89,6 +89,15 @@ class TrainConfig(Frozen):
     checkpoints_total_limit: int | None = Field(None, gt=0)
     device: str | None = None
 
+    @property
+    def effective_lr_scheduler(self) -> str:
+        """The schedule as run: warm-up applies to every schedule, so ``constant`` with
+        ``lr_warmup_steps > 0`` runs as diffusers' ``constant_with_warmup`` (diffusers'
+        ``get_scheduler`` would otherwise ignore the warm-up of ``constant`` without a word)."""
+        if self.lr_scheduler == "constant" and self.lr_warmup_steps:
+            return "constant_with_warmup"
+        return self.lr_scheduler
+
     @model_validator(mode="after")
     def _warmup_fits(self) -> "TrainConfig":
         if self.lr_warmup_steps > self.max_train_steps:

@@ -123,14 +123,19 @@ def _eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
             m.train(flag)
 
 
-def generate(model: BaseModel, settings: EvalSettings) -> list[GeneratedImage]:
+def generate(model: BaseModel, settings: EvalSettings, prediction_type: str | None = None) -> list[GeneratedImage]:
     """Generate one image per (prompt, seed), prompt-major order, ``settings.batch_size`` at a time.
 
     Each image gets its own CPU ``torch.Generator`` seeded with its seed: its initial noise (and
     any sampler noise) then depends only on (prompt, seed), never on its batch or the device, so
-    results compare across trials and machines.
+    results compare across trials and machines. ``prediction_type`` overrides the model's own
+    (a run trained with ``train.prediction_type``: its UNet predicts that, so the sampler must read
+    its output as that).
     """
-    scheduler = make_scheduler(settings.sampler, model.scheduler_config)
+    sched_cfg = dict(model.scheduler_config)
+    if prediction_type is not None:
+        sched_cfg["prediction_type"] = prediction_type
+    scheduler = make_scheduler(settings.sampler, sched_cfg)
     pipe = model.pipeline(scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     size = settings.resolution or int(model.unet.config.sample_size) * 8
@@ -270,16 +275,18 @@ class Evaluator:
             per_item[i] = v
         return MetricResult(r.value, tuple(per_item))
 
-    def run(self, model: BaseModel, autocast_dtype: torch.dtype | None = None) -> EvalRecord:
+    def run(self, model: BaseModel, autocast_dtype: torch.dtype | None = None,
+            prediction_type: str | None = None) -> EvalRecord:
         """Generate and score ``model`` as it is now (adapters included).
 
-        ``autocast_dtype`` (bf16/fp16 on a GPU) matches a mixed-precision trainer's frozen weights.
+        ``autocast_dtype`` (bf16/fp16 on a GPU) matches a mixed-precision trainer's frozen weights;
+        ``prediction_type`` is the trainer's (see :func:`generate`).
         """
         t0 = time.perf_counter()
         device = next(model.unet.parameters()).device
         use_autocast = autocast_dtype is not None and device.type == "cuda"
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
-            images = generate(model, self.cfg.generation)
+            images = generate(model, self.cfg.generation, prediction_type)
         t1 = time.perf_counter()
         pils, prompts = [g.image for g in images], [g.prompt for g in images]
         results = {m.name: self._score(m, pils, prompts) for m in self.metrics}

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers.utils import convert_state_dict_to_diffusers, recurse_remove_peft_layers
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
 from trainers.base import Trainer
@@ -99,7 +100,11 @@ class LoraTrainer(Trainer):
         if s.train_text_encoder:
             te_cfg = LoraConfig(r=s.rank, lora_alpha=s.lora_alpha, lora_dropout=s.dropout,
                                 init_lora_weights=init, target_modules=list(s.text_encoder_target_modules))
-            self.model.text_encoder.add_adapter(te_cfg, adapter_name=ADAPTER)
+            try:
+                self.model.text_encoder.add_adapter(te_cfg, adapter_name=ADAPTER)
+            except ValueError as err:
+                raise ValueError(f"lora.text_encoder_target_modules {list(s.text_encoder_target_modules)}: {err} "
+                                 "Use the CLIP text encoder's q_proj, k_proj, v_proj, out_proj") from None
             self._configs["text_encoder"] = te_cfg
             groups.append({"params": [p for p in self.model.text_encoder.parameters() if p.requires_grad],
                            "lr": s.text_encoder_lr or self.cfg.learning_rate})
@@ -121,6 +126,7 @@ class LoraTrainer(Trainer):
             adapter_meta.update(_config_metadata(cfg, prefix))
         info = {"method": self.method, "base_model": self.model.source,
                 "base_model_identity": self.model.identity, "step": self.global_step,
+                "prediction_type": self.prediction_type,  # what a sampler must use with these weights
                 "dataset_key": self.data.key, "train": self.cfg.model_dump(mode="json"),
                 "lora": self.lora.model_dump(mode="json")}
         meta = {"format": "pt", "lora_adapter_metadata": json.dumps(adapter_meta, sort_keys=True),
@@ -129,12 +135,19 @@ class LoraTrainer(Trainer):
         atomic_save_safetensors(self.lora_state_dict(), path, meta)
         return path
 
-    def teardown(self) -> None:
-        """Remove this trainer's adapters so the base model can serve the next trial unchanged."""
-        if "unet" in self._configs:
-            self.model.unet.delete_adapters(ADAPTER)
-        if "text_encoder" in self._configs:
-            self.model.text_encoder.delete_adapter(ADAPTER)
-        if self.cfg.gradient_checkpointing:
-            self.model.unet.disable_gradient_checkpointing()
+    def restore_base_model(self) -> None:
+        """Unwrap every peft layer and drop the adapter registry, so the UNet and text encoder are
+        module for module (and state-dict key for key) the ones that were loaded.
+
+        peft's ``delete_adapter`` alone leaves each wrapped layer in place (its weight then sits at
+        ``to_q.base_layer.weight``), so a reused worker's model would drift from a fresh one. Works
+        after a setup that failed half-way (the UNet adapter added, then the text encoder's target
+        modules missing): whatever peft injected is removed. A base model never carries adapters
+        of its own in sdsweep (it is loaded from weights), so everything peft added is ours.
+        """
+        for module in (self.model.unet, self.model.text_encoder):
+            if any(isinstance(m, BaseTunerLayer) for m in module.modules()):
+                recurse_remove_peft_layers(module)
+            module.__dict__.pop("peft_config", None)
+            module.__dict__.pop("_hf_peft_config_loaded", None)  # back to the class default
         self._configs.clear()

@@ -311,7 +311,7 @@ def _assemble(
         lambda: dict(DDPMScheduler.load_config(config_root, subfolder="scheduler", local_files_only=True)),
     )
     for m in (unet, vae, text_encoder):
-        m.eval()
+        m.eval().requires_grad_(False)  # a base model is frozen; a trainer unfreezes what it trains
     fp_vae, fp_text = module_fingerprint(vae), module_fingerprint(text_encoder)
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
     text_identity = hashlib.sha256(f"text_encoder:{fp_text}\nvocab:{vocab}".encode()).hexdigest()
