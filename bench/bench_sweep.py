@@ -43,7 +43,7 @@ def sweep_dict(storage: Path, reuse: bool) -> dict:
         "search": {"spaces": ["lora"], "sampler": {"type": "random", "seed": 0},
                    "num_samples": TRIALS, "max_concurrent_trials": 2, "warm_start": False},
         "scheduler": {"type": "none"},  # every trial runs all 40 steps in both arms
-        "evaluation": {"every": EVERY, "metric": "val_loss"},
+        "evaluation": {"every": EVERY, "metric": "fixed_train_loss"},
         "resources": {"cpu": 1, "gpu": 0}, "checkpoints_to_keep": 1,
         "storage_path": str(storage), "tracking": {"wandb": False},
     }

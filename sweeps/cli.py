@@ -86,12 +86,20 @@ def print_results(run_dir: Path, metric: str | None = None) -> list[Any]:
     from sweeps.results import baseline_scores, format_leaderboard, image_metrics, leaderboard, metric_and_mode
     from sweeps.results import find_checkpoint, pareto_front
 
+    from sweeps.confirm import heldout_column, read_confirmation
+
     rows, state = leaderboard(run_dir, metric)
     name, mode = metric_and_mode(state, metric)
     base = baseline_scores(state)
+    confirmation = read_confirmation(run_dir)
     print(f"ranked by {name} ({mode}) over every evaluated checkpoint"
           + ("; (+x) = gain over the base model without adapter" if base else ""))
-    print(format_leaderboard(rows, name, image_metrics(state), base))
+    print(format_leaderboard(rows, name, image_metrics(state), base, heldout_column(confirmation)))
+    if confirmation:
+        print(f"held-out confirmation ({confirmation['images_per_model']} images per model on seeds never used "
+              f"for picking), winner {confirmation['winner']}:")
+        for line in confirmation["verdict"]:
+            print(f"  {line}")
     objectives = state["config"]["evaluation"].get("objectives")
     if objectives:
         front = pareto_front(rows, list(objectives), [natural_mode(o) for o in objectives])
@@ -158,6 +166,24 @@ def _cmd_best(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_confirm(args: argparse.Namespace) -> int:
+    import ray
+
+    from sweeps.confirm import confirm_run_dir
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        summary = confirm_run_dir(Path(args.run_dir))
+    finally:
+        ray.shutdown()
+    if summary is None:
+        print("nothing to confirm: the sweep has no image evaluation, confirmation is off, or no "
+              "trial was evaluated", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print_results(Path(args.run_dir))
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from sweeps.report import write_report
 
@@ -204,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     pick.add_argument("--pareto", type=int, default=None, metavar="K",
                       help="export point K of the Pareto front (multi-objective sweeps; see `results`)")
     best.set_defaults(func=_cmd_best)
+
+    confirm = sub.add_parser("confirm", help="(re)run the held-out confirmation of a sweep's top checkpoints")
+    confirm.add_argument("run_dir")
+    confirm.set_defaults(func=_cmd_confirm)
 
     report = sub.add_parser("report", help="write a static HTML report of a sweep (opens from disk)")
     report.add_argument("run_dir")

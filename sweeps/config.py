@@ -24,7 +24,8 @@ from trainers.metrics import COMPOSITE, METRICS
 # What every trial reports at each evaluation, with its natural direction; with
 # ``evaluation.images`` set, trials also report each image metric and ``composite`` (all "max").
 REPORTED_METRICS = {
-    "val_loss": "min",
+    "fixed_train_loss": "min",
+    "val_loss": "min",  # only with held-out images (base.data.validation_split / validation_path)
     "train_loss": "min",
     "steps_per_s": "max",
     "samples_per_s": "max",
@@ -75,6 +76,22 @@ class SchedulerSettings(Frozen):
         return self
 
 
+class ConfirmSettings(Frozen):
+    """Held-out confirmation at the end of a sweep (needs ``evaluation.images``).
+
+    The ``top_k`` leaderboard checkpoints and the base model are generated and scored again on
+    ``seeds`` that picking never saw (and, if given, on other ``prompts``); the winner's margin over
+    the runner-up and over the base model gets a paired bootstrap interval. A score picked as the
+    best of many on the same images is biased upwards (the winner's curse); these are not.
+    """
+
+    top_k: int = Field(3, ge=1, le=20)
+    seeds: tuple[int, ...] = Field(tuple(range(1000, 1008)), min_length=1)
+    prompts: tuple[str, ...] | None = Field(None, min_length=1, description="default: the evaluation prompts")
+    bootstrap: int = Field(2000, ge=100, description="bootstrap resamples of the (prompt, seed) pairs")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+
+
 class EvaluationSettings(Frozen):
     """When trials evaluate and checkpoint, and what ranks them.
 
@@ -85,33 +102,55 @@ class EvaluationSettings(Frozen):
     """
 
     every: int = Field(10, gt=0, description="evaluate + checkpoint every N training steps")
-    metric: str = "val_loss"
+    # "auto": composite with images, else val_loss with held-out images, else fixed_train_loss
+    # (resolved by SweepConfig, which knows the data).
+    metric: str = "auto"
     mode: Literal["min", "max"] | None = None
     validation_timesteps: int = Field(4, gt=0)
     images: EvaluatorConfig | None = None
     objectives: tuple[str, ...] | None = None
+    # Held-out confirmation of the top checkpoints; on by default with image evaluation, `null` turns it off.
+    confirm: ConfirmSettings | None = ConfirmSettings()
 
     @model_validator(mode="before")
     @classmethod
     def _default_metric(cls, data: Any) -> Any:
         # With image evaluation on, what the user came for is the image score: rank by composite.
-        if isinstance(data, dict) and data.get("images") is not None and data.get("metric") is None:
+        if isinstance(data, dict) and data.get("images") is not None and data.get("metric") in (None, "auto"):
             return {**data, "metric": COMPOSITE}
         return data
 
     @model_validator(mode="after")
     def _metrics_exist(self) -> "EvaluationSettings":
         available = self.available()
-        if self.metric not in available:
+        if self.metric != "auto" and self.metric not in available:
             hint = "" if self.images else " (image metrics need evaluation.images)"
             raise ValueError(f"evaluation.metric {self.metric!r} is not reported by any trial{hint}; "
                              f"choose one of {sorted(available)}")
+        if self.images is not None and self.confirm is not None:
+            reused = sorted(set(self.confirm.seeds) & set(self.images.generation.seeds))
+            if reused:
+                raise ValueError(f"evaluation.confirm.seeds {reused} are also evaluation.images.generation.seeds; "
+                                 "held-out seeds must never be used for picking: choose others")
+            self.heldout_evaluator()  # held-out prompts obey the evaluator's rules ({token}, prior prompts)
         if self.objectives is not None:
             bad = [o for o in self.objectives if o not in available]
             if bad or len(set(self.objectives)) < 2:
                 raise ValueError(f"evaluation.objectives {list(self.objectives)}: need two or more distinct metrics "
                                  f"from {sorted(available)}" + (f"; unknown {bad}" if bad else ""))
         return self
+
+    def heldout_evaluator(self) -> EvaluatorConfig:
+        """The evaluator of the held-out confirmation: ``images`` with ``confirm``'s seeds and prompts."""
+        assert self.images is not None and self.confirm is not None
+        gen = self.images.generation.model_dump()
+        gen["seeds"] = list(self.confirm.seeds)
+        if self.confirm.prompts is not None:
+            gen["prompts"] = list(self.confirm.prompts)
+        try:
+            return EvaluatorConfig.model_validate({**self.images.model_dump(), "generation": gen})
+        except ValueError as err:
+            raise ValueError(f"evaluation.confirm.prompts: {err}") from None
 
     def available(self) -> set[str]:
         """Every metric a trial of this sweep reports."""
@@ -141,6 +180,28 @@ class SweepConfig(Frozen):
     storage_path: str = "runs"
     ray_address: str | None = None
     tracking: TrackingSettings = TrackingSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_auto_metric(cls, data: Any) -> Any:
+        # Without images the default ranking loss is val_loss only where there are held-out images.
+        if not isinstance(data, dict):
+            return data
+        ev = data.get("evaluation") or {}
+        if isinstance(ev, dict) and ev.get("images") is None and ev.get("metric", "auto") == "auto":
+            d = ((data.get("base") or {}).get("data") or {}) if isinstance(data.get("base"), dict) else {}
+            held = isinstance(d, dict) and (d.get("validation_split") or d.get("validation_path"))
+            return {**data, "evaluation": {**ev, "metric": "val_loss" if held else "fixed_train_loss"}}
+        return data
+
+    @model_validator(mode="after")
+    def _val_loss_needs_held_out_images(self) -> "SweepConfig":
+        ev = self.evaluation
+        if not self.base.data.has_validation and "val_loss" in (ev.metric, *(ev.objectives or ())):
+            raise ValueError("evaluation: val_loss needs held-out images: set base.data.validation_split "
+                             "(e.g. 0.2) or base.data.validation_path, or rank by fixed_train_loss (the same "
+                             "deterministic loss measured on the training images)")
+        return self
 
     @model_validator(mode="after")
     def _grace_fits(self) -> "SweepConfig":

@@ -9,6 +9,7 @@ the run directory.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces import make_sampler, make_storage
 from sweeps.config import SweepConfig
+from sweeps.confirm import confirm_sweep
 from sweeps.results import SWEEP_STATE, SweepError
 from sweeps.tracking import make_callbacks, offline_sync_command, tensorboard_callbacks
 from sweeps.trial import run_trial, trial_env
@@ -30,47 +32,69 @@ from trainers.data import preflight
 
 
 class SweepOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells Optuna FAIL for errored trials, never a score.
+    """OptunaSearch told what the leaderboard ranks: errors as FAIL, early stops as PRUNED, and a
+    finished trial's value(s) at its best evaluated checkpoint.
 
-    Ray's OptunaSearch tells COMPLETE with the last reported metric when a trial that had
-    already reported fails, and PRUNED when the final result carries no metric. A trial that ends
-    with ``trial_status == "error"`` (see sweeps/trial.py) or with ``error=True`` is a failure.
+    Ray's OptunaSearch tells COMPLETE with the *last* reported value -- but the leaderboard ranks
+    and exports a trial's best checkpoint, so TPE would model a number the user never gets. Here
+    the result with the best ``rank_metric`` (the sweep's ``evaluation.metric``) is remembered and
+    its value (multi-objective: each objective's value at that checkpoint) is told. A trial the
+    scheduler stopped early (``trial_status`` still "running") is told PRUNED: its intermediate
+    values (reported per evaluation, single-objective) are what TPE ranks pruned trials by, and a
+    trial stopped at step 150 is not comparable with one that ran to the end. A trial ending with
+    ``trial_status == "error"`` (sweeps/trial.py) or ``error=True`` is FAIL.
     """
 
+    def __init__(self, *args: Any, rank_metric: str, rank_mode: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rank = (rank_metric, rank_mode)
+        self._best: dict[str, dict] = {}
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        metric, mode = self._rank
+        value = result.get(metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            best = self._best.get(trial_id)
+            if best is None or (value > best[metric] if mode == "max" else value < best[metric]):
+                self._best[trial_id] = dict(result)
         # An errored trial's last report carries no metric; Ray's version would raise KeyError.
         if isinstance(self.metric, str) and self.metric not in result:
             return
         super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        best = self._best.pop(trial_id, None)
         if error or (result or {}).get("trial_status") == "error":
             super().on_trial_complete(trial_id, result=None, error=True)
+        elif (result or {}).get("trial_status") != "completed" or best is None:
+            super().on_trial_complete(trial_id, result=None, error=False)  # no value: PRUNED
         else:
-            super().on_trial_complete(trial_id, result=result, error=False)
+            super().on_trial_complete(trial_id, result=best, error=False)
 
 
-@ray.remote(num_returns=2)
-def build_cache_task(sweep: dict[str, Any], baseline: bool) -> tuple[Any, dict[str, Any]]:
+@ray.remote(num_returns=3)
+def build_cache_task(sweep: dict[str, Any], baseline: bool) -> tuple[Any, Any, dict[str, Any]]:
     """Build (or reuse from disk) the latent cache and, if asked, score the base model.
 
-    Returns (dataset, summary) as two objects so the dataset goes from this task into the object
-    store and on to trials, never via the driver. The baseline (the base model without any
+    Returns (dataset, validation dataset or None, summary) as three objects so the datasets go
+    from this task into the object store and on to trials, never via the driver. The baseline (the base model without any
     adapter, through the sweep's evaluator) shares this task's model load; its files come back
     as bytes in the summary so the driver writes them whatever node this ran on.
     """
     from trainers.models import load_base_model
-    from trainers.run import prepare_data
+    from trainers.run import prepare_data, prepare_validation
 
     cfg = SweepConfig.model_validate(sweep)
     m = cfg.base.model
     model = load_base_model(m.source, allow_pickle=m.allow_pickle, single_file_config=m.single_file_config,
                             revision=m.revision)
     data = prepare_data(cfg.base, model, cache_text=True)
-    summary = {"report": dict(data.report.__dict__), "key": data.key, "model_identity": model.identity}
+    validation = prepare_validation(cfg.base, model, cache_text=True)
+    summary = {"report": dict(data.report.__dict__), "key": data.key, "model_identity": model.identity,
+               "validation_images": len(validation) if validation is not None else 0}
     if baseline:
         summary["baseline"] = _score_baseline(cfg, model)
-    return data, summary
+    return data, validation, summary
 
 
 def _score_baseline(cfg: SweepConfig, model: Any) -> dict[str, Any]:
@@ -130,6 +154,7 @@ def make_search(cfg: SweepConfig) -> SweepOptunaSearch:
         sampler=make_sampler(cfg.search.sampler), storage=make_storage(cfg.search.storage),
         study_name=cfg.search.study_name or cfg.name,
         points_to_evaluate=space.warm_start_points() if cfg.search.warm_start else None,
+        rank_metric=cfg.evaluation.metric, rank_mode=cfg.mode,
     )
 
 
@@ -149,16 +174,17 @@ def ensure_ray(cfg: SweepConfig) -> bool:
 BASELINE_DIR = "baseline"
 
 
-def build_cache(cfg: SweepConfig, baseline: bool = False) -> tuple[Any, dict[str, Any]]:
-    """Run the cache build (and the baseline) as a Ray task; return (object ref, summary)."""
+def build_cache(cfg: SweepConfig, baseline: bool = False) -> tuple[list[Any], dict[str, Any]]:
+    """Run the cache build (and the baseline) as a Ray task; return ([training ref, validation
+    ref], summary)."""
     res = cfg.resources
-    data_ref, summary_ref = build_cache_task.options(num_cpus=res.cpu, num_gpus=1 if res.gpu > 0 else 0).remote(
-        cfg.model_dump(mode="json"), baseline)
+    data_ref, val_ref, summary_ref = build_cache_task.options(
+        num_cpus=res.cpu, num_gpus=1 if res.gpu > 0 else 0).remote(cfg.model_dump(mode="json"), baseline)
     try:
         summary = ray.get(summary_ref)
     except ray.exceptions.RayTaskError as err:  # surface the cause (bad dataset, model) as itself
         raise err.as_instanceof_cause() from None
-    return data_ref, summary
+    return [data_ref, val_ref], summary
 
 
 def _save_baseline(run_dir: Path, baseline: dict[str, Any]) -> dict[str, Any]:
@@ -172,9 +198,9 @@ def _save_baseline(run_dir: Path, baseline: dict[str, Any]) -> dict[str, Any]:
             "eval_s": baseline["eval_s"]}
 
 
-def _trainable(cfg: SweepConfig, data_ref: Any) -> Any:
-    # The ref travels inside a list so Ray hands trials the reference, not a driver-side copy.
-    fn = tune.with_parameters(run_trial, sweep=cfg.model_dump(mode="json"), cache=[data_ref])
+def _trainable(cfg: SweepConfig, data_refs: list[Any]) -> Any:
+    # The refs travel inside a list so Ray hands trials the references, not driver-side copies.
+    fn = tune.with_parameters(run_trial, sweep=cfg.model_dump(mode="json"), cache=list(data_refs))
     return tune.with_resources(fn, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
 
 
@@ -211,7 +237,7 @@ def run_sweep(cfg: SweepConfig, *, sweep_file: str | None = None, run_dir: Path 
     run_dir.mkdir(parents=True, exist_ok=True)
     started = ensure_ray(cfg)
     try:
-        data_ref, summary = build_cache(cfg, baseline=cfg.evaluation.images is not None)
+        data_refs, summary = build_cache(cfg, baseline=cfg.evaluation.images is not None)
         report = summary["report"]
         state = {"run_id": run_dir.name, "sweep_file": sweep_file, "config": cfg.model_dump(mode="json"),
                  "cache_key": summary["key"], "base_model_identity": summary["model_identity"],
@@ -219,7 +245,8 @@ def run_sweep(cfg: SweepConfig, *, sweep_file: str | None = None, run_dir: Path 
         if "baseline" in summary:
             state["baseline"] = _save_baseline(run_dir, summary["baseline"])
         (run_dir / SWEEP_STATE).write_text(json.dumps(state, indent=1))
-        results = _tuner(cfg, run_dir, _trainable(cfg, data_ref), run_dir.name).fit()
+        results = _tuner(cfg, run_dir, _trainable(cfg, data_refs), run_dir.name).fit()
+        confirm_sweep(cfg, run_dir)
     finally:
         if started:
             ray.shutdown()
@@ -239,7 +266,7 @@ def resume_sweep(run_dir: Path) -> SweepRun:
     started = ensure_ray(cfg)
     try:
         need_baseline = cfg.evaluation.images is not None and "baseline" not in state
-        data_ref, summary = build_cache(cfg, baseline=need_baseline)
+        data_refs, summary = build_cache(cfg, baseline=need_baseline)
         report, key = summary["report"], summary["key"]
         if "baseline" in summary:
             state["baseline"] = _save_baseline(run_dir, summary["baseline"])
@@ -248,9 +275,10 @@ def resume_sweep(run_dir: Path) -> SweepRun:
                                f"(cache key {key[:12]} != {state['cache_key'][:12]}); start a new sweep")
         state["cache_builds"].append(report)
         (run_dir / SWEEP_STATE).write_text(json.dumps(state, indent=1))
-        tuner = tune.Tuner.restore(str(run_dir), trainable=_trainable(cfg, data_ref), resume_unfinished=True,
+        tuner = tune.Tuner.restore(str(run_dir), trainable=_trainable(cfg, data_refs), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         results = tuner.fit()
+        confirm_sweep(cfg, run_dir)
     finally:
         if started:
             ray.shutdown()

@@ -30,7 +30,7 @@ from trainers.tensor_files import atomic_write_text
 
 REPORT_DIR = "report"
 IMAGES_DIR = "images"
-LOSSES = ("val_loss", "train_loss")
+LOSSES = ("val_loss", "fixed_train_loss", "train_loss")
 GRID_PX, THUMB_PX = 204, 96  # displayed widths: figure 220 - 2 * 8 padding, img.thumb
 # Tableau's 10 categorical colours: distinguishable, also in greyscale print order.
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",

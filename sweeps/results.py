@@ -201,26 +201,38 @@ def _score(value: Any, base: float | None) -> str:
 
 
 def format_leaderboard(rows: list[TrialRow], metric: str, scores: list[str] | None = None,
-                       baseline: dict[str, float] | None = None) -> str:
+                       baseline: dict[str, float] | None = None,
+                       heldout: tuple[str, dict[str, float]] | None = None) -> str:
     """A plain-text table a terminal shows well.
 
     ``scores``: more metrics to show at each trial's best step (e.g. the image scores), each with
-    its gain over ``baseline`` in parentheses when a baseline value exists.
+    its gain over ``baseline`` in parentheses when a baseline value exists. ``heldout``: (metric,
+    {trial id or "baseline": score}) of the held-out confirmation, shown beside the selection's
+    scores for the checkpoints it re-scored.
     """
     baseline = baseline or {}
     extra = [s for s in (scores or []) if s != metric]
     keys = sorted({k for r in rows for k in r.params if k != "method"})
-    head = ["rank", "trial", "method", *keys, metric, *extra, "best@step", "status", "steps", "wall"]
+    h_name, h_scores = heldout or ("", {})
+    h_col = [f"held-out {h_name}"] if heldout else []
+    h_base = h_scores.get("baseline")
+
+    def held(key: str) -> list[str]:
+        if not heldout:
+            return []
+        return [_score(h_scores[key], None if key == "baseline" else h_base) if key in h_scores else "-"]
+
+    head = ["rank", "trial", "method", *keys, metric, *h_col, *extra, "best@step", "status", "steps", "wall"]
     lines = [head]
     for r in rows:
         lines.append([str(r.rank or "-"), r.trial_id, r.method, *[_fmt(r.params.get(k, "")) for k in keys],
                       _score(r.best, baseline.get(metric)) if metric in baseline else
-                      (f"{r.best:.5f}" if r.best is not None else "-"),
+                      (f"{r.best:.5f}" if r.best is not None else "-"), *held(r.trial_id),
                       *[_score(r.best_metrics.get(s), baseline.get(s)) for s in extra],
                       str(r.best_step or "-"), r.status, str(r.steps), f"{r.wall_s:.0f}s"])
     if baseline:
         lines.append(["base", "(no adapter)", "-", *["" for _ in keys], _score(baseline.get(metric), None),
-                      *[_score(baseline.get(s), None) for s in extra], "-", "baseline", "0", ""])
+                      *held("baseline"), *[_score(baseline.get(s), None) for s in extra], "-", "baseline", "0", ""])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     for r in rows:
@@ -323,8 +335,26 @@ def export_best(run_dir: Path, dest: Path, metric: str | None = None, pareto: in
                     if "pareto_index" in why else
                     f"{'lowest' if mode == 'min' else 'highest'} {metric} over every evaluated checkpoint "
                     f"of every trial ({why['evaluated_trials']} of {why['trials']} trials evaluated)")}
+    info["heldout"] = _heldout_entry(run_dir, f"{row.trial_id}@{int(h['step'])}")
     atomic_write_text(dest / "best.json", json.dumps(info, indent=1, default=str))
     return info
+
+
+def _heldout_entry(run_dir: Path, label: str) -> dict[str, Any] | None:
+    """best.json's account of the held-out confirmation of the exported checkpoint ``label``."""
+    from sweeps.confirm import read_confirmation
+
+    conf = read_confirmation(run_dir)
+    if conf is None:
+        return None
+    if conf["winner"] != label:
+        return {"note": f"the held-out confirmation re-scored {conf['winner']}, the sweep's own pick, "
+                        f"not this checkpoint ({label})"}
+    by_label = {m["label"]: m for m in conf["models"]}
+    return {"metric": conf["metric"], "seeds": conf["seeds"], "images_per_model": conf["images_per_model"],
+            "scores": by_label[label]["heldout"], "baseline": by_label["baseline"]["heldout"],
+            "selection_scores": by_label[label].get("selection"), "margins": conf["margins"],
+            "margins_by_metric": conf["margins_by_metric"], "verdict": conf["verdict"]}
 
 
 def _export_weights(ckpt: Path, dest: Path, state: dict[str, Any]) -> list[str]:

@@ -29,7 +29,7 @@ import torch
 from ray import tune
 
 from sweeps.config import SweepConfig, trial_run_config
-from trainers.base import run_precision
+from trainers.precision import run_precision
 from trainers.evaluate import GRID_FILE, Evaluator, load_references, write_samples
 from trainers.latents import CachedDataset
 from trainers.models import BaseModel, load_base_model
@@ -179,8 +179,9 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: list[Any]
         run_cfg = trial_run_config(cfg, params, source=f"trial {tune.get_context().get_trial_id()}")
         model, reused = worker_model(run_cfg.model, run_precision(run_cfg.train)[1])
         data: CachedDataset = ray.get(cache[0])
+        validation: CachedDataset | None = ray.get(cache[1]) if len(cache) > 1 else None
         run_cfg = run_cfg.model_copy(update={"output_dir": str(Path(tune.get_context().get_trial_dir()) / "work")})
-        trainer = make_trainer(run_cfg, model, data)
+        trainer = make_trainer(run_cfg, model, data, validation)
         if trainer.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.device)  # reused workers: per-trial peak
         checkpoint = tune.get_checkpoint()
@@ -231,7 +232,7 @@ def _train_and_report(trainer: Any, cfg: SweepConfig, evaluator: Evaluator | Non
         metrics = {
             "step": trainer.global_step,
             "train_loss": sum(s.loss for s in history) / len(history),
-            "val_loss": trainer.validation_loss(cfg.evaluation.validation_timesteps),
+            "fixed_train_loss": trainer.fixed_loss(trainer.data, cfg.evaluation.validation_timesteps),
             "lr": history[-1].lr,
             "steps_per_s": len(history) / elapsed,
             "samples_per_s": len(history) * samples_per_step / elapsed,
@@ -240,6 +241,8 @@ def _train_and_report(trainer: Any, cfg: SweepConfig, evaluator: Evaluator | Non
             "trial_status": "running" if trainer.global_step < total else "completed",
             "reported_at": time.time(),  # Tune's own timestamp is whole seconds
         }
+        if trainer.validation_data is not None:  # held-out images: the loss named for what it is
+            metrics["val_loss"] = trainer.validation_loss(cfg.evaluation.validation_timesteps)
         if evaluator is not None:
             step = trainer.global_step
             extra = {"trial_id": tune.get_context().get_trial_id(), "step": step}

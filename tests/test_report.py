@@ -236,7 +236,7 @@ def test_every_link_is_relative_and_inside_the_report(doc: Node, report: Path) -
 def test_charts_draw_one_line_per_trial_and_the_baseline_dashed(doc: Node, board: Board) -> None:
     rows, _ = board
     charts = {n.attrs["data-metric"]: n for n in doc.iter("div", "chart")}
-    assert list(charts) == ["clip_t", "clip_i", "composite", "val_loss", "train_loss"]
+    assert list(charts) == ["clip_t", "clip_i", "composite", "fixed_train_loss", "train_loss"]
     for metric, chart in charts.items():
         series = {g.attrs["data-label"]: g for g in chart.iter("g", "series")}
         assert list(series) == [r.trial_id for r in rows]
@@ -321,7 +321,7 @@ def test_sweep_without_image_evaluation_reports_losses_only(sweep: tuple[Path, s
 
     def losses_only(state: dict[str, Any]) -> None:
         state.pop("baseline")
-        state["config"]["evaluation"].update(images=None, metric="val_loss", mode=None, objectives=None)
+        state["config"]["evaluation"].update(images=None, metric="fixed_train_loss", mode=None, objectives=None)
 
     _edit_state(run, losses_only)
     shutil.rmtree(run / "baseline")
@@ -331,7 +331,7 @@ def test_sweep_without_image_evaluation_reports_losses_only(sweep: tuple[Path, s
 
     parsed = parse(write_report(run, tmp_path / "out").read_text())
     assert [a["data-trial"] for a, _ in table_rows(parsed, "leaderboard")] == [r.trial_id for r in rows]
-    assert [n.attrs["data-metric"] for n in parsed.iter("div", "chart")] == ["val_loss", "train_loss"]
+    assert [n.attrs["data-metric"] for n in parsed.iter("div", "chart")] == ["fixed_train_loss", "train_loss"]
     assert not list(parsed.iter("img")) and not list(parsed.iter("line", "baseline"))
     assert [h.text() for h in parsed.iter("h2")] == ["Leaderboard", "Metric curves"]
     assert "clip_t" not in table_head(parsed, "leaderboard")
@@ -352,3 +352,65 @@ def test_chart_of_one_flat_evaluation_still_draws_its_point_and_baseline() -> No
     assert 0 < float(circle.attrs["cx"]) < 400 and 0 < float(circle.attrs["cy"]) < 230
     assert svg.find("line", "baseline").attrs["y1"] == circle.attrs["cy"]
     assert svg.find("g", "series").attrs["data-label"] == "t<1>"  # escaped in the markup, intact when parsed
+
+
+@pytest.mark.slow
+def test_heldout_confirmation_rescores_the_pick_and_the_base_model_on_unseen_seeds(sweep: tuple[Path, str],
+                                                                                  board: Board) -> None:
+    from sweeps.results import select_checkpoint
+    from trainers.metrics import composite
+
+    run_dir, stdout = sweep
+    rows, state = board
+    conf = json.loads((run_dir / "confirm" / "confirm.json").read_text())
+    picked_row, picked_eval, _, _ = select_checkpoint(run_dir)
+    assert conf["winner"] == f"{picked_row.trial_id}@{int(picked_eval['step'])}"  # the product's pick
+    ranked = [r for r in rows if r.rank]
+    labels = [m["label"] for m in conf["models"]]
+    assert len(labels) == min(3, len(ranked)) + 1 and labels[-1] == "baseline"
+    ev = state["config"]["evaluation"]
+    assert set(conf["seeds"]).isdisjoint(ev["images"]["generation"]["seeds"])
+    n = len(ev["images"]["generation"]["prompts"]) * len(conf["seeds"])
+    assert conf["images_per_model"] == n
+    weights = ev["images"]["weights"]
+    for m in conf["models"]:
+        scores = json.loads((run_dir / m["dir"] / "scores.json").read_text())
+        assert len(scores["rows"]) == n and {r["seed"] for r in scores["rows"]} == set(conf["seeds"])
+        means = {k: sum(r[k] for r in scores["rows"]) / n for k in weights}
+        assert m["heldout"]["composite"] == pytest.approx(composite(means, weights), abs=1e-9)
+    for name in ("runner_up", "baseline") if len(ranked) > 1 else ("baseline",):
+        mg = conf["margins"][name]
+        assert mg["low"] <= mg["margin"] <= mg["high"] and mg["images"] == n
+    assert "held-out confirmation" in stdout and "held-out composite" in stdout
+    best = json.loads((run_dir / "best" / "best.json").read_text())
+    assert best["heldout"]["scores"] == conf["models"][0]["heldout"]
+    assert best["heldout"]["baseline"] == conf["models"][-1]["heldout"]
+    assert best["heldout"]["margins"] == conf["margins"]
+
+
+@pytest.mark.slow
+def test_heldout_images_are_what_the_exported_lora_draws_in_a_plain_diffusers_pipeline(
+        sweep: tuple[Path, str]) -> None:
+    """What was confirmed is what is shipped: a user's pipeline + load_lora_weights(best export)
+    draws the confirmation's image for the same prompt and seed."""
+    import numpy as np
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from trainers.models import builtin_dir
+
+    run_dir, _ = sweep
+    conf = json.loads((run_dir / "confirm" / "confirm.json").read_text())
+    scores = json.loads((run_dir / conf["models"][0]["dir"] / "scores.json").read_text())
+    row = scores["rows"][0]
+    gen = scores["identity"]["settings"]["generation"]
+    pipe = StableDiffusionPipeline.from_pretrained(builtin_dir("builtin:tiny-sd", "base model"),
+                                                   safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.load_lora_weights(str(run_dir / "best"), weight_name="pytorch_lora_weights.safetensors")
+    pipe.set_progress_bar_config(disable=True)
+    size = gen["resolution"] or pipe.unet.config.sample_size * 8
+    image = pipe(row["prompt"], num_inference_steps=gen["steps"], guidance_scale=gen["guidance_scale"],
+                 height=size, width=size, generator=torch.Generator().manual_seed(row["seed"])).images[0]
+    ours = np.asarray(Image.open(run_dir / conf["models"][0]["dir"] / row["file"]), dtype=float)
+    assert np.abs(np.asarray(image, dtype=float) - ours).mean() < 1.0  # within one 8-bit level

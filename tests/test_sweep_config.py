@@ -91,12 +91,14 @@ def _searcher(cfg: SweepConfig):
 
 
 def test_errored_trials_are_told_to_optuna_as_failed_never_as_a_score():
-    cfg = load_sweep(DEMO, {"evaluation.metric": "val_loss"})
+    cfg = load_sweep(DEMO, {"evaluation.metric": "val_loss", "base.data.validation_split": 0.25})
     search = _searcher(cfg)
     for tid in ("ok", "nan", "crashed"):
         assert search.suggest(tid) is not None
     search.on_trial_result("ok", {"val_loss": 0.5, "step": 20, "training_iteration": 1})
-    search.on_trial_complete("ok", {"val_loss": 0.4, "step": 40})
+    done = {"val_loss": 0.4, "step": 40, "training_iteration": 2, "trial_status": "completed"}
+    search.on_trial_result("ok", done)
+    search.on_trial_complete("ok", done)
     # Reported once, then raised: Ray's own OptunaSearch would tell COMPLETE with 0.3 here.
     search.on_trial_result("nan", {"val_loss": 0.3, "step": 20, "training_iteration": 1})
     error_report = {"trial_status": "error", "error": "loss became nan", "step": 21, "training_iteration": 2}
@@ -110,6 +112,26 @@ def test_errored_trials_are_told_to_optuna_as_failed_never_as_a_score():
     assert trials[0].value == 0.4 and trials[1].value is None and trials[2].value is None
 
 
+def test_optuna_is_told_the_best_checkpoint_the_leaderboard_ranks_and_early_stops_as_pruned():
+    cfg = load_sweep(DEMO)  # ranks by composite (max)
+    search = _searcher(cfg)
+    for tid in ("peaked", "stopped"):
+        search.suggest(tid)
+    curve = [0.50, 0.62, 0.55, 0.58]  # the best checkpoint is the second evaluation, not the last
+    for i, v in enumerate(curve, 1):
+        r = {"composite": v, "step": 150 * i, "training_iteration": i,
+             "trial_status": "completed" if i == len(curve) else "running"}
+        search.on_trial_result("peaked", r)
+    search.on_trial_complete("peaked", r)  # Ray's OptunaSearch would tell the last value, 0.58
+    early = {"composite": 0.7, "step": 150, "training_iteration": 1, "trial_status": "running"}
+    search.on_trial_result("stopped", early)
+    search.on_trial_complete("stopped", early)  # ASHA stopped it after its first evaluation
+    peaked, stopped = search._ot_study.get_trials(deepcopy=False)
+    assert peaked.state == optuna.trial.TrialState.COMPLETE and peaked.value == max(curve)
+    assert stopped.state == optuna.trial.TrialState.PRUNED  # not COMPLETE: it never ran to the end
+    assert stopped.intermediate_values == {1: 0.7}  # what TPE ranks pruned trials by (step, value)
+
+
 def test_multi_objective_search_tells_optuna_both_values_and_keeps_a_pareto_front():
     cfg = load_sweep(DEMO, {"evaluation.objectives": ["clip_t", "clip_i"]})
     assert cfg.evaluation.metric == "composite"  # what ASHA and checkpoint retention still use
@@ -118,10 +140,16 @@ def test_multi_objective_search_tells_optuna_both_values_and_keeps_a_pareto_fron
     assert [d.name for d in search._ot_study.directions] == ["MAXIMIZE", "MAXIMIZE"]
     for tid in ("a", "b", "c", "err"):
         search.suggest(tid)
-    search.on_trial_result("a", {"clip_t": 20.0, "clip_i": 0.5, "step": 20})  # ignored: no pruning
-    search.on_trial_complete("a", {"clip_t": 21.0, "clip_i": 0.50, "step": 40})
-    search.on_trial_complete("b", {"clip_t": 19.0, "clip_i": 0.70, "step": 40})
-    search.on_trial_complete("c", {"clip_t": 18.0, "clip_i": 0.60, "step": 40})  # dominated by b
+    def finish(tid: str, clip_t: float, clip_i: float) -> None:
+        r = {"clip_t": clip_t, "clip_i": clip_i, "composite": 0.5 * (clip_t / 100 + clip_i), "step": 40,
+             "training_iteration": 2, "trial_status": "completed"}
+        search.on_trial_result(tid, r)
+        search.on_trial_complete(tid, r)
+
+    search.on_trial_result("a", {"clip_t": 20.0, "clip_i": 0.4, "composite": 0.3, "step": 20})
+    finish("a", 21.0, 0.50)
+    finish("b", 19.0, 0.70)
+    finish("c", 18.0, 0.60)  # dominated by b
     search.on_trial_complete("err", {"trial_status": "error", "step": 3})
     study = search._ot_study
     assert [t.values for t in study.get_trials(deepcopy=False)][:3] == [[21.0, 0.5], [19.0, 0.7], [18.0, 0.6]]
@@ -148,7 +176,13 @@ def test_image_metrics_need_image_evaluation(tmp_path):
     with pytest.raises(ConfigError, match=r"image metrics need evaluation.images"):
         load_sweep(_write(tmp_path, no_images))
     plain = _write(tmp_path, lambda c: c["evaluation"].pop("images"))
-    assert load_sweep(plain).evaluation.metric == "val_loss"  # the default without images
+    # The default without images: the deterministic loss, on the training images -- and named so.
+    assert load_sweep(plain).evaluation.metric == "fixed_train_loss"
+    with pytest.raises(ConfigError, match=r"val_loss needs held-out images.*validation_split"):
+        load_sweep(_write(tmp_path, lambda c: (c["evaluation"].pop("images"),
+                                               c["evaluation"].update(metric="val_loss"))))
+    split = _write(tmp_path, lambda c: (c["evaluation"].pop("images"), c["base"]["data"].update(validation_split=0.25)))
+    assert load_sweep(split).evaluation.metric == "val_loss"  # held-out images: the real thing
 
 
 def test_warm_start_enqueues_the_known_good_defaults_first():

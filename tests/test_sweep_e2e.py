@@ -35,7 +35,7 @@ def sweep_file(tmp_path: Path, **over) -> Path:
             "sampler": {"type": "random", "seed": 3}, "num_samples": 5, "max_concurrent_trials": 2,
             "warm_start": True},
         "scheduler": {"type": "asha", "grace_period": 10, "reduction_factor": 2},
-        "evaluation": {"every": 10, "metric": "val_loss"},
+        "evaluation": {"every": 10, "metric": "fixed_train_loss"},
         "resources": {"cpu": 1, "gpu": 0},
         "checkpoints_to_keep": 10,
         "storage_path": str(tmp_path / "runs"),
@@ -96,7 +96,7 @@ def test_sweep_ranks_trials_exports_the_best_and_logs_to_wandb(tmp_path):
     assert all(s in ("completed", "stopped") for s in statuses), statuses
 
     for trial in _trial_dirs(run_dir):
-        evals = [r for r in _rows(trial) if "val_loss" in r]
+        evals = [r for r in _rows(trial) if "fixed_train_loss" in r]
         ckpt_steps = sorted(json.loads((c / "trainer_state.json").read_text())["step"]
                             for c in trial.glob("checkpoint_*"))
         assert ckpt_steps == [r["step"] for r in evals], f"{trial.name}: one checkpoint per evaluation"
@@ -119,7 +119,7 @@ def test_sweep_ranks_trials_exports_the_best_and_logs_to_wandb(tmp_path):
         logged[run.config["train.learning_rate"], run.config["lora.rank"]] = run
     for r in rows:
         run = logged[r.params["train.learning_rate"], r.params["lora.rank"]]
-        vals = [h["val_loss"] for h in run.history if "val_loss" in h]
+        vals = [h["fixed_train_loss"] for h in run.history if "fixed_train_loss" in h]
         assert vals and min(vals) == pytest.approx(r.best)
 
 
@@ -329,7 +329,7 @@ def test_image_evaluation_scores_every_checkpoint_against_a_baseline(tmp_path):
     # Every evaluated checkpoint of every trial is scored, with its images and scores on disk.
     rows, _ = leaderboard(run_dir)
     for trial in _trial_dirs(run_dir):
-        evals = [r for r in _rows(trial) if "val_loss" in r]
+        evals = [r for r in _rows(trial) if "fixed_train_loss" in r]
         assert evals and all({"clip_t", "clip_i", "composite", "eval_s"} <= set(r) for r in evals)
         for r in evals:
             saved = json.loads((trial / "samples" / f"step-{r['step']:06d}" / "scores.json").read_text())

@@ -165,9 +165,17 @@ def test_shipped_base_model_draws_its_prompts() -> None:
     model = load_base_model(str(weights_dir()))
     unet: Any = model.unet  # mypy sees diffusers' models without their config attribute
     assert unet.config.cross_attention_dim == model.text_encoder.config.hidden_size
-    prompts = trained_prompts()[::10]  # 12 prompts spread over every shape and colour
-    acc = prompt_accuracy(model, load_checker(checker_dir()), prompts, seeds=[100])
-    assert acc.images == 12 and acc.all_correct >= 0.75, acc
+    from scipy.stats import binomtest
+
+    # The documented gate (docs/TOYWORLD.md): >= 90 % of images drawn right. Every trained prompt
+    # x 2 seeds = 240 images: enough that the build's measured 98.5 % is told apart from 90 %
+    # (the one-sided exact binomial test of "accuracy > 0.90" must reject at 5 %; a model that
+    # draws 90 % right passes it 1 time in 20).
+    prompts = trained_prompts()
+    acc = prompt_accuracy(model, load_checker(checker_dir()), prompts, seeds=[100, 101])
+    assert acc.images == 240 and acc.all_correct >= 0.90, acc
+    right = round(acc.all_correct * acc.images)
+    assert binomtest(right, acc.images, 0.90, alternative="greater").pvalue < 0.05, acc
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import model_digest
-from trainers.base import NonFiniteLossError, make_accelerator
+from trainers.base import NonFiniteLossError
+from trainers.precision import make_accelerator
 from trainers.config import LoraSettings, ModelSpec, TrainConfig
 from trainers.data import DataConfig, preflight
 from trainers.latents import build_latent_cache

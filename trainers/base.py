@@ -18,6 +18,7 @@ Training reads latents from a :class:`~trainers.latents.CachedDataset` and never
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -26,13 +27,12 @@ from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, compute_snr
 from safetensors.torch import load_file
 
 from trainers.config import TrainConfig
+from trainers.precision import make_accelerator, resolve_mixed_precision, run_precision  # noqa: F401 (re-exported)
 from trainers.latents import CachedDataset, tokenize
 from trainers.tensor_files import atomic_save_safetensors, atomic_write_text
 
@@ -56,64 +56,15 @@ class StepStats:
     grad_norm: float | None
 
 
-def resolve_device(requested: str | None) -> torch.device:
-    """The device a run trains on: ``train.device`` if set, else the GPU Ray gave the trial (or
-    the first visible one), else the CPU. The one place that picks a training device."""
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_mixed_precision(requested: str, device: torch.device) -> str:
-    """Map the config's precision to accelerate's: "auto" is bf16/fp16 on CUDA and fp32 on CPU.
-
-    bf16 may be asked for explicitly on a CPU (torch autocasts bf16 there); fp16 needs a GPU
-    (CPU autocast has no fp16 and accelerate's grad scaler is CUDA-only).
-    """
-    if device.type != "cuda":
-        if requested == "fp16":
-            raise ValueError(
-                f"train.mixed_precision=fp16 needs a CUDA GPU, but training runs on {device}; "
-                "use mixed_precision: auto, no or bf16"
-            )
-        return "bf16" if requested == "bf16" else "no"
-    if requested == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return requested
-
-
-WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
-
-
-def run_precision(cfg: TrainConfig) -> tuple[torch.device, str, torch.dtype]:
-    """(device, accelerate mixed_precision, frozen-weight dtype) of a run with ``cfg``."""
-    device = resolve_device(cfg.device)
-    precision = resolve_mixed_precision(cfg.mixed_precision, device)
-    return device, precision, WEIGHT_DTYPES[precision]
-
-
-def make_accelerator(precision: str, device: torch.device) -> Accelerator:
-    """A single-process Accelerator with ``precision``, whatever earlier runs in this process used.
-
-    accelerate keeps one process-wide ``AcceleratorState`` and refuses a second ``Accelerator``
-    with another ``mixed_precision`` ("AcceleratorState has already been initialized"). A reused
-    Ray worker runs trial after trial, each with the precision its config asks for, and a trial
-    is a single-process run with no distributed state worth keeping, so the accelerator part of
-    the state is reset (its ``PartialState``, which holds the device, is kept).
-    """
-    current = AcceleratorState._shared_state.get("_mixed_precision")
-    if current is not None and current != precision:
-        AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
-
-
 class Trainer(abc.ABC):
     """Shared training loop. Subclasses implement the abstract hooks below."""
 
     method: ClassVar[str]
 
-    def __init__(self, model: Any, data: CachedDataset, cfg: TrainConfig, output_dir: str | Path) -> None:
+    def __init__(self, model: Any, data: CachedDataset, cfg: TrainConfig, output_dir: str | Path,
+                 validation_data: CachedDataset | None = None) -> None:
         self.model, self.data, self.cfg = model, data, cfg
+        self.validation_data = validation_data  # held-out images for validation_loss, if any
         self.output_dir = Path(output_dir)
         device, precision, self.weight_dtype = run_precision(cfg)
         self.accelerator = make_accelerator(precision, device)
@@ -148,6 +99,12 @@ class Trainer(abc.ABC):
         Must work after a partial setup too (called when ``__init__`` raised): remove only what
         is there, and never raise because something was not added yet.
         """
+
+    @classmethod
+    @abc.abstractmethod
+    def loaded_for_evaluation(cls, model: Any, checkpoint: Path) -> contextlib.AbstractContextManager[None]:
+        """A context in which ``model`` carries ``checkpoint``'s weights, loaded the way a user
+        loads the export (diffusers' own loaders), and after which ``model`` is as it was."""
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -260,12 +217,14 @@ class Trainer(abc.ABC):
 
     # ----- the step ----------------------------------------------------------------------------
 
-    def encoder_hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """Text conditioning for images ``idx``: cached when frozen, else a text-encoder forward."""
-        if not self.trains_text_encoder and self.data.text_embeds is not None:
-            rows = self.data.text_embeds[self.data.caption_index[idx]]
+    def encoder_hidden_states(self, idx: torch.Tensor, data: CachedDataset | None = None) -> torch.Tensor:
+        """Text conditioning for images ``idx`` of ``data`` (default: the training data): cached
+        when frozen, else a text-encoder forward."""
+        data = data or self.data
+        if not self.trains_text_encoder and data.text_embeds is not None:
+            rows = data.text_embeds[data.caption_index[idx]]
             return rows.to(self.device, self.weight_dtype)
-        ids = tokenize(self.model.tokenizer, [self.data.captions[int(i)] for i in idx])
+        ids = tokenize(self.model.tokenizer, [data.captions[int(i)] for i in idx])
         return self.model.text_encoder(ids.to(self.device))[0]
 
     def compute_loss(self, micro_step: int) -> torch.Tensor:
@@ -348,23 +307,28 @@ class Trainer(abc.ABC):
             f"(use mixed_precision: bf16 or no). Last good step: {self.global_step}."
         )
 
-    @torch.no_grad()
     def validation_loss(self, timesteps: int = 4, seed: int = 20_231_123) -> float:
-        """Deterministic loss: every image (unflipped) x ``timesteps`` evenly spaced timesteps,
-        noise from fixed per-image seeds independent of the trial's seed and batch size,
-        unweighted MSE.
+        """:meth:`fixed_loss` on the held-out validation images (``validation_data``); without
+        them, on the training images (then it measures fit, not generalisation)."""
+        return self.fixed_loss(self.data if self.validation_data is None else self.validation_data, timesteps, seed)
+
+    @torch.no_grad()
+    def fixed_loss(self, data: CachedDataset, timesteps: int = 4, seed: int = 20_231_123) -> float:
+        """Deterministic loss on ``data``: every image (unflipped) x ``timesteps`` evenly spaced
+        timesteps, noise from fixed per-image seeds independent of the trial's seed and batch
+        size, unweighted MSE.
 
         Identical inputs for every trial of a sweep, so values are comparable across trials (min-SNR
         weighting is deliberately not applied: it would make trials with different snr_gamma
         incomparable). Adapter dropout is off (eval mode).
         """
-        n = len(self.data)
+        n = len(data)
         t_grid = torch.linspace(0, self.noise_scheduler.config.num_train_timesteps - 1, timesteps + 2)[1:-1].long()
         no_flip = torch.zeros(1, dtype=torch.bool)
         latents, noise = [], []
         for i in range(n):  # image i's draws depend on (seed, i) only
             gen = torch.Generator().manual_seed(seed + i)
-            lat = self.data.sample_latents(torch.tensor([i]), no_flip, gen)[0]
+            lat = data.sample_latents(torch.tensor([i]), no_flip, gen)[0]
             latents.append(lat)
             noise.append(torch.randn((timesteps, *lat.shape), generator=gen))
         modules = (self.model.unet, self.model.text_encoder)
@@ -375,7 +339,7 @@ class Trainer(abc.ABC):
         for start in range(0, n, self.cfg.train_batch_size):
             idx = torch.arange(start, min(n, start + self.cfg.train_batch_size))
             lat = torch.stack([latents[int(i)] for i in idx])
-            hidden = self.encoder_hidden_states(idx)
+            hidden = self.encoder_hidden_states(idx, data)
             for k, t_val in enumerate(t_grid):
                 t = t_val.repeat(len(idx))
                 eps = torch.stack([noise[int(i)][k] for i in idx])

@@ -74,9 +74,20 @@ class DataConfig(BaseModel):
     instance_prompt: str | None = None
     caption_extension: str = ".txt"
     convert_modes: bool = False  # opt in to converting CMYK/16-bit/palette/alpha images to RGB
+    # Held-out validation images for val_loss (never trained on): a share of `path`'s images,
+    # picked by a hash of each file name (independent of listing order), or a separate folder.
+    validation_split: float = Field(0.0, ge=0.0, lt=1.0)
+    validation_path: str | None = None
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether val_loss is measured on images the model never trains on."""
+        return self.validation_split > 0 or self.validation_path is not None
 
     @model_validator(mode="after")
     def _consistent(self) -> "DataConfig":
+        if self.validation_split > 0 and self.validation_path is not None:
+            raise ValueError("set validation_split or validation_path, not both")
         # SD's VAE downsamples by 8, so the latent side is resolution / 8.
         if self.resolution <= 0 or self.resolution % 8:
             raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
@@ -356,6 +367,22 @@ def _scan(folder: Path, cfg: DataConfig) -> tuple[list[str], set[str], bool, lis
     elif not images:
         problems.append(Problem(str(folder), f"no images ({' '.join(IMAGE_FORMATS)}) in the folder: add some"))
     return images, caption_files, has_metadata, problems
+
+
+def split_validation(records: list[ImageRecord], cfg: DataConfig) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """(training, validation) records of ``data.validation_split``: the share of images whose
+    sha256(file name) sorts first (at least one of each side), both in id order; with no split,
+    (records, [])."""
+    if cfg.validation_split <= 0:
+        return records, []
+    n_val = max(1, round(cfg.validation_split * len(records)))
+    if n_val >= len(records):
+        raise DatasetError(Path(cfg.path), [Problem(cfg.path, (
+            f"data.validation_split {cfg.validation_split} of {len(records)} images leaves none to train on; "
+            "lower it or use data.validation_path"))])
+    by_hash = sorted(records, key=lambda r: hashlib.sha256(r.id.encode()).hexdigest())
+    val_ids = {r.id for r in by_hash[:n_val]}
+    return [r for r in records if r.id not in val_ids], [r for r in records if r.id in val_ids]
 
 
 def preflight(cfg: DataConfig, *, require_captions: bool = True) -> list[ImageRecord]:

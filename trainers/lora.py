@@ -9,10 +9,11 @@ metadata: base model, hyperparameters, step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from diffusers.utils import convert_state_dict_to_diffusers, recurse_remove_peft_layers
@@ -27,6 +28,7 @@ from trainers.tensor_files import atomic_save_safetensors
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 ADAPTER = "sdsweep"
+EVAL_ADAPTER = "sdsweep-eval"
 # kohya-ss / AUTOMATIC1111 / ComfyUI name modules by their diffusers path with "_" for "." under
 # these prefixes; the SD 1.x text encoder's path starts at text_model (transformers 5 drops it).
 # diffusers' converter renames attention projections' peft keys (lora_A/B -> lora.down/up) but
@@ -73,10 +75,10 @@ class LoraTrainer(Trainer):
     method = "lora"
 
     def __init__(self, model: Any, data: CachedDataset, cfg: TrainConfig, lora: LoraSettings,
-                 output_dir: str | Path) -> None:
+                 output_dir: str | Path, validation_data: CachedDataset | None = None) -> None:
         self.lora = lora
         self._configs: dict[str, LoraConfig] = {}
-        super().__init__(model, data, cfg, output_dir)
+        super().__init__(model, data, cfg, output_dir, validation_data)
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -134,6 +136,18 @@ class LoraTrainer(Trainer):
         path = Path(directory) / LORA_WEIGHTS
         atomic_save_safetensors(self.lora_state_dict(), path, meta)
         return path
+
+    @classmethod
+    @contextlib.contextmanager
+    def loaded_for_evaluation(cls, model: Any, checkpoint: Path) -> Iterator[None]:
+        """``checkpoint``'s LoRA on ``model`` through ``pipeline.load_lora_weights`` (what users
+        call), unloaded on exit (``unload_lora_weights`` unwraps every peft layer)."""
+        pipe = model.pipeline()
+        pipe.load_lora_weights(str(checkpoint), weight_name=LORA_WEIGHTS, adapter_name=EVAL_ADAPTER)
+        try:
+            yield
+        finally:
+            pipe.unload_lora_weights()
 
     def restore_base_model(self) -> None:
         """Unwrap every peft layer and drop the adapter registry, so the UNet and text encoder are

@@ -14,7 +14,7 @@ from typing import Callable
 from trainers import TRAINERS, get_trainer_class
 from trainers.base import StepStats, Trainer
 from trainers.config import RunConfig
-from trainers.data import preflight
+from trainers.data import preflight, split_validation
 from trainers.latents import CachedDataset, build_latent_cache
 from trainers.tensor_files import atomic_write_text
 from trainers.models import load_base_model
@@ -44,17 +44,38 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def prepare_data(cfg: RunConfig, model, *, cache_text: bool) -> CachedDataset:
-    """Preflight every image (all problems reported at once), then build or reuse the cache."""
-    records = preflight(cfg.data, require_captions=True)
-    root = Path(cfg.cache_dir) / "latents" if cfg.cache_dir else None
-    return build_latent_cache(records, cfg.data, model, root=root, cache_text=cache_text)
+    """Preflight every image (all problems reported at once), then build or reuse the cache of
+    the training images (without the ``data.validation_split`` share)."""
+    train, _ = split_validation(preflight(cfg.data, require_captions=True), cfg.data)
+    return build_latent_cache(train, cfg.data, model, root=_cache_root(cfg), cache_text=cache_text)
 
 
-def make_trainer(cfg: RunConfig, model, data: CachedDataset) -> Trainer:
+def prepare_validation(cfg: RunConfig, model, *, cache_text: bool) -> CachedDataset | None:
+    """The latent cache of the validation images (``data.validation_split`` or
+    ``data.validation_path``), or None when the run has none. Never flipped: val_loss reads each
+    image as it is."""
+    d = cfg.data
+    if not d.has_validation:
+        return None
+    if d.validation_path is not None:
+        vcfg = d.model_copy(update={"path": d.validation_path, "validation_path": None, "random_flip": False})
+        records = preflight(vcfg, require_captions=True)
+    else:
+        vcfg = d.model_copy(update={"validation_split": 0.0, "random_flip": False})
+        records = split_validation(preflight(d, require_captions=True), d)[1]
+    return build_latent_cache(records, vcfg, model, root=_cache_root(cfg), cache_text=cache_text)
+
+
+def _cache_root(cfg: RunConfig) -> Path | None:
+    return Path(cfg.cache_dir) / "latents" if cfg.cache_dir else None
+
+
+def make_trainer(cfg: RunConfig, model, data: CachedDataset, validation: CachedDataset | None = None) -> Trainer:
     """Instantiate the configured method's trainer with its own settings section."""
     cls = get_trainer_class(cfg.method)
     section = TRAINERS[cfg.method][2]
-    return cls(model, data, cfg.train, getattr(cfg, section), output_dir=cfg.output_dir)
+    return cls(model, data, cfg.train, getattr(cfg, section), output_dir=cfg.output_dir,
+               validation_data=validation)
 
 
 def train_from_config(
@@ -69,7 +90,7 @@ def train_from_config(
     cache_text = not (cfg.method == "lora" and cfg.lora.train_text_encoder)
     data = prepare_data(cfg, model, cache_text=cache_text)
     out = Path(cfg.output_dir)
-    trainer = make_trainer(cfg, model, data)
+    trainer = make_trainer(cfg, model, data, prepare_validation(cfg, model, cache_text=cache_text))
     resumed = None
     if resume is not None:
         resumed = latest_checkpoint(out) if str(resume) == "latest" else Path(resume)

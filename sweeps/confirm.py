@@ -1,0 +1,288 @@
+"""Held-out confirmation: the sweep's top checkpoints and the base model, re-scored on evaluation
+seeds (and optionally prompts) that picking never saw, with paired bootstrap intervals.
+
+Why: the leaderboard's scores are the maxima over many checkpoints of noisy estimates on the same
+few images, so the winner's score is biased upwards (the winner's curse) and its margin over the
+runner-up may be noise. Re-scoring on fresh seeds removes that bias; resampling the (prompt, seed)
+pairs -- the same pairs for every model, hence *paired* -- gives the margin's uncertainty.
+
+Written to ``RUN_DIR/confirm/confirm.json`` (plus each model's images and scores.json under
+``RUN_DIR/confirm/<label>/``); ``sdsweep results``, ``best.json`` and the report read it back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any, Sequence
+
+import numpy as np
+import ray
+import torch
+
+from sweeps.config import SweepConfig
+from sweeps.results import (
+    TrialRow,
+    find_checkpoint,
+    image_metrics,
+    leaderboard,
+    metric_and_mode,
+    read_state,
+    select_checkpoint,
+    _has,
+)
+from trainers.tensor_files import atomic_write_text
+
+CONFIRM_DIR = "confirm"
+CONFIRM_FILE = "confirm.json"
+BASELINE = "baseline"
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------
+
+
+def _values(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> np.ndarray:
+    """Per-image scores as a (images, metrics) array, NaN where a metric does not score an image."""
+    return np.array([[np.nan if r.get(m) is None else float(r[m]) for m in metrics] for r in rows], dtype=float)
+
+
+def _aggregate(values: np.ndarray, counts: np.ndarray, metrics: Sequence[str], target: str,
+               weights: dict[str, float]) -> np.ndarray:
+    """``target`` (a metric or the composite) for each row of image multiplicities ``counts``.
+
+    Each metric is the mean over the images it scores, as the evaluator computes it (CLIP-T's
+    clamp at 0 is not applied: it only matters for a mean below 0, i.e. an unusable model).
+    """
+    from trainers.metrics import METRICS
+
+    mask = ~np.isnan(values)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = (counts @ np.where(mask, values, 0.0)) / (counts @ mask)
+    if target != "composite":
+        return means[:, list(metrics).index(target)]
+    total = sum(weights.values())
+    return sum(w * METRICS[k].scale * means[:, list(metrics).index(k)] for k, w in weights.items()) / total
+
+
+def paired_bootstrap(rows_a: Sequence[dict[str, Any]], rows_b: Sequence[dict[str, Any]], metrics: Sequence[str],
+                     target: str, weights: dict[str, float], *, resamples: int = 2000,
+                     confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """Margin ``target(a) - target(b)`` over the same images, with a percentile bootstrap interval.
+
+    ``rows_a[i]`` and ``rows_b[i]`` must be the same (prompt, seed) (checked). Each resample draws
+    the image pairs with replacement and recomputes both models' scores on it. Returns the margin,
+    its interval, its bootstrap standard error, the one-sided bootstrap p-value of margin <= 0,
+    whether the interval excludes 0, and ``images_needed``: about how many images per model would
+    make an interval of this confidence exclude 0 for a margin of this size (the standard error
+    shrinks as 1/sqrt(n)); None when the margin is 0.
+    """
+    keys_a = [(r["prompt"], r["seed"]) for r in rows_a]
+    keys_b = [(r["prompt"], r["seed"]) for r in rows_b]
+    if keys_a != keys_b:
+        raise ValueError("paired bootstrap needs both models' images in the same (prompt, seed) order")
+    n = len(rows_a)
+    va, vb = _values(rows_a, metrics), _values(rows_b, metrics)
+    ones = np.ones((1, n))
+    margin = float(_aggregate(va, ones, metrics, target, weights)[0] - _aggregate(vb, ones, metrics, target, weights)[0])
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(float)
+    diffs = _aggregate(va, counts, metrics, target, weights) - _aggregate(vb, counts, metrics, target, weights)
+    diffs = diffs[np.isfinite(diffs)]
+    alpha = 1.0 - confidence
+    low, high = (float(q) for q in np.quantile(diffs, [alpha / 2, 1 - alpha / 2]))
+    se = float(diffs.std(ddof=1))
+    z = NormalDist().inv_cdf(1 - alpha / 2)
+    needed = None if margin == 0 else max(n, math.ceil(n * (z * se / abs(margin)) ** 2))
+    return {"margin": margin, "low": low, "high": high, "se": se, "confidence": confidence,
+            "p_one_sided": float(np.mean(diffs <= 0)), "separated": bool(low > 0 or high < 0),
+            "images": n, "images_needed": needed}
+
+
+# --------------------------------------------------------------------------------------------
+# Which checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _best_kept(row: TrialRow, metric: str, mode: str) -> tuple[dict[str, Any], Path] | None:
+    """The row's best evaluation that has a kept checkpoint."""
+    sign = 1 if mode == "min" else -1
+    for h in sorted((h for h in row.history if _has(h, metric)), key=lambda h: sign * h[metric]):
+        ckpt = find_checkpoint(row.path, int(h["step"])) if row.path else None
+        if ckpt is not None:
+            return h, ckpt
+    return None
+
+
+def candidates(run_dir: Path, top_k: int) -> list[dict[str, Any]]:
+    """The exported pick first (``select_checkpoint``), then the next best trials' best kept
+    checkpoints in leaderboard order, ``top_k`` in all."""
+    win_row, win_eval, win_ckpt, _ = select_checkpoint(run_dir)
+    rows, state = leaderboard(run_dir)
+    metric, mode = metric_and_mode(state)
+
+    def entry(row: TrialRow, h: dict[str, Any], ckpt: Path) -> dict[str, Any]:
+        return {"label": f"{row.trial_id}@{int(h['step'])}", "trial_id": row.trial_id, "method": row.method,
+                "step": int(h["step"]), "rank": row.rank, "checkpoint": str(ckpt),
+                "selection": {k: h[k] for k in image_metrics(state) if k in h}}
+
+    out = [entry(win_row, win_eval, win_ckpt)]
+    for row in rows:
+        if len(out) >= top_k:
+            break
+        if row.trial_id == win_row.trial_id or row.rank is None:
+            continue
+        kept = _best_kept(row, metric, mode)
+        if kept is not None:
+            out.append(entry(row, *kept))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Re-scoring (a Ray task: on a GPU where the sweep has them)
+# --------------------------------------------------------------------------------------------
+
+
+@ray.remote
+def confirm_task(sweep: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
+    """Generate and score every model (a checkpoint, or the base model for ``checkpoint: None``)
+    with the held-out evaluator; return each one's scores, per-image rows and files (as bytes,
+    so the driver writes them wherever this task ran)."""
+    from trainers import get_trainer_class
+    from trainers.precision import run_precision
+    from trainers.evaluate import Evaluator, load_references, write_samples
+    from trainers.models import load_base_model
+
+    cfg = SweepConfig.model_validate(sweep)
+    m, ev_cfg = cfg.base.model, cfg.evaluation.heldout_evaluator()
+    model = load_base_model(m.source, allow_pickle=m.allow_pickle, single_file_config=m.single_file_config,
+                            revision=m.revision)
+    device, _, dtype = run_precision(cfg.base.train)  # the trials' device and precision
+    for module in (model.unet, model.vae, model.text_encoder):
+        module.to(device=device, dtype=dtype)
+    evaluator = Evaluator(ev_cfg, load_references(ev_cfg, cfg.base.data))
+    out: dict[str, Any] = {}
+    for item in models:
+        ckpt = item.get("checkpoint")
+        loaded = (get_trainer_class(item["method"]).loaded_for_evaluation(model, Path(ckpt))
+                  if ckpt else nullcontext())
+        with loaded:
+            record = evaluator.run(model, autocast_dtype=None if dtype == torch.float32 else dtype,
+                                   prediction_type=item.get("prediction_type"))
+        with tempfile.TemporaryDirectory(prefix="sdsweep-confirm-") as tmp:
+            write_samples(record, Path(tmp), {"label": item["label"], "heldout": True})
+            files = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
+        out[item["label"]] = {"scores": record.scores, "rows": record.rows, "files": files,
+                              "eval_s": record.generate_s + record.score_s}
+    return out
+
+
+def _prediction_type(ckpt: Path) -> str | None:
+    state = ckpt / "trainer_state.json"
+    return json.loads(state.read_text())["config"].get("prediction_type") if state.is_file() else None
+
+
+def confirm_sweep(cfg: SweepConfig, run_dir: Path) -> dict[str, Any] | None:
+    """Run the held-out confirmation of a finished sweep and write ``confirm/confirm.json``.
+
+    Returns the summary (None when the sweep has no image evaluation, confirmation is off, or no
+    trial was evaluated). The margin is of the sweep's metric when it is an image score, else of
+    the composite.
+    """
+    ev, conf = cfg.evaluation, cfg.evaluation.confirm
+    if ev.images is None or conf is None:
+        return None
+    try:
+        picked = candidates(run_dir, conf.top_k)
+    except (ValueError, FileNotFoundError):  # no trial evaluated, or no checkpoint kept
+        return None
+    for item in picked:
+        item["prediction_type"] = _prediction_type(Path(item["checkpoint"]))
+    models = [*picked, {"label": BASELINE, "checkpoint": None, "method": None}]
+    res = cfg.resources
+    scored = ray.get(confirm_task.options(num_cpus=res.cpu, num_gpus=1 if res.gpu > 0 else 0).remote(
+        cfg.model_dump(mode="json"), models))
+    out_dir = Path(run_dir) / CONFIRM_DIR
+    for label, rec in scored.items():
+        d = out_dir / label.replace("@", "-step-")
+        d.mkdir(parents=True, exist_ok=True)
+        for name, data in rec.pop("files").items():
+            (d / name).write_bytes(data)
+        rec["dir"] = str(d.relative_to(run_dir))
+    summary = summarize(cfg, picked, scored)
+    atomic_write_text(out_dir / CONFIRM_FILE, json.dumps(summary, indent=1))
+    return summary
+
+
+def summarize(cfg: SweepConfig, picked: list[dict[str, Any]], scored: dict[str, Any]) -> dict[str, Any]:
+    """confirm.json: every model's held-out scores, the winner's margins with intervals, a verdict."""
+    ev, conf = cfg.evaluation, cfg.evaluation.confirm
+    assert ev.images is not None and conf is not None
+    metrics = list(ev.images.metrics)
+    target = ev.metric if ev.metric in ev.images.reported() else "composite"
+    weights = ev.images.composite_weights()
+    heldout = ev.heldout_evaluator().generation
+    winner = picked[0]["label"]
+
+    def margin(other: str, what: str) -> dict[str, Any]:
+        stats = paired_bootstrap(scored[winner]["rows"], scored[other]["rows"], metrics, what, weights,
+                                 resamples=conf.bootstrap, confidence=conf.confidence)
+        return {"other": other, "metric": what, **stats}
+
+    others = {"runner_up": picked[1]["label"]} if len(picked) > 1 else {}
+    others["baseline"] = BASELINE
+    margins = {name: margin(label, target) for name, label in others.items()}
+    by_metric = {name: {m: margin(label, m) for m in metrics} for name, label in others.items()}
+    models = [{**item, "heldout": scored[item["label"]]["scores"], "dir": scored[item["label"]]["dir"]}
+              for item in picked]
+    models.append({"label": BASELINE, "heldout": scored[BASELINE]["scores"], "dir": scored[BASELINE]["dir"]})
+    n = len(scored[winner]["rows"])
+    return {"metric": target, "winner": winner, "seeds": list(heldout.seeds), "prompts": list(heldout.prompts),
+            "images_per_model": n, "prompts_count": len(heldout.prompts), "models": models,
+            "margins": margins, "margins_by_metric": by_metric,
+            "verdict": verdict(margins, target, n, len(heldout.prompts))}
+
+
+def verdict(margins: dict[str, dict[str, Any]], metric: str, n: int, prompts: int) -> list[str]:
+    """One plain sentence per margin: separated or not, and what would separate it."""
+    lines = []
+    names = {"runner_up": "the runner-up", "baseline": "the base model"}
+    for name, m in margins.items():
+        pct = round(100 * m["confidence"])
+        span = f"{m['margin']:+.4g} [{m['low']:+.4g}, {m['high']:+.4g}] ({pct}% CI, {n} held-out images)"
+        if m["separated"]:
+            lines.append(f"held-out {metric} margin over {names[name]}: {span}: the winner is "
+                         f"{'better' if m['margin'] > 0 else 'worse'}")
+        elif m["images_needed"] is None:
+            lines.append(f"held-out {metric} margin over {names[name]}: {span}: no difference measured")
+        else:
+            per_prompt = math.ceil(m["images_needed"] / max(prompts, 1))
+            lines.append(f"held-out {metric} margin over {names[name]}: {span}: indistinguishable at this "
+                         f"evaluation size; about {m['images_needed']} images per model ({per_prompt} seeds "
+                         f"per prompt) would separate a margin this size")
+    return lines
+
+
+def read_confirmation(run_dir: Path) -> dict[str, Any] | None:
+    """The sweep's confirm.json, if the confirmation ran."""
+    path = Path(run_dir) / CONFIRM_DIR / CONFIRM_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def heldout_column(confirmation: dict[str, Any] | None) -> tuple[str, dict[str, float]] | None:
+    """(metric, {trial id or "baseline": held-out score}) for the leaderboard's held-out column."""
+    if not confirmation:
+        return None
+    metric = confirmation["metric"]
+    return metric, {m.get("trial_id", m["label"]): m["heldout"][metric] for m in confirmation["models"]}
+
+
+def confirm_run_dir(run_dir: Path) -> dict[str, Any] | None:
+    """(Re)run the confirmation of an existing run directory (``sdsweep confirm``)."""
+    state = read_state(run_dir)
+    return confirm_sweep(SweepConfig.model_validate(state["config"]), Path(run_dir))
