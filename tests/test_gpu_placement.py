@@ -115,3 +115,32 @@ def test_run_placement_is_the_trainers_device_and_weight_dtype(tiny_model, demo_
 
     monkeypatch.setattr(base, "resolve_mixed_precision", lambda requested, device: "bf16")
     assert devices.run_placement(None, "auto").weight_dtype == torch.bfloat16
+
+
+def test_the_cache_encodes_in_fp32_whatever_dtype_the_vae_was_loaded_in(tiny_sd_dir, demo_dir, tmp_path) -> None:
+    from trainers.models import load_base_model
+
+    cfg = DataConfig(path=str(demo_dir), resolution=64, random_flip=True)
+    records = preflight(cfg)
+    half = load_base_model("builtin:tiny-sd", torch_dtype=torch.bfloat16)  # keys name bf16 weights
+    upcast = load_base_model("builtin:tiny-sd", torch_dtype=torch.bfloat16)
+    upcast.vae.float()  # the same weights, exactly, computing in fp32
+    upcast.text_encoder.float()
+    expected = build_latent_cache(records, cfg, upcast, root=tmp_path / "a")
+    got = build_latent_cache(records, cfg, half, root=tmp_path / "b", device="cpu")
+    assert got.key == expected.key and got.report.encode_device == "cpu"
+    assert torch.equal(got.mean, expected.mean) and torch.equal(got.std, expected.std)
+    assert torch.equal(got.text_embeds, expected.text_embeds)  # type: ignore[arg-type]
+    assert devices.module_placements(half.vae) == {("cpu", torch.float32)}
+
+
+def test_a_run_builds_its_cache_on_the_runs_device(tiny_model, monkeypatch) -> None:
+    from trainers import run
+    from trainers.config import RunConfig
+
+    seen = {}
+    monkeypatch.setattr(run, "build_latent_cache", lambda *a, **kw: seen.update(kw))
+    cfg = RunConfig.model_validate({"model": "builtin:tiny-sd", "data": {"path": "builtin:demo", "resolution": 64},
+                                    "method": "lora", "train": {"device": "cpu"}})
+    run.prepare_data(cfg, tiny_model, cache_text=True)
+    assert seen["device"] == devices.run_device("cpu") == torch.device("cpu")

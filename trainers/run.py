@@ -15,6 +15,7 @@ from trainers import TRAINERS, get_trainer_class
 from trainers.base import StepStats, Trainer
 from trainers.config import RunConfig
 from trainers.data import preflight
+from trainers.devices import run_device
 from trainers.latents import CachedDataset, build_latent_cache
 from trainers.tensor_files import atomic_write_text
 from trainers.models import load_base_model
@@ -44,10 +45,12 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def prepare_data(cfg: RunConfig, model, *, cache_text: bool) -> CachedDataset:
-    """Preflight every image (all problems reported at once), then build or reuse the cache."""
+    """Preflight every image (all problems reported at once), then build or reuse the cache,
+    encoding on the run's device (``train.device``, else the GPU when there is one)."""
     records = preflight(cfg.data, require_captions=True)
     root = Path(cfg.cache_dir) / "latents" if cfg.cache_dir else None
-    return build_latent_cache(records, cfg.data, model, root=root, cache_text=cache_text)
+    return build_latent_cache(records, cfg.data, model, root=root, cache_text=cache_text,
+                              device=run_device(cfg.train.device))
 
 
 def make_trainer(cfg: RunConfig, model, data: CachedDataset) -> Trainer:
