@@ -6,7 +6,9 @@ What only a GPU can show is in bench/gpu_smoke.py."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
 
 from sweeps.config import load_sweep
@@ -115,6 +117,43 @@ def test_run_placement_is_the_trainers_device_and_weight_dtype(tiny_model, demo_
 
     monkeypatch.setattr(base, "resolve_mixed_precision", lambda requested, device: "bf16")
     assert devices.run_placement(None, "auto").weight_dtype == torch.bfloat16
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_the_baseline_is_sampled_with_the_trials_precision_and_autocast(tiny_model, monkeypatch) -> None:
+    from sweeps import driver, trial
+    from trainers import base
+
+    # As on a bf16 GPU: the trainer's rule gives bf16, and sampling autocasts (on CUDA only).
+    monkeypatch.setattr(base, "resolve_mixed_precision", lambda requested, device: "bf16")
+    monkeypatch.setattr(devices, "sampling_autocast", lambda device, dtype: None if dtype == torch.float32 else dtype)
+    seen: list[dict] = []
+
+    def record(self, model, autocast_dtype=None):
+        seen.append({"autocast": autocast_dtype, "device": self.device,
+                     **{n: devices.module_placements(getattr(model, n)) for n in FROZEN}})
+        raise _Stop
+
+    monkeypatch.setattr(ev.Evaluator, "run", record)
+    cfg = load_sweep(TINY_DEMO)
+    trial._EVALUATORS.clear()
+    with pytest.raises(_Stop):
+        driver._score_baseline(cfg, tiny_model)
+    # A trial's evaluation: its trainer has run_placement's device and dtype (test above).
+    where = devices.run_placement(cfg.base.train.device, cfg.base.train.mixed_precision)
+    fake = SimpleNamespace(model=tiny_model, device=where.device, weight_dtype=where.weight_dtype,
+                           prepare_for_sampling=lambda: None)
+    with pytest.raises(_Stop):
+        trial.evaluate_images(trial.worker_evaluator(cfg, where.device), fake, Path("unused"), {})
+    baseline, trial_eval = seen
+    assert baseline["autocast"] == trial_eval["autocast"] == torch.bfloat16
+    assert baseline["device"] == trial_eval["device"] == where.device
+    for n in FROZEN:  # frozen weights in the weight dtype, as Trainer._place leaves them
+        assert baseline[n] == {(str(where.device), torch.bfloat16)}
+    trial._EVALUATORS.clear()
 
 
 def test_the_cache_encodes_in_fp32_whatever_dtype_the_vae_was_loaded_in(tiny_sd_dir, demo_dir, tmp_path) -> None:
