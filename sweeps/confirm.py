@@ -154,7 +154,7 @@ def confirm_task(sweep: dict[str, Any], models: list[dict[str, Any]]) -> dict[st
     with the held-out evaluator; return each one's scores, per-image rows and files (as bytes,
     so the driver writes them wherever this task ran)."""
     from trainers import get_trainer_class
-    from trainers.precision import run_precision
+    from trainers.devices import place, run_placement
     from trainers.evaluate import Evaluator, load_references, write_samples
     from trainers.models import load_base_model
 
@@ -162,9 +162,9 @@ def confirm_task(sweep: dict[str, Any], models: list[dict[str, Any]]) -> dict[st
     m, ev_cfg = cfg.base.model, cfg.evaluation.heldout_evaluator()
     model = load_base_model(m.source, allow_pickle=m.allow_pickle, single_file_config=m.single_file_config,
                             revision=m.revision)
-    device, _, dtype = run_precision(cfg.base.train)  # the trials' device and precision
+    placement = run_placement(cfg.base.train.device, cfg.base.train.mixed_precision)  # the trials'
     for module in (model.unet, model.vae, model.text_encoder):
-        module.to(device=device, dtype=dtype)
+        place(module, placement.device, placement.weight_dtype)
     evaluator = Evaluator(ev_cfg, load_references(ev_cfg, cfg.base.data))
     out: dict[str, Any] = {}
     for item in models:
@@ -172,7 +172,7 @@ def confirm_task(sweep: dict[str, Any], models: list[dict[str, Any]]) -> dict[st
         loaded = (get_trainer_class(item["method"]).loaded_for_evaluation(model, Path(ckpt))
                   if ckpt else nullcontext())
         with loaded:
-            record = evaluator.run(model, autocast_dtype=None if dtype == torch.float32 else dtype,
+            record = evaluator.run(model, autocast_dtype=placement.autocast_dtype,
                                    prediction_type=item.get("prediction_type"))
         with tempfile.TemporaryDirectory(prefix="sdsweep-confirm-") as tmp:
             write_samples(record, Path(tmp), {"label": item["label"], "heldout": True})

@@ -77,9 +77,11 @@ def build_cache_task(sweep: dict[str, Any], baseline: bool) -> tuple[Any, Any, d
     """Build (or reuse from disk) the latent cache and, if asked, score the base model.
 
     Returns (dataset, validation dataset or None, summary) as three objects so the datasets go
-    from this task into the object store and on to trials, never via the driver. The baseline (the base model without any
-    adapter, through the sweep's evaluator) shares this task's model load; its files come back
-    as bytes in the summary so the driver writes them whatever node this ran on.
+    from this task into the object store and on to trials, never via the driver. The VAE encodes
+    on the device a trial would get (this task's reserved GPU when ``resources.gpu > 0``;
+    ``trainers.run.prepare_data``), in fp32. The baseline (the base model without any adapter,
+    through the sweep's evaluator) shares this task's model load; its files come back as bytes in
+    the summary so the driver writes them whatever node this ran on.
     """
     from trainers.models import load_base_model
     from trainers.run import prepare_data, prepare_validation
@@ -98,24 +100,31 @@ def build_cache_task(sweep: dict[str, Any], baseline: bool) -> tuple[Any, Any, d
 
 
 def _score_baseline(cfg: SweepConfig, model: Any) -> dict[str, Any]:
+    """Generate and score the base model exactly as a trial's evaluation does: on the device and
+    with the frozen-weight dtype and autocast a trial's trainer gets (``run_placement``, the
+    trainer's own precision rule), scoring on that device; only the adapter is missing.
+
+    With ``train.mixed_precision`` searched, the baseline uses the base config's value.
+    """
     import tempfile
 
-    import torch
-
     from sweeps.trial import worker_evaluator
+    from trainers.devices import place, run_placement
     from trainers.evaluate import write_samples
 
-    if torch.cuda.is_available():
-        for module in (model.unet, model.vae, model.text_encoder):
-            module.to("cuda")
-    evaluator = worker_evaluator(cfg)
+    where = run_placement(cfg.base.train.device, cfg.base.train.mixed_precision)
+    for module in (model.unet, model.vae, model.text_encoder):
+        place(module, where.device, where.weight_dtype)  # what Trainer._place / prepare_for_sampling do
+    evaluator = worker_evaluator(cfg, where.device)
     assert evaluator is not None
-    record = evaluator.run(model)
+    record = evaluator.run(model, autocast_dtype=where.autocast_dtype)
     with tempfile.TemporaryDirectory(prefix="sdsweep-baseline-") as tmp:
         write_samples(record, Path(tmp), {"trial_id": "baseline", "step": 0})
         files = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
+    placement = {"device": str(where.device), "weight_dtype": str(where.weight_dtype).removeprefix("torch."),
+                 "autocast": str(where.autocast_dtype).removeprefix("torch.") if where.autocast_dtype else None}
     return {"scores": record.scores, "identity": record.identity, "files": files,
-            "eval_s": record.generate_s + record.score_s}
+            "eval_s": record.generate_s + record.score_s, "placement": placement}
 
 
 @dataclass
@@ -195,7 +204,7 @@ def _save_baseline(run_dir: Path, baseline: dict[str, Any]) -> dict[str, Any]:
     for name, data in baseline["files"].items():
         (out / name).write_bytes(data)
     return {"scores": baseline["scores"], "identity": baseline["identity"], "dir": BASELINE_DIR,
-            "eval_s": baseline["eval_s"]}
+            "eval_s": baseline["eval_s"], "placement": baseline.get("placement")}
 
 
 def _trainable(cfg: SweepConfig, data_refs: list[Any]) -> Any:

@@ -29,15 +29,15 @@ import torch
 from ray import tune
 
 from sweeps.config import SweepConfig, trial_run_config
-from trainers.precision import run_precision
+from trainers import devices
 from trainers.evaluate import GRID_FILE, Evaluator, load_references, write_samples
 from trainers.latents import CachedDataset
 from trainers.models import BaseModel, load_base_model
 from trainers.run import make_trainer
 
 # Worker-process caches: model spec -> loaded base model (frozen weights shared by trials), and
-# evaluation settings -> Evaluator (reference images loaded once; scoring models are cached
-# per process by trainers.metrics).
+# (evaluation settings, device) -> Evaluator (reference images loaded and embedded once; scoring
+# models are cached per process and device by trainers.scoring_models).
 _MODELS: dict[tuple[Any, ...], BaseModel] = {}
 _EVALUATORS: dict[str, Evaluator] = {}
 ERROR_FILE = "sdsweep_error.json"
@@ -80,15 +80,20 @@ def storage_trial_dir() -> Path:
     return Path(ctx.get_trial_dir())
 
 
-def worker_evaluator(cfg: SweepConfig) -> Evaluator | None:
-    """The sweep's image evaluator (None without ``evaluation.images``), built once per process."""
+def worker_evaluator(cfg: SweepConfig, device: torch.device | str = "cpu") -> Evaluator | None:
+    """The sweep's image evaluator (None without ``evaluation.images``), built once per process,
+    scoring on ``device`` (the trial's device, so its scoring models sit on the trial's GPU).
+
+    Reused across trials, it keeps the reference images' embeddings from the first evaluation.
+    """
     ev_cfg = cfg.evaluation.images
     if ev_cfg is None:
         return None
-    key = json.dumps([ev_cfg.model_dump(mode="json"), cfg.base.data.model_dump(mode="json")], sort_keys=True)
+    key = json.dumps([ev_cfg.model_dump(mode="json"), cfg.base.data.model_dump(mode="json"),
+                      str(torch.device(device))], sort_keys=True)
     if key not in _EVALUATORS:
         _EVALUATORS.clear()
-        _EVALUATORS[key] = Evaluator(ev_cfg, load_references(ev_cfg, cfg.base.data))
+        _EVALUATORS[key] = Evaluator(ev_cfg, load_references(ev_cfg, cfg.base.data), device=device)
     return _EVALUATORS[key]
 
 
@@ -104,8 +109,9 @@ def evaluate_images(evaluator: Evaluator, trainer: Any, out_dir: Path, extra: di
     identity) are paths the W&B callback logs as an image and a table.
     """
     trainer.prepare_for_sampling()
-    dtype = trainer.weight_dtype if trainer.weight_dtype != torch.float32 else None
-    record = evaluator.run(trainer.model, autocast_dtype=dtype, prediction_type=trainer.prediction_type)
+    # The same rule as the baseline's (sweeps.driver._score_baseline): a gain is never a precision shift.
+    record = evaluator.run(trainer.model, autocast_dtype=devices.sampling_autocast(trainer.device, trainer.weight_dtype),
+                           prediction_type=trainer.prediction_type)
     scores_path = write_samples(record, out_dir, extra)
     return {**record.scores, "eval_s": record.generate_s + record.score_s,
             "images": [str(out_dir / GRID_FILE)], "samples": str(scores_path)}
@@ -177,7 +183,8 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: list[Any]
         _threads_for_trial(cfg.resources.cpu)
         params = cfg.search_space().flat_params(config)  # drops OptunaSearch's qualified aliases
         run_cfg = trial_run_config(cfg, params, source=f"trial {tune.get_context().get_trial_id()}")
-        model, reused = worker_model(run_cfg.model, run_precision(run_cfg.train)[1])
+        placement = devices.run_placement(run_cfg.train.device, run_cfg.train.mixed_precision)
+        model, reused = worker_model(run_cfg.model, placement.precision)
         data: CachedDataset = ray.get(cache[0])
         validation: CachedDataset | None = ray.get(cache[1]) if len(cache) > 1 else None
         run_cfg = run_cfg.model_copy(update={"output_dir": str(Path(tune.get_context().get_trial_dir()) / "work")})
@@ -188,7 +195,7 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: list[Any]
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
                 trainer.load_checkpoint(d)
-        evaluator = worker_evaluator(cfg)
+        evaluator = worker_evaluator(cfg, trainer.device)
         setup_s = time.perf_counter() - started
         _train_and_report(trainer, cfg, evaluator, trial_dir, setup_s=setup_s, model_reused=reused,
                           started_at=started_at)

@@ -14,6 +14,44 @@ from pathlib import Path
 
 import pytest
 
+# Tests marked ``real_weights`` need a real Stable Diffusion 1.5 in the diffusers layout on disk
+# (nothing is downloaded: tests are offline). Opt in with both:
+#   SDSWEEP_SD15_DIR=/models/stable-diffusion-v1-5 python3 -m pytest --real-weights -m real_weights
+SD15_ENV = "SDSWEEP_SD15_DIR"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--real-weights", action="store_true", default=False,
+                     help=f"run tests marked real_weights against the local SD 1.5 directory in ${SD15_ENV}")
+
+
+def real_weights_skip_reason(opted_in: bool, directory: str | None) -> str | None:
+    """Why ``real_weights`` tests cannot run (None: they can): each reason says what to set."""
+    how = f"{SD15_ENV}=<a local SD 1.5 directory in the diffusers layout> pytest --real-weights"
+    if not opted_in:
+        return f"needs real SD 1.5 weights; opt in with {how}"
+    if not directory:
+        return f"--real-weights is given but {SD15_ENV} is not set; run {how}"
+    if not (Path(directory).expanduser() / "model_index.json").is_file():
+        return (f"{SD15_ENV}={directory} is not a diffusers model directory (no model_index.json); "
+                "point it at a local copy of stable-diffusion-v1-5")
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = real_weights_skip_reason(config.getoption("--real-weights"), os.environ.get(SD15_ENV))
+    if reason is None:
+        return
+    for item in items:
+        if "real_weights" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def sd15_dir() -> Path:
+    """The local SD 1.5 directory (only reached when ``real_weights`` tests are not skipped)."""
+    return Path(os.environ[SD15_ENV]).expanduser()
+
 
 @pytest.fixture(scope="session", autouse=True)
 def sdsweep_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:

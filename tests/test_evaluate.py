@@ -162,13 +162,13 @@ def test_clip_t_clamps_the_mean_not_each_item(monkeypatch) -> None:
     # Embeddings chosen so cos = -0.5 and +0.2: torchmetrics clamps only the mean.
     img = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     txt = torch.tensor([[-0.5, 0.75**0.5], [0.2, 0.96**0.5]])
-    monkeypatch.setattr(mt, "image_embeddings", lambda spec, images: img)
-    monkeypatch.setattr(mt, "text_embeddings", lambda spec, texts: txt)
+    monkeypatch.setattr(mt, "image_embeddings", lambda spec, images, **kw: img)
+    monkeypatch.setattr(mt, "text_embeddings", lambda spec, texts, **kw: txt)
     r = mt.ClipTScore(clip="unused").score([None, None], ["a", "b"], None)  # type: ignore[list-item]
     assert r.per_item == pytest.approx((-50.0, 20.0), abs=1e-4)
     assert r.value == 0.0  # mean -15 clamped at 0
     txt2 = torch.tensor([[0.5, 0.75**0.5], [0.2, 0.96**0.5]])
-    monkeypatch.setattr(mt, "text_embeddings", lambda spec, texts: txt2)
+    monkeypatch.setattr(mt, "text_embeddings", lambda spec, texts, **kw: txt2)
     assert mt.ClipTScore(clip="unused").score([None, None], ["a", "b"], None).value == pytest.approx(35.0, abs=1e-4)
 
 
@@ -201,15 +201,17 @@ def test_clip_i_without_references_is_an_error() -> None:
 
 
 def test_clip_model_is_loaded_once_across_evaluations(tiny_model, monkeypatch) -> None:
+    from trainers import scoring_models
+
     mt.clear_clip_cache()
     calls: list[str] = []
-    real = mt.load_clip
+    real = scoring_models.load_clip
 
     def counting(spec: str):
         calls.append(spec)
         return real(spec)
 
-    monkeypatch.setattr(mt, "load_clip", counting)
+    monkeypatch.setattr(scoring_models, "load_clip", counting)
     settings = EvalSettings(prompts=("x",), seeds=(0,), **FAST)
     refs = [_noise_image(0)]
     for _ in range(2):

@@ -319,7 +319,7 @@ def test_gradient_clipping_limits_the_update(tiny_model_factory, demo_dir, tmp_p
 
 
 def test_mixed_precision_resolves_per_device():
-    from trainers.precision import resolve_mixed_precision
+    from trainers.devices import resolve_mixed_precision
 
     assert resolve_mixed_precision("auto", torch.device("cpu")) == "no"
     assert resolve_mixed_precision("no", torch.device("cpu")) == "no"

@@ -240,11 +240,11 @@ def test_settings_that_would_fail_late_or_be_ignored_are_rejected_at_load(tmp_pa
 
 def test_a_worker_builds_the_evaluator_once_and_reuses_it_across_trials(monkeypatch):
     from sweeps import trial
-    from trainers import metrics
+    from trainers import metrics, scoring_models
 
     calls = []
-    real = metrics.load_clip
-    monkeypatch.setattr(metrics, "load_clip", lambda spec: calls.append(spec) or real(spec))
+    real = scoring_models.load_clip
+    monkeypatch.setattr(scoring_models, "load_clip", lambda spec: calls.append(spec) or real(spec))
     metrics.clear_clip_cache()
     trial._EVALUATORS.clear()
     cfg = load_sweep(DEMO)

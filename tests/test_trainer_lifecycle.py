@@ -10,7 +10,7 @@ import torch
 
 from conftest import model_digest
 from trainers.base import NonFiniteLossError
-from trainers.precision import make_accelerator
+from trainers.devices import make_accelerator
 from trainers.config import LoraSettings, ModelSpec, TrainConfig
 from trainers.data import DataConfig, preflight
 from trainers.latents import build_latent_cache

@@ -32,7 +32,7 @@ from diffusers.training_utils import cast_training_params, compute_snr
 from safetensors.torch import load_file
 
 from trainers.config import TrainConfig
-from trainers.precision import make_accelerator, resolve_mixed_precision, run_precision  # noqa: F401 (re-exported)
+from trainers.devices import make_accelerator, resolve_mixed_precision, run_placement  # noqa: F401 (re-exported)
 from trainers.latents import CachedDataset, tokenize
 from trainers.tensor_files import atomic_save_safetensors, atomic_write_text
 
@@ -66,8 +66,9 @@ class Trainer(abc.ABC):
         self.model, self.data, self.cfg = model, data, cfg
         self.validation_data = validation_data  # held-out images for validation_loss, if any
         self.output_dir = Path(output_dir)
-        device, precision, self.weight_dtype = run_precision(cfg)
-        self.accelerator = make_accelerator(precision, device)
+        placement = run_placement(cfg.device, cfg.mixed_precision)
+        self.weight_dtype = placement.weight_dtype
+        self.accelerator = make_accelerator(placement.precision, placement.device)
         self.device = self.accelerator.device
         self.prediction_type = cfg.prediction_type or model.scheduler_config.get("prediction_type", "epsilon")
         self.noise_scheduler = model.noise_scheduler

@@ -35,6 +35,7 @@ from trainers.metrics import (
     METRICS,
     Metric,
     MetricResult,
+    References,
     composite,
     get_metric,
     scorer_identity,
@@ -234,14 +235,20 @@ class Evaluator:
     """Generate with fixed prompts/seeds and score; build once per worker, call per checkpoint.
 
     ``references`` are the images CLIP-I / DINO compare against (the training images at training
-    resolution, ``load_references``). Scoring models come from ``trainers.metrics``' per-process
-    caches, so a second Evaluator (or evaluation) loads nothing.
+    resolution, ``load_references``); their embeddings are computed at the first evaluation and
+    reused by every later one (``trainers.metrics.References``). ``device`` is where the scoring
+    models run: the trial's device (``trainer.device``) or the baseline's, so on a GPU nothing
+    is scored on the CPU. Scoring models come from per-process, per-device caches, so a second
+    Evaluator (or evaluation) loads nothing.
     """
 
-    def __init__(self, cfg: EvaluatorConfig, references: Sequence[Image.Image]) -> None:
-        self.cfg, self.references = cfg, list(references)
+    def __init__(self, cfg: EvaluatorConfig, references: Sequence[Image.Image],
+                 device: torch.device | str = "cpu") -> None:
+        self.cfg, self.references = cfg, References(references)
+        self.device = torch.device(device)
         self.metrics = [get_metric(n, clip=cfg.clip, vision=cfg.vision_model, checker=cfg.checker,
-                                   token=cfg.generation.token, concept=cfg.concept) for n in cfg.metrics]
+                                   token=cfg.generation.token, concept=cfg.concept, device=self.device)
+                        for n in cfg.metrics]
         needs_refs = [m.name for m in self.metrics if m.subject_only]
         if needs_refs and not self.references:
             raise ValueError(f"metrics {needs_refs} need reference images; none were found")
@@ -251,11 +258,11 @@ class Evaluator:
         scorers = {m.scorer for m in self.metrics if m.scorer}
         out: dict[str, Any] = {"settings": self.cfg.model_dump(mode="json"), "references": len(self.references)}
         if "clip" in scorers:
-            out["clip"] = scorer_identity("clip", self.cfg.clip)
+            out["clip"] = scorer_identity("clip", self.cfg.clip, self.device)
         if "vision" in scorers and self.cfg.vision_model:
-            out["vision"] = scorer_identity("vision", self.cfg.vision_model)
+            out["vision"] = scorer_identity("vision", self.cfg.vision_model, self.device)
         if "checker" in scorers and self.cfg.checker:
-            out["checker"] = scorer_identity("checker", self.cfg.checker)
+            out["checker"] = scorer_identity("checker", self.cfg.checker, self.device)
         return out
 
     def _subject_images(self, prompts: Sequence[str]) -> list[int]:
@@ -280,11 +287,13 @@ class Evaluator:
         """Generate and score ``model`` as it is now (adapters included).
 
         ``autocast_dtype`` (bf16/fp16 on a GPU) matches a mixed-precision trainer's frozen weights;
-        ``prediction_type`` is the trainer's (see :func:`generate`).
+        trials and the baseline both take it from ``trainers.devices.sampling_autocast``, so a
+        gain over the baseline is never a precision shift. ``prediction_type`` is the trainer's
+        (see :func:`generate`).
         """
         t0 = time.perf_counter()
         device = next(model.unet.parameters()).device
-        use_autocast = autocast_dtype is not None and device.type == "cuda"
+        use_autocast = autocast_dtype is not None  # CUDA, or a CPU bf16 run (torch.autocast has cpu bf16)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
             images = generate(model, self.cfg.generation, prediction_type)
         t1 = time.perf_counter()

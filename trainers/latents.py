@@ -36,6 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from trainers.data import DataConfig, ImageRecord, load_pixels
+from trainers.devices import ENCODE_DTYPE, place
 from trainers.paths import cache_root
 from trainers.tensor_files import atomic_save_safetensors, atomic_write_text, tensors_digest
 
@@ -91,6 +92,7 @@ class BuildReport:
     entries_rebuilt: int = 0
     texts_encoded: int = 0
     texts_reused: int = 0
+    encode_device: str = "cpu"  # where the VAE and text encoder ran (a GPU task: its GPU)
 
 
 @dataclass
@@ -225,18 +227,28 @@ def build_latent_cache(
     cache_text: bool = True,
     dtype: str = "float32",
     batch_size: int = 8,
+    device: torch.device | str | None = None,
 ) -> CachedDataset:
     """Encode what is missing, reuse what is cached, and return the dataset in memory.
 
     ``model`` is a :class:`trainers.models.BaseModel`. With ``cache_text`` the frozen text
     encoder's outputs are cached as well (turn it off when the text encoder is trained).
+
+    The VAE (and, with ``cache_text``, the text encoder) is put on ``device`` (default: where the
+    VAE already is) in fp32 and left there: an entry's key does not name the compute dtype, so
+    every entry is encoded in fp32 (``trainers.devices.ENCODE_DTYPE``; ``dtype`` is only how
+    the result is stored).
     """
     records = sorted(records, key=lambda r: r.id)
     if not records:
         raise ValueError("build_latent_cache: the dataset has no images")
     root = Path(root) if root is not None else cache_root() / "latents"
+    device = torch.device(device) if device is not None else next(model.vae.parameters()).device
+    place(model.vae, device, ENCODE_DTYPE)
+    if cache_text:
+        place(model.text_encoder, device, ENCODE_DTYPE)
     settings = cache_settings(model.vae, model.vae_identity, data_cfg, dtype)
-    report = BuildReport()
+    report = BuildReport(encode_device=str(next(model.vae.parameters()).device))
     loaded: dict[str, dict[str, torch.Tensor]] = {}
     todo: list[tuple[ImageRecord, str, Path]] = []
     for rec in records:

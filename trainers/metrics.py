@@ -21,160 +21,39 @@ and scoring it against the subject would reward a model that forgets everything 
 
 ``composite`` (:func:`composite`) is the weighted mean of metrics on one scale (each value times
 its ``scale``, so CLIP-T's x100 is undone and every term is a cosine). Scoring models load once
-per process (:func:`get_clip`, :func:`get_vision_model`), with a weights fingerprint that is
-stored beside every score (:func:`scorer_identity`).
+per process and device, in fp32 on the device they are asked for (the trial's; :func:`get_clip`,
+:func:`get_vision_model`, :func:`get_checker`), with a weights fingerprint that is stored beside
+every score (:func:`scorer_identity`). Reference images passed as :class:`References` keep their
+embeddings, so an evaluator embeds its references once, not at every evaluation.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 from PIL import Image
 
-from trainers.models import module_fingerprint
-from trainers.scoring_models import load_clip, load_vision_model
+# The scoring models and their embeddings live in trainers.scoring_models; re-exported here
+# because callers (and the metric interface of DESIGN.md) know them as trainers.metrics.*.
+from trainers.scoring_models import (  # noqa: F401 - re-exports
+    DEFAULT_CLIP,
+    Device,
+    References,
+    clear_clip_cache,
+    get_checker,
+    get_clip,
+    get_vision_model,
+    image_embeddings,
+    load_checker_spec,
+    reference_embeddings,
+    scorer_identity,
+    text_embeddings,
+    vision_embeddings,
+)
 
-# The CLIP most text-to-image papers (and torchmetrics' CLIPScore default) score with. Needs the
-# Hub or a local copy; tests and the demo use builtin:tiny-clip.
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 COMPOSITE = "composite"
-
-# --------------------------------------------------------------------------------------------
-# Scoring models, loaded once per process
-# --------------------------------------------------------------------------------------------
-
-_CLIP_CACHE: dict[str, tuple[Any, Any, Any]] = {}
-_VISION_CACHE: dict[str, tuple[Any, Any]] = {}
-_CHECKER_CACHE: dict[str, Any] = {}
-_FINGERPRINTS: dict[tuple[str, str], str] = {}
-_CLIP_LOCK = threading.Lock()
-
-
-def get_clip(spec: str = DEFAULT_CLIP) -> tuple[Any, Any, Any]:
-    """``(CLIPModel, tokenizer, image processor)`` for ``spec``, loaded on first use and cached.
-
-    A sweep evaluates every few hundred steps; ViT-L/14 takes seconds to load (1.7 GB), so it is
-    loaded once per process. The cached model is shared: do not train or move it.
-    """
-    with _CLIP_LOCK:
-        if spec not in _CLIP_CACHE:
-            _CLIP_CACHE[spec] = load_clip(spec)
-        return _CLIP_CACHE[spec]
-
-
-def get_vision_model(spec: str) -> tuple[Any, Any]:
-    """``(vision model, image processor)`` for ``spec``, loaded on first use and cached."""
-    with _CLIP_LOCK:
-        if spec not in _VISION_CACHE:
-            _VISION_CACHE[spec] = load_vision_model(spec)
-        return _VISION_CACHE[spec]
-
-
-def get_checker(spec: str) -> Any:
-    """The ground-truth checker ``spec`` (``builtin:toyworld`` or a checker directory), cached."""
-    with _CLIP_LOCK:
-        if spec not in _CHECKER_CACHE:
-            _CHECKER_CACHE[spec] = load_checker_spec(spec)
-        return _CHECKER_CACHE[spec]
-
-
-def load_checker_spec(spec: str) -> Any:
-    """Load a checker: ``builtin:toyworld`` (the shipped one) or a directory ``save_checker`` wrote."""
-    from trainers.models import BUILTIN_PREFIX, ModelLoadError, shipped_dir
-    from trainers.toyworld.checker import CONFIG_NAME, load_checker
-
-    if spec == BUILTIN_PREFIX + "toyworld":
-        return load_checker(shipped_dir("toyworld") / "checker")
-    root = Path(spec).expanduser()
-    if not (root / CONFIG_NAME).is_file():
-        raise ModelLoadError(f"checker {spec!r}: not builtin:toyworld nor a directory holding {CONFIG_NAME} "
-                             "and checker.safetensors (trainers.toyworld.checker.save_checker writes one)")
-    return load_checker(root)
-
-
-def clear_clip_cache() -> None:
-    """Drop every cached scoring model (frees memory; the next ``get_*`` reloads)."""
-    with _CLIP_LOCK:
-        _CLIP_CACHE.clear()
-        _VISION_CACHE.clear()
-        _CHECKER_CACHE.clear()
-        _FINGERPRINTS.clear()
-
-
-def scorer_identity(kind: str, spec: str) -> dict[str, str]:
-    """``{"spec", "weights_sha256"}`` of a scoring model (``kind`` "clip", "vision" or "checker").
-
-    The fingerprint hashes every weight (``module_fingerprint``), so two scores are comparable
-    only if their scorer identities are equal, whatever path or Hub id named the model.
-    """
-    key = (kind, spec)
-    if key not in _FINGERPRINTS:
-        if kind == "checker":
-            model = get_checker(spec)
-        else:
-            model = get_clip(spec)[0] if kind == "clip" else get_vision_model(spec)[0]
-        _FINGERPRINTS[key] = module_fingerprint(model)
-    return {"spec": spec, "weights_sha256": _FINGERPRINTS[key]}
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def image_embeddings(spec: str, images: Sequence[Image.Image], chunk: int = 32) -> torch.Tensor:
-    """Projected CLIP image embeddings (not normalised), one row per image, float32 on CPU."""
-    model, _, processor = get_clip(spec)
-    rows = []
-    for i in range(0, len(images), chunk):
-        pixels = processor(images=list(images[i : i + chunk]), return_tensors="pt")["pixel_values"]
-        # transformers 5: the projected embedding is the output object's pooler_output.
-        rows.append(model.get_image_features(pixel_values=pixels.to(_device(model))).pooler_output.float().cpu())
-    return torch.cat(rows)
-
-
-@torch.no_grad()
-def text_embeddings(spec: str, texts: Sequence[str]) -> torch.Tensor:
-    """Projected CLIP text embeddings (not normalised), tokenized exactly as torchmetrics does.
-
-    torchmetrics pads to the longest prompt and, for prompts over the model's
-    ``max_position_embeddings``, slices ids and mask to that length (it does not use the
-    tokenizer's truncation); we copy that so scores match its CLIPScore.
-    """
-    model, tokenizer, _ = get_clip(spec)
-    enc = tokenizer(list(texts), padding=True, return_tensors="pt")
-    limit = int(model.config.text_config.max_position_embeddings)
-    ids, mask = enc["input_ids"][..., :limit], enc["attention_mask"][..., :limit]
-    dev = _device(model)
-    return model.get_text_features(input_ids=ids.to(dev), attention_mask=mask.to(dev)).pooler_output.float().cpu()
-
-
-@torch.no_grad()
-def vision_embeddings(spec: str, images: Sequence[Image.Image], chunk: int = 32) -> torch.Tensor:
-    """One embedding per image from a vision backbone, float32 on CPU.
-
-    A transformer's class token of the last hidden state (what DINO's paper and DreamBooth's
-    DINO metric use); for a backbone without a token sequence (a ConvNet), its pooled output.
-    """
-    model, processor = get_vision_model(spec)
-    rows = []
-    for i in range(0, len(images), chunk):
-        pixels = processor(images=list(images[i : i + chunk]), return_tensors="pt")["pixel_values"]
-        out = model(pixel_values=pixels.to(_device(model)))
-        hidden = getattr(out, "last_hidden_state", None)
-        if hidden is not None and hidden.dim() == 3:
-            emb = hidden[:, 0]
-        elif getattr(out, "pooler_output", None) is not None:
-            emb = out.pooler_output.flatten(1)
-        else:
-            raise ValueError(f"vision model {spec!r} ({type(model).__name__}) returns neither a token "
-                             "sequence nor a pooled output; use a ViT/DINO-style backbone")
-        rows.append(emb.float().cpu())
-    return torch.cat(rows)
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -220,10 +99,10 @@ class Metric(Protocol):
 
 
 class _ClipMetric:
-    """Shared by every metric: which scoring models to use (loaded once per process).
+    """Shared by every metric: which scoring models to use (loaded once per process and device).
 
     Every metric class takes the same keywords, so the evaluator builds any registered metric
-    the same way; a metric uses the models it needs. ``token`` is the concept token of the
+    the same way; a metric uses the models it needs, on ``device``. ``token`` is the concept token of the
     prompts (``{token}``'s value) and ``concept`` what it means in the judge's vocabulary.
     """
 
@@ -234,8 +113,9 @@ class _ClipMetric:
     subject_only = False
 
     def __init__(self, clip: str = DEFAULT_CLIP, vision: str | None = None, checker: str | None = None,
-                 token: str | None = None, concept: str | None = None) -> None:
+                 token: str | None = None, concept: str | None = None, device: Device = None) -> None:
         self.clip, self.vision, self.checker, self.token, self.concept = clip, vision, checker, token, concept
+        self.device = torch.device(device or "cpu")  # where the scoring models run (the trial's)
 
 
 class ClipTScore(_ClipMetric):
@@ -259,8 +139,8 @@ class ClipTScore(_ClipMetric):
             raise ValueError(f"clip_t needs one prompt per image; got {len(images)} images, {len(prompts)} prompts")
         if self.token and self.concept:  # the CLIP never saw the token: score what it stands for
             prompts = [p.replace(self.token, self.concept) for p in prompts]
-        img = _normalize(image_embeddings(self.clip, images))
-        txt = _normalize(text_embeddings(self.clip, prompts))
+        img = _normalize(image_embeddings(self.clip, images, device=self.device))
+        txt = _normalize(text_embeddings(self.clip, prompts, device=self.device))
         per_item = 100 * (img * txt).sum(dim=-1)
         value = torch.clamp(per_item.mean(), min=0.0)
         return MetricResult(float(value), tuple(float(v) for v in per_item))
@@ -286,8 +166,9 @@ class ClipIScore(_ClipMetric):
             raise ValueError("clip_i needs reference images (the training images); none were given")
         if not images:
             raise ValueError("clip_i needs at least one generated image")
-        gen = _normalize(image_embeddings(self.clip, images))
-        ref = _normalize(image_embeddings(self.clip, references))
+        gen = _normalize(image_embeddings(self.clip, images, device=self.device))
+        ref = _normalize(reference_embeddings(references, ("clip", self.clip, str(self.device)),
+                                              lambda refs: image_embeddings(self.clip, refs, device=self.device)))
         per_item = (gen @ ref.T).mean(dim=1)
         return MetricResult(float(per_item.mean()), tuple(float(v) for v in per_item))
 
@@ -316,8 +197,10 @@ class DinoScore(_ClipMetric):
         if not references or not images:
             raise ValueError("dino needs generated images and reference images (the training images)")
         assert self.vision is not None
-        gen = _normalize(vision_embeddings(self.vision, images))
-        ref = _normalize(vision_embeddings(self.vision, references))
+        vision = self.vision
+        gen = _normalize(vision_embeddings(vision, images, device=self.device))
+        ref = _normalize(reference_embeddings(references, ("vision", vision, str(self.device)),
+                                              lambda refs: vision_embeddings(vision, refs, device=self.device)))
         per_item = (gen @ ref.T).mean(dim=1)
         return MetricResult(float(per_item.mean()), tuple(float(v) for v in per_item))
 
@@ -335,12 +218,12 @@ class _TruthRate(_ClipMetric):
     concept_prompts: bool  # True: judge the prompts with the token; False: those without
 
     def __init__(self, clip: str = DEFAULT_CLIP, vision: str | None = None, checker: str | None = None,
-                 token: str | None = None, concept: str | None = None) -> None:
+                 token: str | None = None, concept: str | None = None, device: Device = None) -> None:
         if not checker or not token or not concept:
             raise ValueError(f"metric {self.name!r} needs evaluation.images.checker (e.g. builtin:toyworld), "
                              "generation.token (e.g. 'sks shape') and evaluation.images.concept (what the token "
                              "means to the checker, e.g. 'star')")
-        super().__init__(clip, vision, checker, token, concept)
+        super().__init__(clip, vision, checker, token, concept, device)
 
     def score(
         self, images: Sequence[Image.Image], prompts: Sequence[str], references: Sequence[Image.Image] | None = None
@@ -357,7 +240,7 @@ class _TruthRate(_ClipMetric):
             raise ValueError(f"{self.name}: no evaluation prompt {which}s the token {self.token!r}; add such "
                              f"prompts to evaluation.images.generation.prompts")
         texts = [prompts[i].replace(self.token, self.concept) for i in picked]
-        verdicts = judge(get_checker(self.checker), [images[i] for i in picked], texts)
+        verdicts = judge(get_checker(self.checker, self.device), [images[i] for i in picked], texts)
         per_item: list[float | None] = [None] * len(images)
         for i, v in zip(picked, verdicts):
             per_item[i] = 1.0 if v.correct else 0.0

@@ -15,6 +15,7 @@ from trainers import TRAINERS, get_trainer_class
 from trainers.base import StepStats, Trainer
 from trainers.config import RunConfig
 from trainers.data import preflight, split_validation
+from trainers.devices import run_device
 from trainers.latents import CachedDataset, build_latent_cache
 from trainers.tensor_files import atomic_write_text
 from trainers.models import load_base_model
@@ -45,9 +46,11 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 def prepare_data(cfg: RunConfig, model, *, cache_text: bool) -> CachedDataset:
     """Preflight every image (all problems reported at once), then build or reuse the cache of
-    the training images (without the ``data.validation_split`` share)."""
+    the training images (without the ``data.validation_split`` share), encoding on the run's
+    device (``train.device``, else the GPU when there is one)."""
     train, _ = split_validation(preflight(cfg.data, require_captions=True), cfg.data)
-    return build_latent_cache(train, cfg.data, model, root=_cache_root(cfg), cache_text=cache_text)
+    return build_latent_cache(train, cfg.data, model, root=_cache_root(cfg), cache_text=cache_text,
+                              device=run_device(cfg.train.device))
 
 
 def prepare_validation(cfg: RunConfig, model, *, cache_text: bool) -> CachedDataset | None:
@@ -63,7 +66,8 @@ def prepare_validation(cfg: RunConfig, model, *, cache_text: bool) -> CachedData
     else:
         vcfg = d.model_copy(update={"validation_split": 0.0, "random_flip": False})
         records = split_validation(preflight(d, require_captions=True), d)[1]
-    return build_latent_cache(records, vcfg, model, root=_cache_root(cfg), cache_text=cache_text)
+    return build_latent_cache(records, vcfg, model, root=_cache_root(cfg), cache_text=cache_text,
+                              device=run_device(cfg.train.device))
 
 
 def _cache_root(cfg: RunConfig) -> Path | None:

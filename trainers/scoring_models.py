@@ -1,17 +1,25 @@
-"""Load the models the evaluator scores with: a CLIP, and any transformers vision backbone.
+"""The models the evaluator scores with (a CLIP, any transformers vision backbone, the toy
+world's checker): loading, the per-process and per-device caches, and their embeddings.
 
 Both accept the same specs as base models where that makes sense: a built-in tiny model
 (``builtin:tiny-clip``, ``builtin:tiny-vit``, ``builtin:toyworld`` for the toy world's CLIP), a local directory in the transformers layout, or a
 Hugging Face Hub id. Safetensors only (unpickling can run code). The image processor is always
 transformers' PIL backend: the default backend needs torchvision (not installable beside our
 torch), and one backend everywhere keeps scores comparable across machines.
+
+Scoring models run in fp32 on the device they are asked for (a trial's GPU), without autocast,
+so a score depends on the images only, never on the trial's precision (trainers/devices.py).
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence as SequenceABC
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
+import torch
+from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel, PreTrainedTokenizerBase
 
 from trainers.models import (
@@ -24,7 +32,13 @@ from trainers.models import (
     _hub_snapshot,
     BUILTIN_ROLES,
     builtin_dir,
+    module_fingerprint,
 )
+from trainers.devices import SCORING_DTYPE, place
+
+# The CLIP most text-to-image papers (and torchmetrics' CLIPScore default) score with. Needs the
+# Hub or a local copy; tests and the demo use builtin:tiny-clip.
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 
 # transformers' weight names only: CLIP/DINO repos also carry open_clip/flax/tf copies.
 _HUB_PATTERNS = ["*.json", "*.txt", "model.safetensors", "model-*.safetensors"]
@@ -88,3 +102,191 @@ def load_vision_model(spec: str) -> tuple[Any, Any]:
     )
     model.eval()
     return model, processor
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring models, loaded once per process and device; their embeddings
+# --------------------------------------------------------------------------------------------
+
+Device = torch.device | str | None  # None: the CPU
+_CLIP_CACHE: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+_VISION_CACHE: dict[tuple[str, str], tuple[Any, Any]] = {}
+_CHECKER_CACHE: dict[tuple[str, str], Any] = {}
+_FINGERPRINTS: dict[tuple[str, str], str] = {}
+_CLIP_LOCK = threading.Lock()
+
+
+def _key(spec: str, device: Device) -> tuple[str, str]:
+    return spec, str(torch.device(device or "cpu"))
+
+
+def _on_device(model: torch.nn.Module, device: Device) -> torch.nn.Module:
+    # Loaded on the CPU, then moved once: ``Module.to`` replaces each tensor in place, so no CPU
+    # copy stays behind. fp32 always: a score must not depend on the trial's precision.
+    place(model, torch.device(device or "cpu"), SCORING_DTYPE)
+    return model
+
+
+def get_clip(spec: str = DEFAULT_CLIP, device: Device = None) -> tuple[Any, Any, Any]:
+    """``(CLIPModel, tokenizer, image processor)`` for ``spec`` on ``device``, loaded on first use.
+
+    A sweep evaluates every few hundred steps; ViT-L/14 takes seconds to load (1.7 GB), so it is
+    loaded once per process and device (the trial's GPU in a GPU sweep). The cached model is
+    shared: do not train or move it.
+    """
+    with _CLIP_LOCK:
+        key = _key(spec, device)
+        if key not in _CLIP_CACHE:
+            model, tokenizer, processor = load_clip(spec)
+            _CLIP_CACHE[key] = (_on_device(model, device), tokenizer, processor)
+        return _CLIP_CACHE[key]
+
+
+def get_vision_model(spec: str, device: Device = None) -> tuple[Any, Any]:
+    """``(vision model, image processor)`` for ``spec`` on ``device``, loaded on first use."""
+    with _CLIP_LOCK:
+        key = _key(spec, device)
+        if key not in _VISION_CACHE:
+            model, processor = load_vision_model(spec)
+            _VISION_CACHE[key] = (_on_device(model, device), processor)
+        return _VISION_CACHE[key]
+
+
+def get_checker(spec: str, device: Device = None) -> Any:
+    """The ground-truth checker ``spec`` (``builtin:toyworld`` or a checker directory) on ``device``."""
+    with _CLIP_LOCK:
+        key = _key(spec, device)
+        if key not in _CHECKER_CACHE:
+            _CHECKER_CACHE[key] = _on_device(load_checker_spec(spec), device)
+        return _CHECKER_CACHE[key]
+
+
+def load_checker_spec(spec: str) -> Any:
+    """Load a checker: ``builtin:toyworld`` (the shipped one) or a directory ``save_checker`` wrote."""
+    from trainers.models import BUILTIN_PREFIX, ModelLoadError, shipped_dir
+    from trainers.toyworld.checker import CONFIG_NAME, load_checker
+
+    if spec == BUILTIN_PREFIX + "toyworld":
+        return load_checker(shipped_dir("toyworld") / "checker")
+    root = Path(spec).expanduser()
+    if not (root / CONFIG_NAME).is_file():
+        raise ModelLoadError(f"checker {spec!r}: not builtin:toyworld nor a directory holding {CONFIG_NAME} "
+                             "and checker.safetensors (trainers.toyworld.checker.save_checker writes one)")
+    return load_checker(root)
+
+
+def clear_clip_cache() -> None:
+    """Drop every cached scoring model (frees memory; the next ``get_*`` reloads)."""
+    with _CLIP_LOCK:
+        _CLIP_CACHE.clear()
+        _VISION_CACHE.clear()
+        _CHECKER_CACHE.clear()
+        _FINGERPRINTS.clear()
+
+
+def scorer_identity(kind: str, spec: str, device: Device = None) -> dict[str, str]:
+    """``{"spec", "weights_sha256"}`` of a scoring model (``kind`` "clip", "vision" or "checker").
+
+    The fingerprint hashes every weight (``module_fingerprint``), so two scores are comparable
+    only if their scorer identities are equal, whatever path or Hub id named the model. It is
+    taken from the copy on ``device`` (the one that scores; the weights are fp32 everywhere).
+    """
+    key = (kind, spec)
+    if key not in _FINGERPRINTS:
+        if kind == "checker":
+            model = get_checker(spec, device)
+        else:
+            model = get_clip(spec, device)[0] if kind == "clip" else get_vision_model(spec, device)[0]
+        _FINGERPRINTS[key] = module_fingerprint(model)
+    return {"spec": spec, "weights_sha256": _FINGERPRINTS[key]}
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def image_embeddings(spec: str, images: Sequence[Image.Image], chunk: int = 32,
+                     device: Device = None) -> torch.Tensor:
+    """Projected CLIP image embeddings (not normalised), one row per image, float32 on CPU."""
+    model, _, processor = get_clip(spec, device)
+    rows = []
+    for i in range(0, len(images), chunk):
+        pixels = processor(images=list(images[i : i + chunk]), return_tensors="pt")["pixel_values"]
+        # transformers 5: the projected embedding is the output object's pooler_output.
+        rows.append(model.get_image_features(pixel_values=pixels.to(_device(model))).pooler_output.float().cpu())
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def text_embeddings(spec: str, texts: Sequence[str], device: Device = None) -> torch.Tensor:
+    """Projected CLIP text embeddings (not normalised), tokenized exactly as torchmetrics does.
+
+    torchmetrics pads to the longest prompt and, for prompts over the model's
+    ``max_position_embeddings``, slices ids and mask to that length (it does not use the
+    tokenizer's truncation); we copy that so scores match its CLIPScore.
+    """
+    model, tokenizer, _ = get_clip(spec, device)
+    enc = tokenizer(list(texts), padding=True, return_tensors="pt")
+    limit = int(model.config.text_config.max_position_embeddings)
+    ids, mask = enc["input_ids"][..., :limit], enc["attention_mask"][..., :limit]
+    dev = _device(model)
+    return model.get_text_features(input_ids=ids.to(dev), attention_mask=mask.to(dev)).pooler_output.float().cpu()
+
+
+@torch.no_grad()
+def vision_embeddings(spec: str, images: Sequence[Image.Image], chunk: int = 32,
+                      device: Device = None) -> torch.Tensor:
+    """One embedding per image from a vision backbone, float32 on CPU.
+
+    A transformer's class token of the last hidden state (what DINO's paper and DreamBooth's
+    DINO metric use); for a backbone without a token sequence (a ConvNet), its pooled output.
+    """
+    model, processor = get_vision_model(spec, device)
+    rows = []
+    for i in range(0, len(images), chunk):
+        pixels = processor(images=list(images[i : i + chunk]), return_tensors="pt")["pixel_values"]
+        out = model(pixel_values=pixels.to(_device(model)))
+        hidden = getattr(out, "last_hidden_state", None)
+        if hidden is not None and hidden.dim() == 3:
+            emb = hidden[:, 0]
+        elif getattr(out, "pooler_output", None) is not None:
+            emb = out.pooler_output.flatten(1)
+        else:
+            raise ValueError(f"vision model {spec!r} ({type(model).__name__}) returns neither a token "
+                             "sequence nor a pooled output; use a ViT/DINO-style backbone")
+        rows.append(emb.float().cpu())
+    return torch.cat(rows)
+
+
+class References(SequenceABC):
+    """Reference images that remember their embeddings: computed once per scorer and reused.
+
+    The evaluator scores every checkpoint against the same references; recomputing their
+    embeddings at every evaluation would cost as much as embedding the generated images again.
+    A plain list works wherever a ``References`` does (embeddings are then computed per call).
+    """
+
+    def __init__(self, images: Sequence[Image.Image]) -> None:
+        self.images = tuple(images)
+        self._embeddings: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.images[i]
+
+    def embeddings(self, key: tuple[str, ...], compute: Callable[[list[Image.Image]], torch.Tensor]) -> torch.Tensor:
+        """``compute(images)``, computed on the first call for ``key`` and cached."""
+        if key not in self._embeddings:
+            self._embeddings[key] = compute(list(self.images))
+        return self._embeddings[key]
+
+
+def reference_embeddings(references: Sequence[Image.Image], key: tuple[str, ...],
+                         compute: Callable[[list[Image.Image]], torch.Tensor]) -> torch.Tensor:
+    """Embeddings of ``references``: cached when they are :class:`References`, else computed."""
+    if isinstance(references, References):
+        return references.embeddings(key, compute)
+    return compute(list(references))

@@ -103,10 +103,11 @@ def predict(model: Checker, images: np.ndarray | torch.Tensor, chunk: int = 512)
     """Predicted label indices ``(N, 3)``: shape, colour, background, for uint8 (N, 32, 32, 3)
     arrays or float tensors in [-1, 1] (N, 3, 32, 32)."""
     x = torch.from_numpy(to_tensor_range(images)) if isinstance(images, np.ndarray) else images
+    device = next(model.parameters()).device  # the evaluator puts the checker on the trial's GPU
     out = []
     for i in range(0, len(x), chunk):
-        logits = model(x[i : i + chunk])
-        out.append(torch.stack([lg.argmax(dim=-1) for lg in logits], dim=1))
+        logits = model(x[i : i + chunk].to(device))
+        out.append(torch.stack([lg.argmax(dim=-1) for lg in logits], dim=1).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 3), dtype=np.int64)
 
 
