@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,9 @@ from transformers import (
 )
 
 from trainers import single_file, tiny
+from trainers.errors import ModelLoadError, PickleRefusedError
 from trainers.paths import cache_root, materialize_dir
+from trainers.pickles import BY_SCAN, PICKLE_SUFFIXES, load_weights_only, refuse_pickle, unsafe_globals, unsafe_pickle
 from trainers.tensor_files import tensors_digest
 
 BUILTIN_PREFIX = "builtin:"
@@ -66,7 +67,6 @@ BUILTIN_ROLES: dict[str, tuple[str, ...]] = {
     "CLIP model": ("tiny-clip", "toyworld"),
     "vision model": ("tiny-vit",),
 }
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a Stable Diffusion repo needs besides weights (diffusers' own config-only pattern set).
@@ -78,24 +78,6 @@ ACCEPTED_FORMS = (
 )
 
 T = TypeVar("T")
-
-
-class ModelLoadError(ValueError):
-    """A base model or CLIP model could not be loaded; the message names the input and the fix."""
-
-
-class PickleRefusedError(ModelLoadError):
-    """A pickle-format weight file was refused (or could not be read safely)."""
-
-
-def _pickle_refusal(path: Path) -> PickleRefusedError:
-    return PickleRefusedError(
-        f"{path}: refusing to load a pickle-format weight file. Unpickling can run arbitrary code "
-        "hidden in the file, so sdsweep only reads .safetensors by default. Prefer a .safetensors "
-        "copy of this model. If you trust the file, opt in with `model.allow_pickle: true` in the "
-        "sweep config (allow_pickle=True in Python); it is then read with "
-        "torch.load(weights_only=True), which accepts tensors only and never executes code."
-    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -268,7 +250,7 @@ def _use_safetensors(folder: Path, allow_pickle: bool) -> bool:
     if not pickles:
         raise ModelLoadError(f"{folder}: no weight files (expected *.safetensors)")
     if not allow_pickle:
-        raise _pickle_refusal(pickles[0])
+        raise refuse_pickle(pickles[0])
     return False  # from_pretrained then reads them with torch.load(weights_only=True)
 
 
@@ -278,6 +260,12 @@ def _load_directory(root: Path, source: str, allow_pickle: bool, dtype: torch.dt
         raise ModelLoadError(f"{root}: not a Stable Diffusion pipeline directory, missing {missing}")
     st = {s: _use_safetensors(root / s, allow_pickle) for s in ("unet", "vae", "text_encoder")}
     kw: dict[str, Any] = dict(local_files_only=True)
+    for sub in (s for s in st if not st[s]):
+        # diffusers/transformers report a refused pickle as a bare "Unable to load weights"; name
+        # what made it unsafe before handing them the file (weights_only=True stays the judge).
+        for f in sorted(p for p in (root / sub).iterdir() if p.suffix.lower() in PICKLE_SUFFIXES):
+            if blocked := unsafe_globals(f):
+                raise unsafe_pickle(f, blocked, BY_SCAN)
     unet = _guard(
         f"{root}/unet",
         lambda: UNet2DConditionModel.from_pretrained(
@@ -334,11 +322,11 @@ def _load_single_file(
 ) -> BaseModel:
     is_pickle = path.suffix.lower() in PICKLE_SUFFIXES
     if is_pickle and not allow_pickle:
-        raise _pickle_refusal(path)
+        raise refuse_pickle(path)
     # Resolve the config before reading a possibly multi-GB file, unless it must be inferred.
     config_root = _single_file_config_dir(path, config) if config is not None or _offline() else None
     if is_pickle:
-        checkpoint = _torch_load_weights_only(path)
+        checkpoint = load_weights_only(path)
     else:
         checkpoint = _guard(f"{path}: not a readable safetensors file", lambda: safetensors.torch.load_file(path))
     if config_root is None:
@@ -353,27 +341,6 @@ def _load_single_file(
         lambda: single_file.load_components(checkpoint, config_root, dtype),
     )
     return _assemble(unet, vae, text_encoder, config_root, source)
-
-
-def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
-    """The opted-in pickle path: tensors only, never ``weights_only=False``."""
-    try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PickleRefusedError(
-            f"{path}: torch.load(weights_only=True) rejected the file ({first}). It holds Python "
-            "objects other than tensors, which sdsweep never unpickles (nothing in it was run). "
-            "Convert it to .safetensors with a tool you trust, in an isolated environment."
-        ) from e
-    except Exception as e:
-        raise ModelLoadError(f"{path}: not a readable torch checkpoint: {type(e).__name__}: {e}") from e
-    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]  # CompVis/Lightning checkpoints nest the weights
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)] if isinstance(obj, dict) else ["<root>"]
-    if bad:
-        raise ModelLoadError(f"{path}: expected a state dict of tensors; non-tensor entries: {bad[:5]}")
-    return obj
 
 
 def _single_file_config_dir(path: Path, config: str | None) -> Path:
