@@ -46,22 +46,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     raw = apply_overrides(read_yaml(args.config) or {}, args.set, args.config)
     cfg = validate_mapping(raw, RunConfig, args.config)
-    bar = tqdm(total=cfg.train.max_train_steps, desc=f"train {cfg.method}", unit="step",
-               disable=args.quiet, dynamic_ncols=True)
+    bars: list[Any] = []
 
     def on_ready(trainer: Any) -> None:
-        bar.update(trainer.global_step)
+        # The bar starts here, once preflight, model loading and the cache are done: those take
+        # minutes on a real model, under a 0% bar they read as a hang, and an error they raise
+        # should not print below a bar that never moved.
+        bar = tqdm(total=cfg.train.max_train_steps, initial=trainer.global_step, desc=f"train {cfg.method}",
+                   unit="step", disable=args.quiet, dynamic_ncols=True)
+        bars.append(bar)
         d = trainer.data
         bar.write(f"dataset {len(d)} images, cache {d.key[:12]}: {d.report.images_encoded} encoded, "
                   f"{d.report.entries_reused} reused; device {trainer.device}, "
                   f"precision {trainer.accelerator.mixed_precision}")
 
     def on_step(stats: Any) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}")
+        bars[0].update(1)
+        bars[0].set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}")
 
-    result = train_from_config(cfg, resume=args.resume, callback=on_step, on_ready=on_ready)
-    bar.close()
+    try:
+        result = train_from_config(cfg, resume=args.resume, callback=on_step, on_ready=on_ready)
+    finally:
+        for bar in bars:
+            bar.close()
     print(f"done: step {result.final_step}, final loss {result.final_loss:.4f}; "
           f"weights: {result.weights}" if result.final_loss is not None else
           f"done: step {result.final_step}; weights: {result.weights}")
