@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from sweeps.constants import QUIET_ENV
+
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_FAILED = 1
 
@@ -211,18 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default=None, help="report directory (default RUN_DIR/report)")
     report.set_defaults(func=_cmd_report)
     return parser
-
-
-QUIET_ENV = {
-    "TRANSFORMERS_VERBOSITY": "error",       # torchvision-fallback notices on every import
-    "DIFFUSERS_VERBOSITY": "error",
-    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",     # transformers' per-component "Loading weights" bars
-    "WANDB_SILENT": "true",                  # per-trial offline banners; we print the sync command once
-    # Tune warns when checkpoint-driven state snapshots come faster than every 5 s, which short
-    # tiny-model trials always do; the snapshots themselves are wanted.
-    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-}
 
 
 def quiet_libraries() -> None:

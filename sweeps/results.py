@@ -24,7 +24,7 @@ from typing import Any
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sweeps.trial import ERROR_FILE
+from sweeps.constants import ERROR_FILE
 from trainers.tensor_files import atomic_save_safetensors, atomic_write_text
 from trainers.lora import LORA_WEIGHTS, kohya_state_dict
 

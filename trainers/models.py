@@ -47,9 +47,9 @@ from transformers import (
 
 from trainers import single_file, tiny
 from trainers.errors import ModelLoadError, PickleRefusedError
+from trainers.fingerprints import module_fingerprint, weights_identity
 from trainers.paths import cache_root, materialize_dir
 from trainers.pickles import BY_SCAN, PICKLE_SUFFIXES, load_weights_only, refuse_pickle, unsafe_globals, unsafe_pickle
-from trainers.tensor_files import tensors_digest
 
 BUILTIN_PREFIX = "builtin:"
 # Bump the suffix whenever a builder's output changes, so stale caches are never reused.
@@ -125,24 +125,6 @@ def _sampling_scheduler(config: dict[str, Any]) -> SchedulerMixin:
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         cls = DDIMScheduler
     return cls.from_config(config)
-
-
-def module_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 hex over the sorted ``(name, dtype, shape, raw bytes)`` of ``module.state_dict()``.
-
-    Deterministic across processes and machines; any change of a value, dtype or shape changes
-    it. Reads every byte (an SD 1.5 UNet, 3.4 GB in fp32, takes a few seconds).
-    """
-    try:
-        return tensors_digest(module.state_dict())
-    except ValueError as err:  # a meta tensor: the weight was never loaded
-        raise ModelLoadError(f"cannot fingerprint: {err}") from None
-
-
-def weights_identity(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module) -> str:
-    """sha256 hex over the three components' fingerprints: ``BaseModel.identity``."""
-    parts = [f"{n}:{module_fingerprint(m)}" for n, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def ensure_builtin(name: str) -> Path:
