@@ -26,6 +26,7 @@ from sweeps.results import SWEEP_STATE, SweepError
 from sweeps.tracking import make_callbacks, offline_sync_command, tensorboard_callbacks
 from sweeps.trial import run_trial, trial_env
 from trainers.data import preflight
+from trainers.tensor_files import atomic_write_text
 
 
 
@@ -218,7 +219,7 @@ def run_sweep(cfg: SweepConfig, *, sweep_file: str | None = None, run_dir: Path 
                  "cache_builds": [report], "package_version": _version(), "started": time.time()}
         if "baseline" in summary:
             state["baseline"] = _save_baseline(run_dir, summary["baseline"])
-        (run_dir / SWEEP_STATE).write_text(json.dumps(state, indent=1))
+        write_sweep_state(run_dir, state)
         results = _tuner(cfg, run_dir, _trainable(cfg, data_ref), run_dir.name).fit()
     finally:
         if started:
@@ -247,7 +248,7 @@ def resume_sweep(run_dir: Path) -> SweepRun:
             raise SweepError(f"{run_dir}: the dataset or base model changed since the sweep started "
                                f"(cache key {key[:12]} != {state['cache_key'][:12]}); start a new sweep")
         state["cache_builds"].append(report)
-        (run_dir / SWEEP_STATE).write_text(json.dumps(state, indent=1))
+        write_sweep_state(run_dir, state)
         tuner = tune.Tuner.restore(str(run_dir), trainable=_trainable(cfg, data_ref), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         results = tuner.fit()
@@ -255,6 +256,12 @@ def resume_sweep(run_dir: Path) -> SweepRun:
         if started:
             ray.shutdown()
     return SweepRun(run_dir, results, report, offline_sync_command(run_dir))
+
+
+def write_sweep_state(run_dir: Path, state: dict[str, Any]) -> None:
+    """Write ``sweep.json`` atomically: ``sdsweep results``/``report`` and a resume, possibly in
+    another process, read it, and a crash mid-write must not leave it torn."""
+    atomic_write_text(run_dir / SWEEP_STATE, json.dumps(state, indent=1))
 
 
 def _version() -> str:

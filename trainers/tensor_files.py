@@ -1,7 +1,8 @@
 """Tensor and text files written the house way: safetensors, atomically, with verifiable digests.
 
 Every writer goes through a temp file in the target directory plus ``os.replace``, so a reader sees
-either nothing or the complete file (DESIGN.md rule 6). Written files get the mode any new file
+either nothing or the complete file (DESIGN.md rule 6); ``atomic_directory`` does the same for a
+directory of files (a checkpoint). Written files get the mode any new file
 gets (``0o666 & ~umask``), so reports and exports are readable where the user's umask allows.
 """
 
@@ -10,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import shutil
 import stat
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -31,22 +35,58 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _temp_beside(path: Path) -> Path:
-    """Create an empty, uniquely named temp file next to ``path`` and return its name.
+def _temp_beside(path: Path, *, directory: bool = False) -> Path:
+    """Create an empty, uniquely named temp file (or directory) next to ``path``; return its name.
 
-    Created with ``os.open(..., 0o666)`` so the kernel applies the process umask, exactly as for
-    a file opened with ``open(path, "w")``. ``tempfile.mkstemp`` creates 0600 files and
-    ``os.replace`` keeps that mode, which made reports, ``best.json`` and exports unreadable to
-    anyone else on a shared machine or cluster.
+    Created with mode ``0o666`` (``0o777`` for a directory) so the kernel applies the process
+    umask, exactly as for ``open(path, "w")`` or ``mkdir``. ``tempfile.mkstemp``/``mkdtemp``
+    create 0600/0700 entries and ``os.replace`` keeps that mode, which made reports,
+    ``best.json`` and exports unreadable to anyone else on a shared machine or cluster.
     """
     for _ in range(100):
         tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
         try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            if directory:
+                os.mkdir(tmp, 0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:  # another writer drew the same name: draw again
             continue
         return tmp
-    raise FileExistsError(f"{path.parent}: could not create a temp file beside {path.name}")
+    raise FileExistsError(f"{path.parent}: could not create a temp entry beside {path.name}")
+
+
+@contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """Fill a directory that appears at ``path`` only complete: ``with atomic_directory(p) as tmp:``.
+
+    Files go into a fresh temp directory beside ``path`` (same filesystem, so the final rename is
+    atomic); when the block ends without an exception it is renamed to ``path``, otherwise it is
+    deleted and ``path`` is left as it was. An existing empty ``path`` (e.g. a
+    ``TemporaryDirectory``) is replaced directly; a non-empty one is first renamed aside and
+    deleted afterwards, so for that moment ``path`` is absent but never half-written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_beside(path, directory=True)
+    old: Path | None = None
+    try:
+        yield tmp
+        if path.is_dir() and any(path.iterdir()):
+            old = _temp_beside(path, directory=True)
+            os.replace(path, old)  # rename(2) replaces an empty directory only
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old is not None:  # put the previous directory back rather than leave none
+                os.replace(old, path)
+                old = None
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
