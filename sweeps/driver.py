@@ -52,14 +52,18 @@ class SweepOptunaSearch(OptunaSearch):
 
 
 @ray.remote(num_returns=2)
-def build_cache_task(sweep: dict[str, Any], baseline: bool) -> tuple[Any, dict[str, Any]]:
+def build_cache_task(sweep: dict[str, Any], baseline: bool,
+                     expect_key: str | None = None) -> tuple[Any, dict[str, Any]]:
     """Build (or reuse from disk) the latent cache and, if asked, score the base model.
 
     Returns (dataset, summary) as two objects so the dataset goes from this task into the object
     store and on to trials, never via the driver. The baseline (the base model without any
     adapter, through the sweep's evaluator) shares this task's model load; its files come back
-    as bytes in the summary so the driver writes them whatever node this ran on.
+    as bytes in the summary so the driver writes them whatever node this ran on. With
+    ``expect_key`` (a resume) the dataset's content key is computed first, without encoding, and
+    if it differs the task returns ``(None, {"key": key})`` having built and scored nothing.
     """
+    from trainers.latents import dataset_key
     from trainers.models import load_base_model
     from trainers.run import prepare_data
 
@@ -67,7 +71,10 @@ def build_cache_task(sweep: dict[str, Any], baseline: bool) -> tuple[Any, dict[s
     m = cfg.base.model
     model = load_base_model(m.source, allow_pickle=m.allow_pickle, single_file_config=m.single_file_config,
                             revision=m.revision)
-    data = prepare_data(cfg.base, model, cache_text=True)
+    records = preflight(cfg.base.data, require_captions=True)
+    if expect_key is not None and (key := dataset_key(records, cfg.base.data, model, cache_text=True)) != expect_key:
+        return None, {"key": key}
+    data = prepare_data(cfg.base, model, cache_text=True, records=records)
     summary = {"report": dict(data.report.__dict__), "key": data.key, "model_identity": model.identity}
     if baseline:
         summary["baseline"] = _score_baseline(cfg, model)
@@ -150,11 +157,13 @@ def ensure_ray(cfg: SweepConfig) -> bool:
 BASELINE_DIR = "baseline"
 
 
-def build_cache(cfg: SweepConfig, baseline: bool = False) -> tuple[Any, dict[str, Any]]:
-    """Run the cache build (and the baseline) as a Ray task; return (object ref, summary)."""
+def build_cache(cfg: SweepConfig, baseline: bool = False,
+                expect_key: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """Run the cache build (and the baseline) as a Ray task; return (object ref, summary).
+    See ``build_cache_task`` for ``expect_key``."""
     res = cfg.resources
     data_ref, summary_ref = build_cache_task.options(num_cpus=res.cpu, num_gpus=1 if res.gpu > 0 else 0).remote(
-        cfg.model_dump(mode="json"), baseline)
+        cfg.model_dump(mode="json"), baseline, expect_key)
     try:
         summary = ray.get(summary_ref)
     except ray.exceptions.RayTaskError as err:  # surface the cause (bad dataset, model) as itself
@@ -240,13 +249,15 @@ def resume_sweep(run_dir: Path) -> SweepRun:
     started = ensure_ray(cfg)
     try:
         need_baseline = cfg.evaluation.images is not None and "baseline" not in state
-        data_ref, summary = build_cache(cfg, baseline=need_baseline)
-        report, key = summary["report"], summary["key"]
-        if "baseline" in summary:
-            state["baseline"] = _save_baseline(run_dir, summary["baseline"])
+        # The key is checked inside the task before anything is encoded or scored.
+        data_ref, summary = build_cache(cfg, baseline=need_baseline, expect_key=state["cache_key"])
+        key = summary["key"]
         if key != state["cache_key"]:
             raise SweepError(f"{run_dir}: the dataset or base model changed since the sweep started "
                                f"(cache key {key[:12]} != {state['cache_key'][:12]}); start a new sweep")
+        report = summary["report"]
+        if "baseline" in summary:
+            state["baseline"] = _save_baseline(run_dir, summary["baseline"])
         state["cache_builds"].append(report)
         write_sweep_state(run_dir, state)
         tuner = tune.Tuner.restore(str(run_dir), trainable=_trainable(cfg, data_ref), resume_unfinished=True,

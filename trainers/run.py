@@ -14,7 +14,7 @@ from typing import Callable
 from trainers import TRAINERS, get_trainer_class
 from trainers.base import StepStats, Trainer
 from trainers.config import RunConfig
-from trainers.data import preflight
+from trainers.data import ImageRecord, preflight
 from trainers.latents import CachedDataset, build_latent_cache
 from trainers.tensor_files import atomic_write_text
 from trainers.models import load_base_model
@@ -43,9 +43,13 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return best[1] if best else None
 
 
-def prepare_data(cfg: RunConfig, model, *, cache_text: bool) -> CachedDataset:
-    """Preflight every image (all problems reported at once), then build or reuse the cache."""
-    records = preflight(cfg.data, require_captions=True)
+def prepare_data(cfg: RunConfig, model, *, cache_text: bool,
+                 records: list[ImageRecord] | None = None) -> CachedDataset:
+    """Preflight every image (all problems reported at once), then build or reuse the cache.
+
+    ``records`` are the result of a preflight already done (so it is not done twice)."""
+    if records is None:
+        records = preflight(cfg.data, require_captions=True)
     root = Path(cfg.cache_dir) / "latents" if cfg.cache_dir else None
     return build_latent_cache(records, cfg.data, model, root=root, cache_text=cache_text)
 
