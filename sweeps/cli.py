@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from sweeps.constants import QUIET_ENV
+
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_FAILED = 1
 
@@ -57,22 +59,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     raw = apply_overrides(read_yaml(args.config) or {}, args.set, args.config)
     cfg = validate_mapping(raw, RunConfig, args.config)
-    bar = tqdm(total=cfg.train.max_train_steps, desc=f"train {cfg.method}", unit="step",
-               disable=args.quiet, dynamic_ncols=True)
+    bars: list[Any] = []
 
     def on_ready(trainer: Any) -> None:
-        bar.update(trainer.global_step)
+        # The bar starts here, once preflight, model loading and the cache are done: those take
+        # minutes on a real model, under a 0% bar they read as a hang, and an error they raise
+        # should not print below a bar that never moved.
+        bar = tqdm(total=cfg.train.max_train_steps, initial=trainer.global_step, desc=f"train {cfg.method}",
+                   unit="step", disable=args.quiet, dynamic_ncols=True)
+        bars.append(bar)
         d = trainer.data
         bar.write(f"dataset {len(d)} images, cache {d.key[:12]}: {d.report.images_encoded} encoded, "
                   f"{d.report.entries_reused} reused; device {trainer.device}, "
                   f"precision {trainer.accelerator.mixed_precision}")
 
     def on_step(stats: Any) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}")
+        bars[0].update(1)
+        bars[0].set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}")
 
-    result = train_from_config(cfg, resume=args.resume, callback=on_step, on_ready=on_ready)
-    bar.close()
+    try:
+        result = train_from_config(cfg, resume=args.resume, callback=on_step, on_ready=on_ready)
+    finally:
+        for bar in bars:
+            bar.close()
     print(f"done: step {result.final_step}, final loss {result.final_loss:.4f}; "
           f"weights: {result.weights}" if result.final_loss is not None else
           f"done: step {result.final_step}; weights: {result.weights}")
@@ -86,7 +95,8 @@ def print_results(run_dir: Path, metric: str | None = None) -> list[Any]:
     from sweeps.results import baseline_scores, format_leaderboard, image_metrics, leaderboard, metric_and_mode
     from sweeps.results import find_checkpoint, pareto_front
 
-    from sweeps.confirm import heldout_column, read_confirmation
+    from sweeps.confirm import heldout_column
+    from sweeps.results import read_confirmation
 
     rows, state = leaderboard(run_dir, metric)
     name, mode = metric_and_mode(state, metric)
@@ -240,18 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default=None, help="report directory (default RUN_DIR/report)")
     report.set_defaults(func=_cmd_report)
     return parser
-
-
-QUIET_ENV = {
-    "TRANSFORMERS_VERBOSITY": "error",       # torchvision-fallback notices on every import
-    "DIFFUSERS_VERBOSITY": "error",
-    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",     # transformers' per-component "Loading weights" bars
-    "WANDB_SILENT": "true",                  # per-trial offline banners; we print the sync command once
-    # Tune warns when checkpoint-driven state snapshots come faster than every 5 s, which short
-    # tiny-model trials always do; the snapshots themselves are wanted.
-    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-}
 
 
 def quiet_libraries() -> None:

@@ -26,19 +26,20 @@ import torch
 
 from sweeps.config import SweepConfig
 from sweeps.results import (
+    CONFIRM_DIR,
+    CONFIRM_FILE,
     TrialRow,
     find_checkpoint,
     image_metrics,
     leaderboard,
     metric_and_mode,
+    read_confirmation,
     read_state,
     select_checkpoint,
     _has,
 )
 from trainers.tensor_files import atomic_write_text
 
-CONFIRM_DIR = "confirm"
-CONFIRM_FILE = "confirm.json"
 BASELINE = "baseline"
 
 
@@ -266,12 +267,6 @@ def verdict(margins: dict[str, dict[str, Any]], metric: str, n: int, prompts: in
                          f"evaluation size; about {m['images_needed']} images per model ({per_prompt} seeds "
                          f"per prompt) would separate a margin this size")
     return lines
-
-
-def read_confirmation(run_dir: Path) -> dict[str, Any] | None:
-    """The sweep's confirm.json, if the confirmation ran."""
-    path = Path(run_dir) / CONFIRM_DIR / CONFIRM_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def heldout_column(confirmation: dict[str, Any] | None) -> tuple[str, dict[str, float]] | None:

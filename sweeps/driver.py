@@ -28,6 +28,7 @@ from sweeps.results import SWEEP_STATE, SweepError
 from sweeps.tracking import make_callbacks, offline_sync_command, tensorboard_callbacks
 from sweeps.trial import run_trial, trial_env
 from trainers.data import preflight
+from trainers.tensor_files import atomic_write_text
 
 
 
@@ -73,7 +74,8 @@ class SweepOptunaSearch(OptunaSearch):
 
 
 @ray.remote(num_returns=3)
-def build_cache_task(sweep: dict[str, Any], baseline: bool) -> tuple[Any, Any, dict[str, Any]]:
+def build_cache_task(sweep: dict[str, Any], baseline: bool,
+                     expect_key: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """Build (or reuse from disk) the latent cache and, if asked, score the base model.
 
     Returns (dataset, validation dataset or None, summary) as three objects so the datasets go
@@ -81,8 +83,12 @@ def build_cache_task(sweep: dict[str, Any], baseline: bool) -> tuple[Any, Any, d
     on the device a trial would get (this task's reserved GPU when ``resources.gpu > 0``;
     ``trainers.run.prepare_data``), in fp32. The baseline (the base model without any adapter,
     through the sweep's evaluator) shares this task's model load; its files come back as bytes in
-    the summary so the driver writes them whatever node this ran on.
+    the summary so the driver writes them whatever node this ran on. With ``expect_key`` (a
+    resume) the training data's content key is computed first, without encoding, and if it
+    differs the task returns ``(None, None, {"key": key})`` having built and scored nothing.
     """
+    from trainers.data import split_validation
+    from trainers.latents import dataset_key
     from trainers.models import load_base_model
     from trainers.run import prepare_data, prepare_validation
 
@@ -90,7 +96,12 @@ def build_cache_task(sweep: dict[str, Any], baseline: bool) -> tuple[Any, Any, d
     m = cfg.base.model
     model = load_base_model(m.source, allow_pickle=m.allow_pickle, single_file_config=m.single_file_config,
                             revision=m.revision)
-    data = prepare_data(cfg.base, model, cache_text=True)
+    records = preflight(cfg.base.data, require_captions=True)
+    train_records = split_validation(records, cfg.base.data)[0]
+    if expect_key is not None and (
+            key := dataset_key(train_records, cfg.base.data, model, cache_text=True)) != expect_key:
+        return None, None, {"key": key}
+    data = prepare_data(cfg.base, model, cache_text=True, records=records)
     validation = prepare_validation(cfg.base, model, cache_text=True)
     summary = {"report": dict(data.report.__dict__), "key": data.key, "model_identity": model.identity,
                "validation_images": len(validation) if validation is not None else 0}
@@ -183,12 +194,13 @@ def ensure_ray(cfg: SweepConfig) -> bool:
 BASELINE_DIR = "baseline"
 
 
-def build_cache(cfg: SweepConfig, baseline: bool = False) -> tuple[list[Any], dict[str, Any]]:
+def build_cache(cfg: SweepConfig, baseline: bool = False,
+                expect_key: str | None = None) -> tuple[list[Any], dict[str, Any]]:
     """Run the cache build (and the baseline) as a Ray task; return ([training ref, validation
-    ref], summary)."""
+    ref], summary). See ``build_cache_task`` for ``expect_key``."""
     res = cfg.resources
     data_ref, val_ref, summary_ref = build_cache_task.options(
-        num_cpus=res.cpu, num_gpus=1 if res.gpu > 0 else 0).remote(cfg.model_dump(mode="json"), baseline)
+        num_cpus=res.cpu, num_gpus=1 if res.gpu > 0 else 0).remote(cfg.model_dump(mode="json"), baseline, expect_key)
     try:
         summary = ray.get(summary_ref)
     except ray.exceptions.RayTaskError as err:  # surface the cause (bad dataset, model) as itself
@@ -253,7 +265,7 @@ def run_sweep(cfg: SweepConfig, *, sweep_file: str | None = None, run_dir: Path 
                  "cache_builds": [report], "package_version": _version(), "started": time.time()}
         if "baseline" in summary:
             state["baseline"] = _save_baseline(run_dir, summary["baseline"])
-        (run_dir / SWEEP_STATE).write_text(json.dumps(state, indent=1))
+        write_sweep_state(run_dir, state)
         results = _tuner(cfg, run_dir, _trainable(cfg, data_refs), run_dir.name).fit()
         confirm_sweep(cfg, run_dir)
     finally:
@@ -275,15 +287,17 @@ def resume_sweep(run_dir: Path) -> SweepRun:
     started = ensure_ray(cfg)
     try:
         need_baseline = cfg.evaluation.images is not None and "baseline" not in state
-        data_refs, summary = build_cache(cfg, baseline=need_baseline)
-        report, key = summary["report"], summary["key"]
-        if "baseline" in summary:
-            state["baseline"] = _save_baseline(run_dir, summary["baseline"])
+        # The key is checked inside the task before anything is encoded or scored.
+        data_refs, summary = build_cache(cfg, baseline=need_baseline, expect_key=state["cache_key"])
+        key = summary["key"]
         if key != state["cache_key"]:
             raise SweepError(f"{run_dir}: the dataset or base model changed since the sweep started "
                                f"(cache key {key[:12]} != {state['cache_key'][:12]}); start a new sweep")
+        report = summary["report"]
+        if "baseline" in summary:
+            state["baseline"] = _save_baseline(run_dir, summary["baseline"])
         state["cache_builds"].append(report)
-        (run_dir / SWEEP_STATE).write_text(json.dumps(state, indent=1))
+        write_sweep_state(run_dir, state)
         tuner = tune.Tuner.restore(str(run_dir), trainable=_trainable(cfg, data_refs), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         results = tuner.fit()
@@ -292,6 +306,12 @@ def resume_sweep(run_dir: Path) -> SweepRun:
         if started:
             ray.shutdown()
     return SweepRun(run_dir, results, report, offline_sync_command(run_dir))
+
+
+def write_sweep_state(run_dir: Path, state: dict[str, Any]) -> None:
+    """Write ``sweep.json`` atomically: ``sdsweep results``/``report`` and a resume, possibly in
+    another process, read it, and a crash mid-write must not leave it torn."""
+    atomic_write_text(run_dir / SWEEP_STATE, json.dumps(state, indent=1))
 
 
 def _version() -> str:

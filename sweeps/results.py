@@ -24,11 +24,12 @@ from typing import Any
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sweeps.trial import ERROR_FILE
+from sweeps.constants import ERROR_FILE
 from trainers.tensor_files import atomic_save_safetensors, atomic_write_text
 from trainers.lora import LORA_WEIGHTS, kohya_state_dict
 
 SWEEP_STATE = "sweep.json"
+CONFIRM_DIR, CONFIRM_FILE = "confirm", "confirm.json"  # the held-out confirmation (sweeps/confirm.py)
 
 
 class SweepError(ValueError):
@@ -69,6 +70,12 @@ def read_state(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise SweepError(f"{run_dir}: no {SWEEP_STATE}; not an sdsweep run directory")
     return json.loads(path.read_text())
+
+
+def read_confirmation(run_dir: Path) -> dict[str, Any] | None:
+    """The sweep's held-out confirmation (``confirm/confirm.json``), if it ran."""
+    path = Path(run_dir) / CONFIRM_DIR / CONFIRM_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _results(trial_dir: Path) -> list[dict[str, Any]]:
@@ -342,8 +349,6 @@ def export_best(run_dir: Path, dest: Path, metric: str | None = None, pareto: in
 
 def _heldout_entry(run_dir: Path, label: str) -> dict[str, Any] | None:
     """best.json's account of the held-out confirmation of the exported checkpoint ``label``."""
-    from sweeps.confirm import read_confirmation
-
     conf = read_confirmation(run_dir)
     if conf is None:
         return None

@@ -30,6 +30,7 @@ from ray import tune
 
 from sweeps.config import SweepConfig, trial_run_config
 from trainers import devices
+from sweeps.constants import ERROR_FILE, QUIET_ENV
 from trainers.evaluate import GRID_FILE, Evaluator, load_references, write_samples
 from trainers.latents import CachedDataset
 from trainers.models import BaseModel, load_base_model
@@ -40,7 +41,6 @@ from trainers.run import make_trainer
 # models are cached per process and device by trainers.scoring_models).
 _MODELS: dict[tuple[Any, ...], BaseModel] = {}
 _EVALUATORS: dict[str, Evaluator] = {}
-ERROR_FILE = "sdsweep_error.json"
 SAMPLES_DIR = "samples"  # <trial dir>/samples/step-000040/{00.png, grid.png, scores.json}
 
 
@@ -276,7 +276,5 @@ def _report_error(err: Exception, trainer: Any, trial_dir: Path, *, worker_repla
 
 def trial_env() -> dict[str, str]:
     """Environment for trial workers: offline hub access mirrors the driver's."""
-    from sweeps.cli import QUIET_ENV
-
     keep = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "SDSWEEP_CACHE", *QUIET_ENV)
     return {k: os.environ[k] for k in keep if k in os.environ}

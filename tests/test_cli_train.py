@@ -114,3 +114,41 @@ def test_set_without_key_and_value_is_an_error_naming_it(tmp_path, capsys, comma
     assert main([command, str(config), "--set", item]) == 2
     err = capsys.readouterr().err
     assert f"--set {item!r}: expected KEY=VALUE" in err
+
+
+def test_progress_bar_starts_only_after_preflight_and_loading(tmp_path, monkeypatch, capsys):
+    import tqdm
+
+    import trainers.run as run
+
+    events: list[str] = []
+
+    class Bar(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            events.append("bar")
+            super().__init__(*args, **kwargs)
+
+    def after(name, fn):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            events.append(name)
+            return out
+        return wrapped
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    monkeypatch.setattr(run, "load_base_model", after("model loaded", run.load_base_model))
+    monkeypatch.setattr(run, "prepare_data", after("preflight and cache done", run.prepare_data))
+    path = _write(tmp_path, _base(tmp_path, train={"max_train_steps": 2, "train_batch_size": 1}))
+    assert main(["train", str(path)]) == 0
+    assert events == ["model loaded", "preflight and cache done", "bar"]
+    assert "2/2" in capsys.readouterr().err
+
+    # A dataset that fails preflight prints its error with no bar above it.
+    data = tmp_path / "imgs"
+    data.mkdir()
+    (data / "a.png").write_bytes(b"not an image")
+    bad = _write(tmp_path, _base(tmp_path, data={"path": str(data), "resolution": 64,
+                                                 "caption_source": "instance", "instance_prompt": "sks"}))
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "a.png" in err and "train lora" not in err and "0/4" not in err

@@ -30,26 +30,42 @@ def tiny() -> BaseModel:
     return load_base_model("builtin:tiny-sd")
 
 
-@pytest.fixture(params=["plain_pickle", "torch_save"])
+@pytest.fixture(params=["plain_pickle", "torch_save", "zip_without_version", "zip_flat"])
 def evil_ckpt(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, Path]:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.ckpt"
     payload = {"state_dict": {"model.diffusion_model.out.2.bias": _TouchOnUnpickle(marker)}}
     if request.param == "plain_pickle":
         path.write_bytes(pickle.dumps(payload))
-    else:
+    elif request.param == "torch_save":
         torch.save(payload, path)
+    else:  # hand-made zips torch.load's C++ reader rejects with internals ("hasRecord")
+        with zipfile.ZipFile(path, "w") as z:
+            name = "archive/data.pkl" if request.param == "zip_without_version" else "data.pkl"
+            z.writestr(name, pickle.dumps(payload, protocol=2))
     return path, marker
 
 
 def _assert_payload_is_live(path: Path, marker: Path) -> None:
     """Prove the file really would run code if unpickled unsafely (so the tests mean something)."""
     assert not marker.exists()
-    if zipfile.is_zipfile(path):
+    if zipfile.is_zipfile(path) and any(n.endswith("/version") for n in zipfile.ZipFile(path).namelist()):
         torch.load(path, weights_only=False)  # the unsafe call sdsweep never makes
+    elif zipfile.is_zipfile(path):
+        pickle.loads(zipfile.ZipFile(path).read(next(n for n in zipfile.ZipFile(path).namelist()
+                                                     if n.endswith("data.pkl"))))
     else:
         pickle.loads(path.read_bytes())
     assert marker.exists()
+
+
+def _assert_safe_advice(message: str) -> None:
+    """A refusal names the blocked global, says the file is unsafe, and never passes on torch's
+    advice to re-run with the unsafe setting nor its C++ internals."""
+    assert "unsafe" in message and "pathlib.Path" in message, message
+    for torch_words in ("weights_only=False", "weights_only` set to `False", "Re-running", "add_safe_globals",
+                        "hasRecord", "inline_container", "enhancement request"):
+        assert torch_words not in message, f"torch's {torch_words!r} reached the user: {message}"
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch notes the protocol-4 payload
@@ -64,6 +80,8 @@ def test_malicious_pickle_never_runs(
         load_base_model(str(path), allow_pickle=allow_pickle, single_file_config="builtin:tiny-sd")
     assert not marker.exists()
     assert ("allow_pickle" in str(err.value)) if not allow_pickle else ("weights_only" in str(err.value))
+    if allow_pickle:
+        _assert_safe_advice(str(err.value))
     monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
     _assert_payload_is_live(path, marker)
 
@@ -76,10 +94,30 @@ def test_malicious_pickle_inside_a_diffusers_directory_never_runs(tmp_path: Path
     torch.save({"conv_in.weight": _TouchOnUnpickle(marker)}, root / "unet" / "diffusion_pytorch_model.bin")
     with pytest.raises(PickleRefusedError):
         load_base_model(str(root))
-    with pytest.raises(ModelLoadError):
+    with pytest.raises(PickleRefusedError, match=r"diffusion_pytorch_model\.bin") as err:
         load_base_model(str(root), allow_pickle=True)
+    _assert_safe_advice(str(err.value))
     assert not marker.exists()
     _assert_payload_is_live(root / "unet" / "diffusion_pytorch_model.bin", marker)
+
+
+@pytest.mark.parametrize("entries, words", [
+    ({"archive/data.pkl": pickle.dumps({"w": 1}, protocol=2)}, r"archive/version"),
+    ({"weights/readme.txt": b"hello"}, r"weights/data\.pkl"),
+    ({"data.pkl": pickle.dumps({"w": 1}), "x/version": b"3"}, r"one top-level folder"),
+])
+def test_zip_not_written_by_torch_save_is_named_without_torch_internals(
+    tmp_path: Path, entries: dict[str, bytes], words: str
+) -> None:
+    path = tmp_path / "odd.ckpt"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+    with pytest.raises(ModelLoadError, match=rf"odd\.ckpt: a zip archive but not a checkpoint torch\.save wrote.*{words}"
+                       ) as err:
+        load_base_model(str(path), allow_pickle=True, single_file_config="builtin:tiny-sd")
+    assert not isinstance(err.value, PickleRefusedError), "a harmless pickle was called unsafe"
+    assert "hasRecord" not in str(err.value) and "safetensors" in str(err.value)
 
 
 def test_legit_pickle_checkpoint_needs_opt_in_then_loads(tiny: BaseModel, tmp_path: Path) -> None:
@@ -132,3 +170,18 @@ def test_corrupt_safetensors_is_named(tmp_path: Path) -> None:
     path.write_bytes(b"\x00" * 16)
     with pytest.raises(ModelLoadError, match="broken.safetensors"):
         load_base_model(str(path), single_file_config="builtin:tiny-sd")
+
+
+def test_pickle_scan_names_globals_of_every_protocol_without_running_them(tmp_path: Path) -> None:
+    import os
+
+    from trainers.pickles import unsafe_globals
+
+    for protocol in (0, 2, 4, 5):
+        # Protocol 4+ names the second module through the memo (BINGET), not a fresh string.
+        path = tmp_path / f"refs{protocol}.pkl"
+        path.write_bytes(pickle.dumps([os.system, os.getcwd, torch.float32], protocol=protocol))
+        assert unsafe_globals(path) == [f"{os.name}.system", f"{os.name}.getcwd"], protocol
+    state = tmp_path / "state.pt"
+    torch.save({"w": torch.ones(2)}, state)
+    assert unsafe_globals(state) == []

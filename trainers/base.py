@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from trainers.config import TrainConfig
 from trainers.devices import make_accelerator, resolve_mixed_precision, run_placement  # noqa: F401 (re-exported)
 from trainers.latents import CachedDataset, tokenize
-from trainers.tensor_files import atomic_save_safetensors, atomic_write_text
+from trainers.tensor_files import atomic_directory, atomic_save_safetensors, atomic_write_text
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
@@ -383,9 +383,18 @@ class Trainer(abc.ABC):
     # ----- checkpoints -------------------------------------------------------------------------
 
     def save_checkpoint(self, directory: str | Path) -> Path:
-        """Write weights + optimizer/scheduler state so training can resume bit-exactly."""
+        """Write weights + optimizer/scheduler state so training can resume bit-exactly.
+
+        Atomically: the files go into a temp directory beside ``directory``, renamed into place
+        when complete, so a save interrupted by a crash or a full disk never leaves a
+        ``checkpoint-N`` that resume would pick up half-written.
+        """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_directory(directory) as tmp:
+            self._write_checkpoint(tmp)
+        return directory
+
+    def _write_checkpoint(self, directory: Path) -> None:
         self.export_weights(directory)
         opt = self.optimizer.state_dict()
         tensors = {f"param.{n}": p.detach() for n, p in self.named_trainable.items()}
@@ -402,7 +411,6 @@ class Trainer(abc.ABC):
                  "grad_scaler": scaler, "config": self.cfg.model_dump(mode="json"),
                  "dataset_key": self.data.key, "base_model": self.model.identity}
         atomic_write_text(directory / STATE_JSON, json.dumps(state, indent=1, default=str))
-        return directory
 
     def load_checkpoint(self, directory: str | Path) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint` of the same method and setup."""

@@ -218,6 +218,22 @@ def cache_settings(vae: torch.nn.Module, vae_identity: str, data_cfg: DataConfig
     )
 
 
+def dataset_key(
+    records: Iterable[ImageRecord], data_cfg: DataConfig, model, *, cache_text: bool = True, dtype: str = "float32"
+) -> str:
+    """The content key ``build_latent_cache`` gives this dataset, computed without encoding
+    anything (image hashes, VAE/text identities and preprocessing only): a resumed sweep
+    compares it with the key it started with before any encode."""
+    records = sorted(records, key=lambda r: r.id)
+    settings = cache_settings(model.vae, model.vae_identity, data_cfg, dtype)
+    return _dataset_key(records, settings, model.text_encoder_identity if cache_text else None)
+
+
+def _dataset_key(records: list[ImageRecord], settings: CacheSettings, text_identity: str | None) -> str:
+    entry_keys = {r.id: settings.entry_key(r.sha256) for r in records}
+    return _sha({"entries": entry_keys, "captions": [r.caption for r in records], "text": text_identity})
+
+
 def build_latent_cache(
     records: Iterable[ImageRecord],
     data_cfg: DataConfig,
@@ -287,7 +303,7 @@ def _assemble(
                                           model.text_encoder_identity, root, report)
     stack = lambda name: torch.stack([loaded[i][name] for i in ids])  # noqa: E731
     entry_keys = {r.id: settings.entry_key(r.sha256) for r in records}
-    key = _sha({"entries": entry_keys, "captions": captions, "text": model.text_encoder_identity if cache_text else None})
+    key = _dataset_key(records, settings, model.text_encoder_identity if cache_text else None)
     manifest = {"format_version": FORMAT_VERSION, "dataset_key": key, "settings": settings.__dict__,
                 "images": [{"id": r.id, "entry": entry_keys[r.id], "caption": r.caption} for r in records]}
     atomic_write_text(root / "manifests" / f"{key}.json", json.dumps(manifest, indent=1, sort_keys=True))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +46,11 @@ from transformers import (
 )
 
 from trainers import single_file, tiny
+from trainers.errors import ModelLoadError, PickleRefusedError
+from trainers.fingerprints import identity_of_fingerprints, module_fingerprint
+from trainers.fingerprints import weights_identity as weights_identity  # re-exported for callers
 from trainers.paths import cache_root, materialize_dir
-from trainers.tensor_files import tensors_digest
+from trainers.pickles import BY_SCAN, PICKLE_SUFFIXES, load_weights_only, refuse_pickle, unsafe_globals, unsafe_pickle
 
 BUILTIN_PREFIX = "builtin:"
 # Bump the suffix whenever a builder's output changes, so stale caches are never reused.
@@ -66,7 +68,6 @@ BUILTIN_ROLES: dict[str, tuple[str, ...]] = {
     "CLIP model": ("tiny-clip", "toyworld"),
     "vision model": ("tiny-vit",),
 }
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a Stable Diffusion repo needs besides weights (diffusers' own config-only pattern set).
@@ -78,24 +79,6 @@ ACCEPTED_FORMS = (
 )
 
 T = TypeVar("T")
-
-
-class ModelLoadError(ValueError):
-    """A base model or CLIP model could not be loaded; the message names the input and the fix."""
-
-
-class PickleRefusedError(ModelLoadError):
-    """A pickle-format weight file was refused (or could not be read safely)."""
-
-
-def _pickle_refusal(path: Path) -> PickleRefusedError:
-    return PickleRefusedError(
-        f"{path}: refusing to load a pickle-format weight file. Unpickling can run arbitrary code "
-        "hidden in the file, so sdsweep only reads .safetensors by default. Prefer a .safetensors "
-        "copy of this model. If you trust the file, opt in with `model.allow_pickle: true` in the "
-        "sweep config (allow_pickle=True in Python); it is then read with "
-        "torch.load(weights_only=True), which accepts tensors only and never executes code."
-    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,24 +126,6 @@ def _sampling_scheduler(config: dict[str, Any]) -> SchedulerMixin:
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         cls = DDIMScheduler
     return cls.from_config(config)
-
-
-def module_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 hex over the sorted ``(name, dtype, shape, raw bytes)`` of ``module.state_dict()``.
-
-    Deterministic across processes and machines; any change of a value, dtype or shape changes
-    it. Reads every byte (an SD 1.5 UNet, 3.4 GB in fp32, takes a few seconds).
-    """
-    try:
-        return tensors_digest(module.state_dict())
-    except ValueError as err:  # a meta tensor: the weight was never loaded
-        raise ModelLoadError(f"cannot fingerprint: {err}") from None
-
-
-def weights_identity(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module) -> str:
-    """sha256 hex over the three components' fingerprints: ``BaseModel.identity``."""
-    parts = [f"{n}:{module_fingerprint(m)}" for n, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def ensure_builtin(name: str) -> Path:
@@ -268,7 +233,7 @@ def _use_safetensors(folder: Path, allow_pickle: bool) -> bool:
     if not pickles:
         raise ModelLoadError(f"{folder}: no weight files (expected *.safetensors)")
     if not allow_pickle:
-        raise _pickle_refusal(pickles[0])
+        raise refuse_pickle(pickles[0])
     return False  # from_pretrained then reads them with torch.load(weights_only=True)
 
 
@@ -278,6 +243,12 @@ def _load_directory(root: Path, source: str, allow_pickle: bool, dtype: torch.dt
         raise ModelLoadError(f"{root}: not a Stable Diffusion pipeline directory, missing {missing}")
     st = {s: _use_safetensors(root / s, allow_pickle) for s in ("unet", "vae", "text_encoder")}
     kw: dict[str, Any] = dict(local_files_only=True)
+    for sub in (s for s in st if not st[s]):
+        # diffusers/transformers report a refused pickle as a bare "Unable to load weights"; name
+        # what made it unsafe before handing them the file (weights_only=True stays the judge).
+        for f in sorted(p for p in (root / sub).iterdir() if p.suffix.lower() in PICKLE_SUFFIXES):
+            if blocked := unsafe_globals(f):
+                raise unsafe_pickle(f, blocked, BY_SCAN)
     unet = _guard(
         f"{root}/unet",
         lambda: UNet2DConditionModel.from_pretrained(
@@ -312,9 +283,12 @@ def _assemble(
     )
     for m in (unet, vae, text_encoder):
         m.eval().requires_grad_(False)  # a base model is frozen; a trainer unfreezes what it trains
-    fp_vae, fp_text = module_fingerprint(vae), module_fingerprint(text_encoder)
+    # Each component is hashed once per load (reading every byte costs seconds on SD 1.5); the
+    # identity, the VAE identity and the text identity are all made from these three.
+    fps = {"unet": module_fingerprint(unet), "vae": module_fingerprint(vae),
+           "text_encoder": module_fingerprint(text_encoder)}
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
-    text_identity = hashlib.sha256(f"text_encoder:{fp_text}\nvocab:{vocab}".encode()).hexdigest()
+    text_identity = hashlib.sha256(f"text_encoder:{fps['text_encoder']}\nvocab:{vocab}".encode()).hexdigest()
     return BaseModel(
         unet=unet,
         vae=vae,
@@ -323,8 +297,8 @@ def _assemble(
         noise_scheduler=DDPMScheduler.from_config(scheduler_config),
         scheduler_config=scheduler_config,
         source=source,
-        identity=weights_identity(unet, vae, text_encoder),
-        vae_identity=fp_vae,
+        identity=identity_of_fingerprints(fps),
+        vae_identity=fps["vae"],
         text_encoder_identity=text_identity,
     )
 
@@ -334,11 +308,11 @@ def _load_single_file(
 ) -> BaseModel:
     is_pickle = path.suffix.lower() in PICKLE_SUFFIXES
     if is_pickle and not allow_pickle:
-        raise _pickle_refusal(path)
+        raise refuse_pickle(path)
     # Resolve the config before reading a possibly multi-GB file, unless it must be inferred.
     config_root = _single_file_config_dir(path, config) if config is not None or _offline() else None
     if is_pickle:
-        checkpoint = _torch_load_weights_only(path)
+        checkpoint = load_weights_only(path)
     else:
         checkpoint = _guard(f"{path}: not a readable safetensors file", lambda: safetensors.torch.load_file(path))
     if config_root is None:
@@ -353,27 +327,6 @@ def _load_single_file(
         lambda: single_file.load_components(checkpoint, config_root, dtype),
     )
     return _assemble(unet, vae, text_encoder, config_root, source)
-
-
-def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
-    """The opted-in pickle path: tensors only, never ``weights_only=False``."""
-    try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PickleRefusedError(
-            f"{path}: torch.load(weights_only=True) rejected the file ({first}). It holds Python "
-            "objects other than tensors, which sdsweep never unpickles (nothing in it was run). "
-            "Convert it to .safetensors with a tool you trust, in an isolated environment."
-        ) from e
-    except Exception as e:
-        raise ModelLoadError(f"{path}: not a readable torch checkpoint: {type(e).__name__}: {e}") from e
-    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]  # CompVis/Lightning checkpoints nest the weights
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)] if isinstance(obj, dict) else ["<root>"]
-    if bad:
-        raise ModelLoadError(f"{path}: expected a state dict of tensors; non-tensor entries: {bad[:5]}")
-    return obj
 
 
 def _single_file_config_dir(path: Path, config: str | None) -> Path:

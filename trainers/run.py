@@ -14,7 +14,7 @@ from typing import Callable
 from trainers import TRAINERS, get_trainer_class
 from trainers.base import StepStats, Trainer
 from trainers.config import RunConfig
-from trainers.data import preflight, split_validation
+from trainers.data import ImageRecord, preflight, split_validation
 from trainers.devices import run_device
 from trainers.latents import CachedDataset, build_latent_cache
 from trainers.tensor_files import atomic_write_text
@@ -44,11 +44,16 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return best[1] if best else None
 
 
-def prepare_data(cfg: RunConfig, model, *, cache_text: bool) -> CachedDataset:
+def prepare_data(cfg: RunConfig, model, *, cache_text: bool,
+                 records: list[ImageRecord] | None = None) -> CachedDataset:
     """Preflight every image (all problems reported at once), then build or reuse the cache of
     the training images (without the ``data.validation_split`` share), encoding on the run's
-    device (``train.device``, else the GPU when there is one)."""
-    train, _ = split_validation(preflight(cfg.data, require_captions=True), cfg.data)
+    device (``train.device``, else the GPU when there is one).
+
+    ``records`` are the result of a preflight already done (so it is not done twice)."""
+    if records is None:
+        records = preflight(cfg.data, require_captions=True)
+    train, _ = split_validation(records, cfg.data)
     return build_latent_cache(train, cfg.data, model, root=_cache_root(cfg), cache_text=cache_text,
                               device=run_device(cfg.train.device))
 

@@ -16,17 +16,34 @@ own single-file converters (rule 5) and checks the result is complete.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
 from transformers import CLIPTextModel
 
+from trainers.fingerprints import weights_identity
 from trainers.tensor_files import atomic_save_safetensors
 
-if TYPE_CHECKING:
-    from trainers.models import BaseModel
+
+class SingleFileModel(Protocol):
+    """What :func:`save_single_file` needs of a model (a ``trainers.models.BaseModel`` has it).
+
+    A protocol rather than an import of ``BaseModel``: ``trainers.models`` imports this module.
+    """
+
+    @property
+    def unet(self) -> UNet2DConditionModel: ...
+
+    @property
+    def vae(self) -> AutoencoderKL: ...
+
+    @property
+    def text_encoder(self) -> CLIPTextModel: ...
+
+    @property
+    def source(self) -> str: ...
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -237,7 +254,7 @@ def load_components(
     return unet, vae, text_encoder
 
 
-def save_single_file(model: BaseModel, path: Path, metadata: dict[str, str] | None = None) -> Path:
+def save_single_file(model: SingleFileModel, path: Path, metadata: dict[str, str] | None = None) -> Path:
     """Write ``model`` as one original-layout ``.safetensors`` file, atomically.
 
     The metadata records what produced the file, the model's source and ``sdsweep.identity``,
@@ -245,8 +262,6 @@ def save_single_file(model: BaseModel, path: Path, metadata: dict[str, str] | No
     it equals the ``BaseModel.identity`` of the file loaded back. ``metadata`` entries are added on
     top (and win).
     """
-    from trainers.models import weights_identity  # models imports this module: import at call
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: single-file checkpoints are written as .safetensors only")

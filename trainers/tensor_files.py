@@ -1,15 +1,21 @@
 """Tensor and text files written the house way: safetensors, atomically, with verifiable digests.
 
 Every writer goes through a temp file in the target directory plus ``os.replace``, so a reader sees
-either nothing or the complete file (DESIGN.md rule 6).
+either nothing or the complete file (DESIGN.md rule 6); ``atomic_directory`` does the same for a
+directory of files (a checkpoint). Written files get the mode any new file
+gets (``0o666 & ~umask``), so reports and exports are readable where the user's umask allows.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import secrets
+import shutil
+import stat
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -29,13 +35,73 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file so that readers see either nothing or the complete file."""
+def _temp_beside(path: Path, *, directory: bool = False) -> Path:
+    """Create an empty, uniquely named temp file (or directory) next to ``path``; return its name.
+
+    Created with mode ``0o666`` (``0o777`` for a directory) so the kernel applies the process
+    umask, exactly as for ``open(path, "w")`` or ``mkdir``. ``tempfile.mkstemp``/``mkdtemp``
+    create 0600/0700 entries and ``os.replace`` keeps that mode, which made reports,
+    ``best.json`` and exports unreadable to anyone else on a shared machine or cluster.
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            if directory:
+                os.mkdir(tmp, 0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:  # another writer drew the same name: draw again
+            continue
+        return tmp
+    raise FileExistsError(f"{path.parent}: could not create a temp entry beside {path.name}")
+
+
+@contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """Fill a directory that appears at ``path`` only complete: ``with atomic_directory(p) as tmp:``.
+
+    Files go into a fresh temp directory beside ``path`` (same filesystem, so the final rename is
+    atomic); when the block ends without an exception it is renamed to ``path``, otherwise it is
+    deleted and ``path`` is left as it was. An existing empty ``path`` (e.g. a
+    ``TemporaryDirectory``) is replaced directly; a non-empty one is first renamed aside and
+    deleted afterwards, so for that moment ``path`` is absent but never half-written.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _temp_beside(path, directory=True)
+    old: Path | None = None
     try:
+        yield tmp
+        if path.is_dir() and any(path.iterdir()):
+            old = _temp_beside(path, directory=True)
+            os.replace(path, old)  # rename(2) replaces an empty directory only
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old is not None:  # put the previous directory back rather than leave none
+                os.replace(old, path)
+                old = None
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file so that readers see either nothing or the complete file.
+
+    The file gets the usual mode of a new file (``0o666 & ~umask``).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_beside(path)
+    try:
+        # safetensors 0.8's save_file leaves the file it writes at 0600 whatever was there, so
+        # the mode the kernel gave our temp file (umask applied) is put back afterwards.
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -43,9 +109,13 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (temp file + rename)."""
+    """Write a text file atomically (temp file + rename), mode ``0o666 & ~umask``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    tmp = _temp_beside(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
