@@ -25,7 +25,7 @@ from PIL import Image
 
 from sweeps.config import natural_mode
 from sweeps.results import (TrialRow, baseline_scores, find_checkpoint, image_metrics, leaderboard,
-                            metric_and_mode, pareto_front)
+                            metric_and_mode, pareto_front, read_confirmation)
 from trainers.tensor_files import atomic_write_text
 
 REPORT_DIR = "report"
@@ -80,7 +80,8 @@ def render_report(run_dir: Path, rows: list[TrialRow], state: dict[str, Any], ou
     """The whole page for ``rows`` (as :func:`~sweeps.results.leaderboard` returns them); copies
     the images it shows under ``out``."""
     name = str(state["config"].get("name", "sweep"))
-    body = [_header(rows, state), _leaderboard_section(rows, state), _pareto_section(rows, state),
+    body = [_header(rows, state), _leaderboard_section(rows, state), _confirm_section(run_dir, state),
+            _pareto_section(rows, state),
             _curves_section(rows, state), _grids_section(run_dir, rows, state, Path(out)),
             _prompts_section(run_dir, rows, state, Path(out))]
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -207,6 +208,28 @@ def _leaderboard_section(rows: list[TrialRow], state: dict[str, Any]) -> str:
     note = " Small numbers: gain over the base model without adapter." if base else ""
     return _section("Leaderboard", f"Each trial at its best step by {_e(metric)}.{note}",
                     _table("leaderboard", head, lines))
+
+
+def _confirm_section(run_dir: Path, state: dict[str, Any]) -> str:
+    """The held-out confirmation (sweeps/confirm.py): each re-scored model's held-out scores with
+    their gain over the base model's, and the verdict on the winner's margins."""
+    conf = read_confirmation(run_dir)
+    if not conf:
+        return ""
+    metrics = image_metrics(state)
+    base = next(m["heldout"] for m in conf["models"] if m["label"] == "baseline")
+    lines = []
+    for m in conf["models"]:
+        is_base = m["label"] == "baseline"
+        cells = [f"<td><code>{_e(m['label'])}</code></td>",
+                 *[f'<td class="n">{_score(k, m["heldout"].get(k), None if is_base else base.get(k))}</td>'
+                   for k in metrics]]
+        lines.append(f'<tr class="{"base" if is_base else "trial"}">{"".join(cells)}</tr>')
+    verdict = "".join(f"<li>{_e(v)}</li>" for v in conf["verdict"])
+    note = (f"The top checkpoints and the base model on {conf['images_per_model']} images per model from seeds "
+            f"(and prompts, if set) never used for picking; small numbers: gain over the base model's held-out score.")
+    return _section("Held-out confirmation", note,
+                    _table("heldout", [_e("checkpoint"), *[_e(k) for k in metrics]], lines) + f"<ul>{verdict}</ul>")
 
 
 def _param_cell(value: Any) -> str:

@@ -386,6 +386,8 @@ def test_heldout_confirmation_rescores_the_pick_and_the_base_model_on_unseen_see
     assert best["heldout"]["scores"] == conf["models"][0]["heldout"]
     assert best["heldout"]["baseline"] == conf["models"][-1]["heldout"]
     assert best["heldout"]["margins"] == conf["margins"]
+    page = (run_dir / "report" / "index.html").read_text()
+    assert 'id="heldout"' in page and all(m["label"] in page for m in conf["models"])
 
 
 @pytest.mark.slow
