@@ -81,7 +81,8 @@ def paired_bootstrap(rows_a: Sequence[dict[str, Any]], rows_b: Sequence[dict[str
     its interval, its bootstrap standard error, the one-sided bootstrap p-value of margin <= 0,
     whether the interval excludes 0, and ``images_needed``: about how many images per model would
     make an interval of this confidence exclude 0 for a margin of this size (the standard error
-    shrinks as 1/sqrt(n)); None when the margin is 0.
+    shrinks as 1/sqrt(n); at or below ``images`` when the interval only just reaches 0); None
+    when the margin is 0.
     """
     keys_a = [(r["prompt"], r["seed"]) for r in rows_a]
     keys_b = [(r["prompt"], r["seed"]) for r in rows_b]
@@ -99,7 +100,7 @@ def paired_bootstrap(rows_a: Sequence[dict[str, Any]], rows_b: Sequence[dict[str
     low, high = (float(q) for q in np.quantile(diffs, [alpha / 2, 1 - alpha / 2]))
     se = float(diffs.std(ddof=1))
     z = NormalDist().inv_cdf(1 - alpha / 2)
-    needed = None if margin == 0 else max(n, math.ceil(n * (z * se / abs(margin)) ** 2))
+    needed = None if margin == 0 else math.ceil(n * (z * se / abs(margin)) ** 2)
     return {"margin": margin, "low": low, "high": high, "se": se, "confidence": confidence,
             "p_one_sided": float(np.mean(diffs <= 0)), "separated": bool(low > 0 or high < 0),
             "images": n, "images_needed": needed}
@@ -261,6 +262,9 @@ def verdict(margins: dict[str, dict[str, Any]], metric: str, n: int, prompts: in
                          f"{'better' if m['margin'] > 0 else 'worse'}")
         elif m["images_needed"] is None:
             lines.append(f"held-out {metric} margin over {names[name]}: {span}: no difference measured")
+        elif m["images_needed"] <= n:
+            lines.append(f"held-out {metric} margin over {names[name]}: {span}: borderline at this evaluation "
+                         "size (the interval just reaches 0); a few more seeds per prompt would settle it")
         else:
             per_prompt = math.ceil(m["images_needed"] / max(prompts, 1))
             lines.append(f"held-out {metric} margin over {names[name]}: {span}: indistinguishable at this "

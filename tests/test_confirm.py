@@ -55,7 +55,7 @@ def test_indistinguishable_models_get_how_many_images_would_separate_them():
                              "concept_rate", {"concept_rate": 1.0}, resamples=2000)
     assert stats["margin"] == pytest.approx(1 / 32) and not stats["separated"]
     expected = math.ceil(n * (1.959964 * stats["se"] / abs(stats["margin"])) ** 2)
-    assert stats["images_needed"] == max(n, expected)
+    assert stats["images_needed"] == expected and expected > n
     line = verdict({"runner_up": stats}, "concept_rate", n, 4)[0]
     assert "indistinguishable" in line and f"{stats['images_needed']} images per model" in line
     same = paired_bootstrap(_rows({"concept_rate": a}), _rows({"concept_rate": a}), ["concept_rate"],
