@@ -214,9 +214,9 @@ def _confirm_section(run_dir: Path, state: dict[str, Any]) -> str:
     """The held-out confirmation (sweeps/confirm.py): each re-scored model's held-out scores with
     their gain over the base model's, and the verdict on the winner's margins."""
     conf = read_confirmation(run_dir)
-    if not conf:
-        return ""
     metrics = image_metrics(state)
+    if not conf or not metrics:
+        return ""
     base = next(m["heldout"] for m in conf["models"] if m["label"] == "baseline")
     lines = []
     for m in conf["models"]:

