@@ -93,11 +93,11 @@ def encode_every_step(build_cache: Any, vae: Any) -> Any:
 
     from trainers.data import preflight
 
-    def build(cfg: Any, baseline: bool = False) -> tuple[Any, dict]:
+    def build(cfg: Any, baseline: bool = False, expect: Any = None) -> tuple[list[Any], dict]:
         build.calls += 1  # type: ignore[attr-defined]
-        data_ref, summary = build_cache(cfg, baseline)
-        data = reference_dataset(ray.get(data_ref), preflight(cfg.base.data), cfg.base.data, vae)
-        return ray.put(data), summary
+        refs, summary = build_cache(cfg, baseline, expect)  # [training ref, validation ref]
+        data = reference_dataset(ray.get(refs[0]), preflight(cfg.base.data), cfg.base.data, vae)
+        return [ray.put(data), refs[1]], summary
 
     build.calls = 0  # type: ignore[attr-defined]
     return build

@@ -179,13 +179,18 @@ def _cmd_best(args: argparse.Namespace) -> int:
 def _cmd_confirm(args: argparse.Namespace) -> int:
     import ray
 
-    from sweeps.confirm import confirm_run_dir
+    from sweeps.config import SweepConfig
+    from sweeps.confirm import confirm_sweep
+    from sweeps.driver import ensure_ray
+    from sweeps.results import read_state
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    cfg = SweepConfig.model_validate(read_state(Path(args.run_dir))["config"])
+    started = ensure_ray(cfg)  # the sweep's cluster (ray_address) or a local Ray with the trials' env
     try:
-        summary = confirm_run_dir(Path(args.run_dir))
+        summary = confirm_sweep(cfg, Path(args.run_dir))
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
     if summary is None:
         print("nothing to confirm: the sweep has no image evaluation, confirmation is off, or no "
               "trial was evaluated", file=sys.stderr)

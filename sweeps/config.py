@@ -272,7 +272,8 @@ def absolute_paths(cfg: SweepConfig, root: Path) -> SweepConfig:
     model = base.model.model_copy(update={
         "source": _abs(base.model.source, root, must_exist=True),
         "single_file_config": _abs(base.model.single_file_config, root, must_exist=True)})
-    data = base.data.model_copy(update={"path": _abs(base.data.path, root)})
+    data = base.data.model_copy(update={"path": _abs(base.data.path, root),
+                                        "validation_path": _abs(base.data.validation_path, root)})
     base = base.model_copy(update={"model": model, "data": data, "cache_dir": _abs(base.cache_dir, root)})
     spaces = tuple(_abs(s, root, must_exist=True) if isinstance(s, str) and Path(s).suffix in (".yaml", ".yml")
                    else s for s in search.spaces)

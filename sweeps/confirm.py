@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 from statistics import NormalDist
@@ -22,13 +21,13 @@ from typing import Any, Sequence
 
 import numpy as np
 import ray
-import torch
 
 from sweeps.config import SweepConfig
 from sweeps.results import (
     CONFIRM_DIR,
     CONFIRM_FILE,
     TrialRow,
+    _candidates,
     find_checkpoint,
     image_metrics,
     leaderboard,
@@ -36,7 +35,6 @@ from sweeps.results import (
     read_confirmation,
     read_state,
     select_checkpoint,
-    _has,
 )
 from trainers.tensor_files import atomic_write_text
 
@@ -112,9 +110,8 @@ def paired_bootstrap(rows_a: Sequence[dict[str, Any]], rows_b: Sequence[dict[str
 
 
 def _best_kept(row: TrialRow, metric: str, mode: str) -> tuple[dict[str, Any], Path] | None:
-    """The row's best evaluation that has a kept checkpoint."""
-    sign = 1 if mode == "min" else -1
-    for h in sorted((h for h in row.history if _has(h, metric)), key=lambda h: sign * h[metric]):
+    """The row's best evaluation that has a kept checkpoint, in ``select_checkpoint``'s order."""
+    for _, h in _candidates([row], metric, mode):
         ckpt = find_checkpoint(row.path, int(h["step"])) if row.path else None
         if ckpt is not None:
             return h, ckpt
@@ -155,32 +152,27 @@ def confirm_task(sweep: dict[str, Any], models: list[dict[str, Any]]) -> dict[st
     """Generate and score every model (a checkpoint, or the base model for ``checkpoint: None``)
     with the held-out evaluator; return each one's scores, per-image rows and files (as bytes,
     so the driver writes them wherever this task ran)."""
+    from sweeps.trial import place_base_model, score_to_files
     from trainers import get_trainer_class
-    from trainers.devices import place, run_placement
-    from trainers.evaluate import Evaluator, load_references, write_samples
+    from trainers.devices import run_placement
+    from trainers.evaluate import Evaluator, load_references
     from trainers.models import load_base_model
 
     cfg = SweepConfig.model_validate(sweep)
     m, ev_cfg = cfg.base.model, cfg.evaluation.heldout_evaluator()
     model = load_base_model(m.source, allow_pickle=m.allow_pickle, single_file_config=m.single_file_config,
                             revision=m.revision)
-    placement = run_placement(cfg.base.train.device, cfg.base.train.mixed_precision)  # the trials'
-    for module in (model.unet, model.vae, model.text_encoder):
-        place(module, placement.device, placement.weight_dtype)
-    evaluator = Evaluator(ev_cfg, load_references(ev_cfg, cfg.base.data))
+    where = run_placement(cfg.base.train.device, cfg.base.train.mixed_precision)  # the trials' placement
+    place_base_model(model, where)
+    evaluator = Evaluator(ev_cfg, load_references(ev_cfg, cfg.base.data), device=where.device)
     out: dict[str, Any] = {}
     for item in models:
         ckpt = item.get("checkpoint")
         loaded = (get_trainer_class(item["method"]).loaded_for_evaluation(model, Path(ckpt))
                   if ckpt else nullcontext())
         with loaded:
-            record = evaluator.run(model, autocast_dtype=placement.autocast_dtype,
-                                   prediction_type=item.get("prediction_type"))
-        with tempfile.TemporaryDirectory(prefix="sdsweep-confirm-") as tmp:
-            write_samples(record, Path(tmp), {"label": item["label"], "heldout": True})
-            files = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
-        out[item["label"]] = {"scores": record.scores, "rows": record.rows, "files": files,
-                              "eval_s": record.generate_s + record.score_s}
+            out[item["label"]] = score_to_files(evaluator, model, where, {"label": item["label"], "heldout": True},
+                                                prediction_type=item.get("prediction_type"))
     return out
 
 
@@ -282,6 +274,6 @@ def heldout_column(confirmation: dict[str, Any] | None) -> tuple[str, dict[str, 
 
 
 def confirm_run_dir(run_dir: Path) -> dict[str, Any] | None:
-    """(Re)run the confirmation of an existing run directory (``sdsweep confirm``)."""
+    """(Re)run the confirmation of an existing run directory (needs a running Ray)."""
     state = read_state(run_dir)
     return confirm_sweep(SweepConfig.model_validate(state["config"]), Path(run_dir))

@@ -51,6 +51,12 @@ class SweepOptunaSearch(OptunaSearch):
         self._rank = (rank_metric, rank_mode)
         self._best: dict[str, dict] = {}
 
+    def __setstate__(self, state: dict) -> None:
+        # A searcher pickled by an sdsweep before this class tracked best results (resume).
+        state.setdefault("_best", {})
+        state.setdefault("_rank", (state.get("_metric"), state.get("_mode")))
+        self.__dict__.update(state)
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         metric, mode = self._rank
         value = result.get(metric)
@@ -75,7 +81,7 @@ class SweepOptunaSearch(OptunaSearch):
 
 @ray.remote(num_returns=3)
 def build_cache_task(sweep: dict[str, Any], baseline: bool,
-                     expect_key: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
+                     expect: tuple[str, str | None] | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """Build (or reuse from disk) the latent cache and, if asked, score the base model.
 
     Returns (dataset, validation dataset or None, summary) as three objects so the datasets go
@@ -83,27 +89,31 @@ def build_cache_task(sweep: dict[str, Any], baseline: bool,
     on the device a trial would get (this task's reserved GPU when ``resources.gpu > 0``;
     ``trainers.run.prepare_data``), in fp32. The baseline (the base model without any adapter,
     through the sweep's evaluator) shares this task's model load; its files come back as bytes in
-    the summary so the driver writes them whatever node this ran on. With ``expect_key`` (a
-    resume) the training data's content key is computed first, without encoding, and if it
-    differs the task returns ``(None, None, {"key": key})`` having built and scored nothing.
+    the summary so the driver writes them whatever node this ran on. With ``expect`` (a resume:
+    the training and validation data's content keys the sweep started with) both keys are
+    computed first, without encoding, and if either differs the task returns
+    ``(None, None, {"key": ..., "validation_key": ...})`` having built and scored nothing.
     """
     from trainers.data import split_validation
     from trainers.latents import dataset_key
     from trainers.models import load_base_model
-    from trainers.run import prepare_data, prepare_validation
+    from trainers.run import prepare_data, prepare_validation, validation_records
 
     cfg = SweepConfig.model_validate(sweep)
     m = cfg.base.model
     model = load_base_model(m.source, allow_pickle=m.allow_pickle, single_file_config=m.single_file_config,
                             revision=m.revision)
     records = preflight(cfg.base.data, require_captions=True)
-    train_records = split_validation(records, cfg.base.data)[0]
-    if expect_key is not None and (
-            key := dataset_key(train_records, cfg.base.data, model, cache_text=True)) != expect_key:
-        return None, None, {"key": key}
+    if expect is not None:
+        held = validation_records(cfg.base, records)
+        keys = {"key": dataset_key(split_validation(records, cfg.base.data)[0], cfg.base.data, model),
+                "validation_key": dataset_key(held[0], held[1], model) if held else None}
+        if (keys["key"], keys["validation_key"]) != tuple(expect):
+            return None, None, keys
     data = prepare_data(cfg.base, model, cache_text=True, records=records)
-    validation = prepare_validation(cfg.base, model, cache_text=True)
+    validation = prepare_validation(cfg.base, model, cache_text=True, records=records)
     summary = {"report": dict(data.report.__dict__), "key": data.key, "model_identity": model.identity,
+               "validation_key": validation.key if validation is not None else None,
                "validation_images": len(validation) if validation is not None else 0}
     if baseline:
         summary["baseline"] = _score_baseline(cfg, model)
@@ -117,25 +127,18 @@ def _score_baseline(cfg: SweepConfig, model: Any) -> dict[str, Any]:
 
     With ``train.mixed_precision`` searched, the baseline uses the base config's value.
     """
-    import tempfile
-
-    from sweeps.trial import worker_evaluator
-    from trainers.devices import place, run_placement
-    from trainers.evaluate import write_samples
+    from sweeps.trial import place_base_model, score_to_files, worker_evaluator
+    from trainers.devices import run_placement
 
     where = run_placement(cfg.base.train.device, cfg.base.train.mixed_precision)
-    for module in (model.unet, model.vae, model.text_encoder):
-        place(module, where.device, where.weight_dtype)  # what Trainer._place / prepare_for_sampling do
+    place_base_model(model, where)
     evaluator = worker_evaluator(cfg, where.device)
     assert evaluator is not None
-    record = evaluator.run(model, autocast_dtype=where.autocast_dtype)
-    with tempfile.TemporaryDirectory(prefix="sdsweep-baseline-") as tmp:
-        write_samples(record, Path(tmp), {"trial_id": "baseline", "step": 0})
-        files = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
-    placement = {"device": str(where.device), "weight_dtype": str(where.weight_dtype).removeprefix("torch."),
-                 "autocast": str(where.autocast_dtype).removeprefix("torch.") if where.autocast_dtype else None}
-    return {"scores": record.scores, "identity": record.identity, "files": files,
-            "eval_s": record.generate_s + record.score_s, "placement": placement}
+    out = score_to_files(evaluator, model, where, {"trial_id": "baseline", "step": 0})
+    del out["rows"]
+    out["placement"] = {"device": str(where.device), "weight_dtype": str(where.weight_dtype).removeprefix("torch."),
+                        "autocast": str(where.autocast_dtype).removeprefix("torch.") if where.autocast_dtype else None}
+    return out
 
 
 @dataclass
@@ -195,12 +198,12 @@ BASELINE_DIR = "baseline"
 
 
 def build_cache(cfg: SweepConfig, baseline: bool = False,
-                expect_key: str | None = None) -> tuple[list[Any], dict[str, Any]]:
+                expect: tuple[str, str | None] | None = None) -> tuple[list[Any], dict[str, Any]]:
     """Run the cache build (and the baseline) as a Ray task; return ([training ref, validation
-    ref], summary). See ``build_cache_task`` for ``expect_key``."""
+    ref], summary). See ``build_cache_task`` for ``expect``."""
     res = cfg.resources
     data_ref, val_ref, summary_ref = build_cache_task.options(
-        num_cpus=res.cpu, num_gpus=1 if res.gpu > 0 else 0).remote(cfg.model_dump(mode="json"), baseline, expect_key)
+        num_cpus=res.cpu, num_gpus=1 if res.gpu > 0 else 0).remote(cfg.model_dump(mode="json"), baseline, expect)
     try:
         summary = ray.get(summary_ref)
     except ray.exceptions.RayTaskError as err:  # surface the cause (bad dataset, model) as itself
@@ -261,17 +264,31 @@ def run_sweep(cfg: SweepConfig, *, sweep_file: str | None = None, run_dir: Path 
         data_refs, summary = build_cache(cfg, baseline=cfg.evaluation.images is not None)
         report = summary["report"]
         state = {"run_id": run_dir.name, "sweep_file": sweep_file, "config": cfg.model_dump(mode="json"),
-                 "cache_key": summary["key"], "base_model_identity": summary["model_identity"],
+                 "cache_key": summary["key"], "validation_key": summary["validation_key"],
+                 "base_model_identity": summary["model_identity"],
                  "cache_builds": [report], "package_version": _version(), "started": time.time()}
         if "baseline" in summary:
             state["baseline"] = _save_baseline(run_dir, summary["baseline"])
         write_sweep_state(run_dir, state)
         results = _tuner(cfg, run_dir, _trainable(cfg, data_refs), run_dir.name).fit()
-        confirm_sweep(cfg, run_dir)
+        _confirm(cfg, run_dir)
     finally:
         if started:
             ray.shutdown()
     return SweepRun(run_dir, results, report, offline_sync_command(run_dir))
+
+
+def _confirm(cfg: SweepConfig, run_dir: Path) -> None:
+    """The held-out confirmation; its failure (a checkpoint that does not load, out of memory)
+    is reported and never loses the finished sweep's results, export or report."""
+    import sys
+
+    try:
+        confirm_sweep(cfg, run_dir)
+    except Exception as err:  # noqa: BLE001 - the sweep itself is done; say so and go on
+        cause = err.as_instanceof_cause() if isinstance(err, ray.exceptions.RayTaskError) else err
+        print(f"warning: the held-out confirmation failed ({type(cause).__name__}: {cause}); the sweep's "
+              f"results are complete; rerun it with `sdsweep confirm {run_dir}`", file=sys.stderr)
 
 
 def resume_sweep(run_dir: Path) -> SweepRun:
@@ -287,12 +304,16 @@ def resume_sweep(run_dir: Path) -> SweepRun:
     started = ensure_ray(cfg)
     try:
         need_baseline = cfg.evaluation.images is not None and "baseline" not in state
-        # The key is checked inside the task before anything is encoded or scored.
-        data_refs, summary = build_cache(cfg, baseline=need_baseline, expect_key=state["cache_key"])
+        # The keys are checked inside the task before anything is encoded or scored.
+        expect = (state["cache_key"], state.get("validation_key"))
+        data_refs, summary = build_cache(cfg, baseline=need_baseline, expect=expect)
         key = summary["key"]
         if key != state["cache_key"]:
             raise SweepError(f"{run_dir}: the dataset or base model changed since the sweep started "
                                f"(cache key {key[:12]} != {state['cache_key'][:12]}); start a new sweep")
+        if summary["validation_key"] != state.get("validation_key"):
+            raise SweepError(f"{run_dir}: the validation images (data.validation_split / validation_path) "
+                             "changed since the sweep started, so val_loss would not compare; start a new sweep")
         report = summary["report"]
         if "baseline" in summary:
             state["baseline"] = _save_baseline(run_dir, summary["baseline"])
@@ -301,7 +322,7 @@ def resume_sweep(run_dir: Path) -> SweepRun:
         tuner = tune.Tuner.restore(str(run_dir), trainable=_trainable(cfg, data_refs), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         results = tuner.fit()
-        confirm_sweep(cfg, run_dir)
+        _confirm(cfg, run_dir)
     finally:
         if started:
             ray.shutdown()

@@ -117,6 +117,27 @@ def evaluate_images(evaluator: Evaluator, trainer: Any, out_dir: Path, extra: di
             "images": [str(out_dir / GRID_FILE)], "samples": str(scores_path)}
 
 
+def place_base_model(model: BaseModel, where: devices.Placement) -> None:
+    """Put a base model's UNet, VAE and text encoder where (and in the dtype) a trial's trainer
+    would (what ``Trainer._place`` / ``prepare_for_sampling`` do): for the baseline and the
+    held-out confirmation, so their scores are never a device or precision shift."""
+    for module in (model.unet, model.vae, model.text_encoder):
+        devices.place(module, where.device, where.weight_dtype)
+
+
+def score_to_files(evaluator: Evaluator, model: BaseModel, where: devices.Placement, extra: dict[str, Any],
+                   prediction_type: str | None = None) -> dict[str, Any]:
+    """Generate and score ``model`` with the trials' autocast; return its scores, per-image rows,
+    evaluator identity, seconds and the written files as bytes (a task's files go back to the
+    driver, which writes them wherever the task ran)."""
+    record = evaluator.run(model, autocast_dtype=where.autocast_dtype, prediction_type=prediction_type)
+    with tempfile.TemporaryDirectory(prefix="sdsweep-eval-") as tmp:
+        write_samples(record, Path(tmp), extra)
+        files = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
+    return {"scores": record.scores, "rows": record.rows, "identity": record.identity, "files": files,
+            "eval_s": record.generate_s + record.score_s}
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory: this trial's CUDA allocator peak on GPU; on CPU the worker process's max RSS
     (a high-water mark that a reused worker carries over from earlier trials)."""

@@ -142,6 +142,10 @@ def model_digest(model) -> dict:
         out[f"{name}.training"] = sorted({m.training for m in module.modules()})
         out[f"{name}.requires_grad"] = sorted({p.requires_grad for p in module.parameters()})
         out[f"{name}.dtypes"] = sorted({str(p.dtype) for p in module.parameters()})
+        out[f"{name}.hooks"] = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+                                   for m in module.modules())
+        out[f"{name}.checkpointing"] = bool(getattr(module, "is_gradient_checkpointing", False)) \
+            if name == "unet" else any(getattr(m, "gradient_checkpointing", False) for m in module.modules())
     out["tokenizer"] = len(model.tokenizer)
     out["embeddings"] = tuple(model.text_encoder.get_input_embeddings().weight.shape)
     return out

@@ -54,8 +54,12 @@ def test_indistinguishable_models_get_how_many_images_would_separate_them():
     stats = paired_bootstrap(_rows({"concept_rate": a}), _rows({"concept_rate": b}), ["concept_rate"],
                              "concept_rate", {"concept_rate": 1.0}, resamples=2000)
     assert stats["margin"] == pytest.approx(1 / 32) and not stats["separated"]
-    expected = math.ceil(n * (1.959964 * stats["se"] / abs(stats["margin"])) ** 2)
-    assert stats["images_needed"] == expected and expected > n
+    # Independent reference: the closed-form standard error of the paired mean difference, and
+    # n' = n (z se / margin)^2 from se ~ 1/sqrt(n).
+    d = np.array(a) - np.array(b)
+    se = d.std(ddof=1) / math.sqrt(n)
+    expected = n * (1.959964 * se / d.mean()) ** 2
+    assert stats["images_needed"] > n and stats["images_needed"] == pytest.approx(expected, rel=0.25)
     line = verdict({"runner_up": stats}, "concept_rate", n, 4)[0]
     assert "indistinguishable" in line and f"{stats['images_needed']} images per model" in line
     same = paired_bootstrap(_rows({"concept_rate": a}), _rows({"concept_rate": a}), ["concept_rate"],

@@ -32,7 +32,7 @@ from diffusers.training_utils import cast_training_params, compute_snr
 from safetensors.torch import load_file
 
 from trainers.config import TrainConfig
-from trainers.devices import make_accelerator, resolve_mixed_precision, run_placement  # noqa: F401 (re-exported)
+from trainers.devices import make_accelerator, place, resolve_mixed_precision, run_placement  # noqa: F401 (re-exported)
 from trainers.latents import CachedDataset, tokenize
 from trainers.tensor_files import atomic_directory, atomic_save_safetensors, atomic_write_text
 
@@ -143,11 +143,13 @@ class Trainer(abc.ABC):
         """Restore the base model to how it was before this trainer: the method's own additions
         (``restore_base_model``), then what the shared loop changed (gradient checkpointing,
         train mode, requires_grad). Safe to call after a failed setup and more than once."""
-        self.restore_base_model()
         m = self.model
         if self.cfg.gradient_checkpointing:  # both calls are no-ops where it was never enabled
+            # Before the adapters go: transformers removes the input-embedding hooks that
+            # checkpointing a peft text encoder added only while its peft flag is still set.
             m.unet.disable_gradient_checkpointing()
             m.text_encoder.gradient_checkpointing_disable()
+        self.restore_base_model()
         for module in (m.unet, m.vae, m.text_encoder):
             module.requires_grad_(False)
             module.eval()  # as loaded: from_pretrained returns modules in eval mode
@@ -159,7 +161,7 @@ class Trainer(abc.ABC):
         self._place(self.model.text_encoder)
 
     def _place(self, module: torch.nn.Module) -> None:
-        """Move a frozen module to the training device and weight dtype (only what differs)."""
+        """Move a frozen module to the training device and weight dtype (``devices.place``)."""
         p = next(module.parameters())
         if p.dtype != self.weight_dtype and p.dtype != torch.float32:
             # An earlier trainer cast this shared module down (e.g. to bf16); casting it back up
@@ -168,12 +170,7 @@ class Trainer(abc.ABC):
                 f"{type(module).__name__} of the base model is in {p.dtype} (cast by an earlier run with "
                 f"mixed precision), but this run needs {self.weight_dtype}; load a fresh base model "
                 "(trainers.models.load_base_model) for runs with another train.mixed_precision")
-        if p.device != self.device:
-            module.to(self.device)
-        if p.dtype != self.weight_dtype:
-            # diffusers' ModelMixin.to(dtype) logs a spurious float32 warning even when nothing
-            # changes, so the cast is only issued when it does something.
-            module.to(self.weight_dtype)
+        place(module, self.device, self.weight_dtype)
 
     def _named_trainable(self) -> dict[str, torch.nn.Parameter]:
         ids = {id(p) for p in self.trainable}

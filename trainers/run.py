@@ -14,7 +14,7 @@ from typing import Callable
 from trainers import TRAINERS, get_trainer_class
 from trainers.base import StepStats, Trainer
 from trainers.config import RunConfig
-from trainers.data import ImageRecord, preflight, split_validation
+from trainers.data import DataConfig, ImageRecord, preflight, split_validation
 from trainers.devices import run_device
 from trainers.latents import CachedDataset, build_latent_cache
 from trainers.tensor_files import atomic_write_text
@@ -58,20 +58,31 @@ def prepare_data(cfg: RunConfig, model, *, cache_text: bool,
                               device=run_device(cfg.train.device))
 
 
-def prepare_validation(cfg: RunConfig, model, *, cache_text: bool) -> CachedDataset | None:
-    """The latent cache of the validation images (``data.validation_split`` or
-    ``data.validation_path``), or None when the run has none. Never flipped: val_loss reads each
-    image as it is."""
+def validation_records(cfg: RunConfig, records: list[ImageRecord] | None = None
+                       ) -> tuple[list[ImageRecord], DataConfig] | None:
+    """The validation images (``data.validation_split`` of the preflighted ``records``, or every
+    image of ``data.validation_path``) and the data config they are cached with (never flipped:
+    val_loss reads each image as it is); None when the run has none."""
     d = cfg.data
     if not d.has_validation:
         return None
     if d.validation_path is not None:
         vcfg = d.model_copy(update={"path": d.validation_path, "validation_path": None, "random_flip": False})
-        records = preflight(vcfg, require_captions=True)
-    else:
-        vcfg = d.model_copy(update={"validation_split": 0.0, "random_flip": False})
-        records = split_validation(preflight(d, require_captions=True), d)[1]
-    return build_latent_cache(records, vcfg, model, root=_cache_root(cfg), cache_text=cache_text,
+        return preflight(vcfg, require_captions=True), vcfg
+    vcfg = d.model_copy(update={"validation_split": 0.0, "random_flip": False})
+    if records is None:
+        records = preflight(d, require_captions=True)
+    return split_validation(records, d)[1], vcfg
+
+
+def prepare_validation(cfg: RunConfig, model, *, cache_text: bool,
+                       records: list[ImageRecord] | None = None) -> CachedDataset | None:
+    """The latent cache of the validation images (:func:`validation_records`), or None.
+    ``records``: the training folder's preflight, if already done."""
+    found = validation_records(cfg, records)
+    if found is None:
+        return None
+    return build_latent_cache(found[0], found[1], model, root=_cache_root(cfg), cache_text=cache_text,
                               device=run_device(cfg.train.device))
 
 
