@@ -74,8 +74,14 @@ def kappa(a: Sequence[str], b: Sequence[str]) -> float:
     return (po - pe) / (1 - pe) if pe < 1 else 1.0
 
 
-def compare(name: str, images: list[Image.Image], prompts: list[str], asked: list[str]) -> dict[str, Any]:
+def compare(name: str, images: list[Image.Image], prompts: list[str], asked: list[str],
+            save: Path | None = None) -> dict[str, Any]:
     ch, cl = checker_shapes(images, prompts), clip_shapes(images, prompts)
+    if save is not None:  # the disagreements, 4x upscaled, for a person to judge
+        save.mkdir(parents=True, exist_ok=True)
+        for i, (im, s, x, y) in enumerate(zip(images, asked, ch, cl)):
+            if x != y:
+                im.resize((128, 128), Image.NEAREST).save(save / f"{i:03d}_asked-{s}_checker-{x}_clip-{y}.png")
     same = float(np.mean([x == y for x, y in zip(ch, cl)]))
     right_ch = [x == s for x, s in zip(ch, asked)]
     right_cl = [y == s for y, s in zip(cl, asked)]
@@ -89,6 +95,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2, help="seeds per trained prompt (120 prompts)")
     parser.add_argument("--lora", help="also judge this LoRA's star images (e.g. the demo's export)")
     parser.add_argument("--json")
+    parser.add_argument("--save-disagreements", metavar="DIR", help="write the images the judges disagree on")
     args = parser.parse_args()
     torch.set_num_threads(1)
     renders = make_scenes(1, seed=4242, shapes=SHAPES)  # 150 fresh renders, every triple once
@@ -104,8 +111,9 @@ def main() -> None:
     gen = generate(model, EvalSettings(prompts=tuple(trained_prompts()), seeds=seeds, sampler="ddim", steps=25,
                                        guidance_scale=5.0, resolution=32, batch_size=64))
     prompts = [g.prompt for g in gen]
+    save = Path(args.save_disagreements) if args.save_disagreements else None
     results["base_generated"] = compare("base model, trained prompts", [g.image for g in gen], prompts,
-                                        [parse_caption(p)[0] for p in prompts])
+                                        [parse_caption(p)[0] for p in prompts], save and save / "base")
     if args.lora:
         pairs = [(c, b) for c in COLOUR_NAMES for b in COLOUR_NAMES if c != b]
         star = tuple(f"a {c} {{token}} on a {b} background" for c, b in pairs)
@@ -114,7 +122,8 @@ def main() -> None:
             sgen = generate(model, EvalSettings(prompts=star, seeds=seeds, sampler="ddim", steps=25,
                                                 guidance_scale=5.0, resolution=32, token=TOKEN, batch_size=64))
         texts = [g.prompt.replace(TOKEN, "star") for g in sgen]
-        results["lora_star"] = compare("LoRA, star prompts", [g.image for g in sgen], texts, ["star"] * len(texts))
+        results["lora_star"] = compare("LoRA, star prompts", [g.image for g in sgen], texts, ["star"] * len(texts),
+                                       save and save / "lora")
     print(json.dumps(results, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -33,7 +33,6 @@ from sweeps.results import (
     leaderboard,
     metric_and_mode,
     read_confirmation,
-    read_state,
     select_checkpoint,
 )
 from trainers.tensor_files import atomic_write_text
@@ -271,9 +270,3 @@ def heldout_column(confirmation: dict[str, Any] | None) -> tuple[str, dict[str, 
         return None
     metric = confirmation["metric"]
     return metric, {m.get("trial_id", m["label"]): m["heldout"][metric] for m in confirmation["models"]}
-
-
-def confirm_run_dir(run_dir: Path) -> dict[str, Any] | None:
-    """(Re)run the confirmation of an existing run directory (needs a running Ray)."""
-    state = read_state(run_dir)
-    return confirm_sweep(SweepConfig.model_validate(state["config"]), Path(run_dir))
