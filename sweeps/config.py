@@ -194,6 +194,27 @@ class SweepConfig(Frozen):
             return {**data, "evaluation": {**ev, "metric": "val_loss" if held else "fixed_train_loss"}}
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _token_from_evaluation(cls, data: Any) -> Any:
+        # One name for the concept: the evaluation prompts' {token} is what the captions say, so
+        # base.token (which a method such as textual inversion reads) defaults to it.
+        if not isinstance(data, dict) or not isinstance(data.get("base"), dict):
+            return data
+        ev = data.get("evaluation") or {}
+        images = ev.get("images") if isinstance(ev, dict) else None
+        gen = images.get("generation") if isinstance(images, dict) else None
+        token = gen.get("token") if isinstance(gen, dict) else None
+        base_token = data["base"].get("token")
+        if token is None:
+            return data
+        if base_token is None:
+            return {**data, "base": {**data["base"], "token": token}}
+        if base_token != token:
+            raise ValueError(f"base.token {base_token!r} and evaluation.images.generation.token {token!r} differ; "
+                             "they name the same concept (the captions' words): make them equal or drop base.token")
+        return data
+
     @model_validator(mode="after")
     def _val_loss_needs_held_out_images(self) -> "SweepConfig":
         ev = self.evaluation

@@ -168,9 +168,9 @@ def confirm_task(sweep: dict[str, Any], models: list[dict[str, Any]]) -> dict[st
     for item in models:
         ckpt = item.get("checkpoint")
         loaded = (get_trainer_class(item["method"]).loaded_for_evaluation(model, Path(ckpt))
-                  if ckpt else nullcontext())
-        with loaded:
-            out[item["label"]] = score_to_files(evaluator, model, where, {"label": item["label"], "heldout": True},
+                  if ckpt else nullcontext(model))
+        with loaded as sampled:
+            out[item["label"]] = score_to_files(evaluator, sampled, where, {"label": item["label"], "heldout": True},
                                                 prediction_type=item.get("prediction_type"))
     return out
 

@@ -16,17 +16,14 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from sweeps.constants import ERROR_FILE
-from trainers.tensor_files import atomic_save_safetensors, atomic_write_text
-from trainers.lora import LORA_WEIGHTS, kohya_state_dict
+from trainers.tensor_files import atomic_write_text
+from trainers import get_trainer_class
 
 SWEEP_STATE = "sweep.json"
 CONFIRM_DIR, CONFIRM_FILE = "confirm", "confirm.json"  # the held-out confirmation (sweeps/confirm.py)
@@ -322,7 +319,6 @@ def export_best(run_dir: Path, dest: Path, metric: str | None = None, pareto: in
     metric, mode = metric_and_mode(state, metric)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    files = _export_weights(ckpt, dest, state)
     cfg = state["config"]
     base = baseline_scores(state)
     scores = {k: h[k] for k in image_metrics(state) if k in h}
@@ -337,12 +333,15 @@ def export_best(run_dir: Path, dest: Path, metric: str | None = None, pareto: in
             "base_model": cfg["base"]["model"]["source"], "base_model_identity": state["base_model_identity"],
             "cache_key": state["cache_key"], "sweep_file": state.get("sweep_file"),
             "package_version": state.get("package_version"), "run_dir": str(Path(run_dir).resolve()),
-            "checkpoint": str(ckpt), "files": files, **why,
+            "checkpoint": str(ckpt), **why,
             "why": (f"Pareto point {why['pareto_index']} of {why['pareto_size']} on {why['objectives']}"
                     if "pareto_index" in why else
                     f"{'lowest' if mode == 'min' else 'highest'} {metric} over every evaluated checkpoint "
                     f"of every trial ({why['evaluated_trials']} of {why['trials']} trials evaluated)")}
     info["heldout"] = _heldout_entry(run_dir, f"{row.trial_id}@{int(h['step'])}")
+    provenance = {k: info[k] for k in ("trial_id", "method", "hyperparameters", "metric", "image_scores",
+                                       "gain_over_baseline", "base_model", "base_model_identity", "why")}
+    info["files"] = _export_weights(ckpt, dest, state, row.method, provenance)
     atomic_write_text(dest / "best.json", json.dumps(info, indent=1, default=str))
     return info
 
@@ -362,16 +361,7 @@ def _heldout_entry(run_dir: Path, label: str) -> dict[str, Any] | None:
             "margins_by_metric": conf["margins_by_metric"], "verdict": conf["verdict"]}
 
 
-def _export_weights(ckpt: Path, dest: Path, state: dict[str, Any]) -> list[str]:
-    """diffusers LoRA file as saved + the kohya layout (AUTOMATIC1111 / ComfyUI / kohya)."""
-    src = ckpt / LORA_WEIGHTS
-    shutil.copy2(src, dest / LORA_WEIGHTS)
-    with safe_open(str(src), framework="pt") as f:
-        meta = f.metadata() or {}
-    adapter = json.loads(meta.get("lora_adapter_metadata", "{}"))
-    alphas = {c: adapter.get(f"{c}.lora_alpha") for c in ("unet", "text_encoder") if f"{c}.lora_alpha" in adapter}
-    kohya = kohya_state_dict(load_file(str(src)), alphas)
-    name = f"{state['run_id']}-lora.safetensors"
-    atomic_save_safetensors(kohya, dest / name, {"format": "pt", "sdsweep": meta.get("sdsweep", "{}"),
-                                                 "ss_network_module": "networks.lora"})
-    return [LORA_WEIGHTS, name]
+def _export_weights(ckpt: Path, dest: Path, state: dict[str, Any], method: str,
+                    provenance: dict[str, Any]) -> list[str]:
+    """The checkpoint's weights in the formats people load, written by its method's trainer."""
+    return get_trainer_class(method).export_files(ckpt, dest, state["run_id"], provenance)

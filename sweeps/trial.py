@@ -108,10 +108,10 @@ def evaluate_images(evaluator: Evaluator, trainer: Any, out_dir: Path, extra: di
     ``images`` (the grid) and ``samples`` (scores.json: per-image scores, settings, scorer
     identity) are paths the W&B callback logs as an image and a table.
     """
-    trainer.prepare_for_sampling()
     # The same rule as the baseline's (sweeps.driver._score_baseline): a gain is never a precision shift.
-    record = evaluator.run(trainer.model, autocast_dtype=devices.sampling_autocast(trainer.device, trainer.weight_dtype),
-                           prediction_type=trainer.prediction_type)
+    with trainer.evaluation_model() as model:
+        record = evaluator.run(model, autocast_dtype=devices.sampling_autocast(trainer.device, trainer.weight_dtype),
+                               prediction_type=trainer.prediction_type)
     scores_path = write_samples(record, out_dir, extra)
     return {**record.scores, "eval_s": record.generate_s + record.score_s,
             "images": [str(out_dir / GRID_FILE)], "samples": str(scores_path)}

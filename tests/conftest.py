@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 # Offline before anything imports huggingface_hub / wandb: tests must never reach a network.
@@ -131,7 +133,8 @@ def ray_local():
 def model_digest(model) -> dict:
     """Everything a trainer could leave behind on a shared base model, hashed: every weight and
     buffer of UNet, VAE and text encoder (adapter weights included), the adapters registered, the
-    tokenizer's vocabulary size, the embedding matrix shape, train/eval modes and requires_grad."""
+    tokenizer's vocabulary (and added tokens), the embedding module, its matrix shape and the
+    config's vocab_size, train/eval modes and requires_grad."""
     from trainers.tensor_files import tensors_digest
 
     out: dict = {}
@@ -146,6 +149,10 @@ def model_digest(model) -> dict:
                                    for m in module.modules())
         out[f"{name}.checkpointing"] = bool(getattr(module, "is_gradient_checkpointing", False)) \
             if name == "unet" else any(getattr(m, "gradient_checkpointing", False) for m in module.modules())
-    out["tokenizer"] = len(model.tokenizer)
-    out["embeddings"] = tuple(model.text_encoder.get_input_embeddings().weight.shape)
+    tok = model.tokenizer
+    out["tokenizer"] = (len(tok), hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest(),
+                        sorted(str(t) for t in tok.added_tokens_decoder.values()))
+    emb = model.text_encoder.get_input_embeddings()
+    out["embeddings"] = (type(emb).__name__, tuple(emb.weight.shape), emb.num_embeddings,
+                         model.text_encoder.config.vocab_size)
     return out

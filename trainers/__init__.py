@@ -11,6 +11,7 @@ from typing import Any
 # method name -> (module, Trainer subclass, settings section in the run config)
 TRAINERS: dict[str, tuple[str, str, str]] = {
     "lora": ("trainers.lora", "LoraTrainer", "lora"),
+    "textual_inversion": ("trainers.textual_inversion", "TextualInversionTrainer", "textual_inversion"),
 }
 
 

@@ -23,7 +23,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -103,14 +103,46 @@ class Trainer(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def loaded_for_evaluation(cls, model: Any, checkpoint: Path) -> contextlib.AbstractContextManager[None]:
-        """A context in which ``model`` carries ``checkpoint``'s weights, loaded the way a user
-        loads the export (diffusers' own loaders), and after which ``model`` is as it was."""
+    def loaded_for_evaluation(cls, model: Any, checkpoint: Path) -> contextlib.AbstractContextManager[Any]:
+        """A context yielding the model to sample: ``model`` carrying ``checkpoint``'s weights,
+        loaded the way a user loads the export (diffusers' own loaders); after it ``model`` is
+        exactly as it was."""
+
+    @classmethod
+    @abc.abstractmethod
+    def export_files(cls, checkpoint: Path, dest: Path, name: str, provenance: dict[str, Any]) -> list[str]:
+        """Write ``checkpoint``'s weights into ``dest`` in every format people load (diffusers and
+        the single files A1111 / ComfyUI / kohya read), the community files named after ``name``
+        (the run id) where the format needs a name, with ``provenance`` (why it was picked, its
+        scores) in their metadata. Returns the file names written."""
+
+    @classmethod
+    def caches_text(cls, settings: Any) -> bool:
+        """Whether a run with ``settings`` may read text-encoder outputs from the frozen-encoder
+        cache (False when training changes them: they would be silently stale)."""
+        return True
 
     @property
     def trains_text_encoder(self) -> bool:
         """Whether the text encoder's output changes during training (then it is not cached)."""
         return False
+
+    @property
+    def text_encoder_dtype(self) -> torch.dtype:
+        """The dtype the text encoder runs in (default: the weight dtype of frozen modules)."""
+        return self.weight_dtype
+
+    def tokenize_captions(self, captions: list[str]) -> torch.Tensor:
+        """Token ids of ``captions`` as this method trains on them (padded to the model's length)."""
+        return tokenize(self.model.tokenizer, captions)
+
+    @contextlib.contextmanager
+    def evaluation_model(self) -> Iterator[Any]:
+        """The model to sample at an evaluation: by default the live model (the method's weights
+        are on it); a method whose live training state differs from what it exports overrides this
+        to load its export instead, so what is scored is what is shipped."""
+        self.prepare_for_sampling()
+        yield self.model
 
     # ----- setup -------------------------------------------------------------------------------
 
@@ -120,8 +152,11 @@ class Trainer(abc.ABC):
             module.requires_grad_(False)
         self._place(m.unet)
         if self.trains_text_encoder or self.data.text_embeds is None:
-            self._place(m.text_encoder)
+            self._place(m.text_encoder, self.text_encoder_dtype)
         groups = self.configure_trainable()
+        scale = cfg.effective_learning_rate / cfg.learning_rate  # train.scale_lr
+        for g in groups:
+            g["lr"] = g["lr"] * scale
         self.trainable = [p for g in groups for p in g["params"]]
         if not self.trainable:
             raise RuntimeError(f"{type(self).__name__}.configure_trainable returned no parameters")
@@ -158,19 +193,21 @@ class Trainer(abc.ABC):
         """Put the VAE and text encoder beside the UNet (sampling needs both; training with a
         latent cache never moved them). A no-op on CPU."""
         self._place(self.model.vae)
-        self._place(self.model.text_encoder)
+        self._place(self.model.text_encoder, self.text_encoder_dtype)
 
-    def _place(self, module: torch.nn.Module) -> None:
-        """Move a frozen module to the training device and weight dtype (``devices.place``)."""
+    def _place(self, module: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
+        """Move a frozen module to the training device and ``dtype`` (default: the weight dtype)
+        with ``devices.place``."""
+        dtype = dtype or self.weight_dtype
         p = next(module.parameters())
-        if p.dtype != self.weight_dtype and p.dtype != torch.float32:
+        if p.dtype != dtype and p.dtype != torch.float32:
             # An earlier trainer cast this shared module down (e.g. to bf16); casting it back up
             # would train on rounded weights, silently. Sweeps load one base model per precision.
             raise RuntimeError(
                 f"{type(module).__name__} of the base model is in {p.dtype} (cast by an earlier run with "
-                f"mixed precision), but this run needs {self.weight_dtype}; load a fresh base model "
+                f"mixed precision), but this run needs {dtype}; load a fresh base model "
                 "(trainers.models.load_base_model) for runs with another train.mixed_precision")
-        place(module, self.device, self.weight_dtype)
+        place(module, self.device, dtype)
 
     def _named_trainable(self) -> dict[str, torch.nn.Parameter]:
         ids = {id(p) for p in self.trainable}
@@ -222,7 +259,7 @@ class Trainer(abc.ABC):
         if not self.trains_text_encoder and data.text_embeds is not None:
             rows = data.text_embeds[data.caption_index[idx]]
             return rows.to(self.device, self.weight_dtype)
-        ids = tokenize(self.model.tokenizer, [data.captions[int(i)] for i in idx])
+        ids = self.tokenize_captions([data.captions[int(i)] for i in idx])
         return self.model.text_encoder(ids.to(self.device))[0]
 
     def compute_loss(self, micro_step: int) -> torch.Tensor:

@@ -88,6 +88,17 @@ class TrainConfig(Frozen):
     checkpointing_steps: int | None = Field(None, gt=0)
     checkpoints_total_limit: int | None = Field(None, gt=0)
     device: str | None = None
+    # False: `learning_rate` is the rate AdamW uses (diffusers' scripts' default). True: it is a
+    # per-sample rate, multiplied by train_batch_size x gradient_accumulation_steps (diffusers'
+    # --scale_lr on one process; A1111 and kohya never scale). Logged as used (`lr`).
+    scale_lr: bool = False
+
+    @property
+    def effective_learning_rate(self) -> float:
+        """The rate the optimizer is given (before the schedule): see ``scale_lr``."""
+        if not self.scale_lr:
+            return self.learning_rate
+        return self.learning_rate * self.train_batch_size * self.gradient_accumulation_steps
 
     @property
     def effective_lr_scheduler(self) -> str:
@@ -132,14 +143,52 @@ class LoraSettings(Frozen):
         return float(self.alpha if self.alpha is not None else self.rank)
 
 
+class TextualInversionSettings(Frozen):
+    """Textual inversion: new token embeddings for the concept; every model weight stays frozen.
+
+    ``placeholder_token`` is the text that names the concept in the captions and prompts (default:
+    the run's ``token``, in a sweep the evaluation's ``token``). It must not already be one token of
+    the tokenizer's vocabulary. With ``vectors_per_token`` n > 1 the tokenizer gets ``tok``,
+    ``tok_1`` ... ``tok_{n-1}`` (diffusers' naming, which ``load_textual_inversion`` expands).
+    """
+
+    placeholder_token: str | None = Field(None, min_length=1)
+    # 75 is the most a CLIP prompt holds (77 positions less start and end): more could never fit.
+    vectors_per_token: int = Field(1, ge=1, le=75)
+    # Text whose token embeddings start the vectors (spread over them in order, A1111's rule);
+    # None: every vector starts at the mean of the vocabulary's embeddings.
+    initializer: str | None = Field(None, min_length=1)
+
+    @field_validator("placeholder_token")
+    @classmethod
+    def _no_edge_space(cls, v: str | None) -> str | None:
+        if v is not None and v != v.strip():
+            raise ValueError(f"placeholder_token {v!r} has leading or trailing spaces; remove them")
+        return v
+
+
+# method -> the RunConfig key of its settings section (the registry in trainers/__init__.py names
+# the same sections; tests/test_trainer_contract.py checks the two agree).
+METHOD_SECTIONS: dict[str, str] = {"lora": "lora", "textual_inversion": "textual_inversion"}
+Method = Literal["lora", "textual_inversion"]
+
+
 class RunConfig(Frozen):
-    """One training run: `sdsweep train CONFIG.yaml`."""
+    """One training run: `sdsweep train CONFIG.yaml`.
+
+    ``method`` selects its settings section (``lora:``, ``textual_inversion:``); the section of
+    another method is an error naming the key, and the selected one defaults to its defaults.
+    """
 
     model: ModelSpec
     data: DataConfig
-    method: Literal["lora"] = "lora"
+    method: Method = "lora"
+    # The words that name the concept in the captions (e.g. "sks shape"); a sweep fills it from
+    # its evaluation's `token`. Textual inversion turns it into its placeholder token.
+    token: str | None = Field(None, min_length=1)
     train: TrainConfig = TrainConfig()
-    lora: LoraSettings = LoraSettings()
+    lora: LoraSettings | None = None
+    textual_inversion: TextualInversionSettings | None = None
     output_dir: str = "outputs/run"
     cache_dir: str | None = None
 
@@ -150,6 +199,35 @@ class RunConfig(Frozen):
         if isinstance(data, dict) and isinstance(data.get("model"), str):
             data = {**data, "model": {"source": data["model"]}}
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_section(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        method = data.get("method", "lora")
+        if method not in METHOD_SECTIONS:
+            return data  # the Literal reports it, listing the valid methods
+        own = METHOD_SECTIONS[method]
+        stray = [s for s in METHOD_SECTIONS.values() if s != own and data.get(s) is not None]
+        if stray:
+            raise ValueError(f"{stray[0]}: a settings section of another method (this run's method is "
+                             f"{method!r}); remove it, or set `method:` to the method it belongs to")
+        section = dict(data.get(own) or {})
+        if method == "textual_inversion" and section.get("placeholder_token") is None:
+            if data.get("token") is None:
+                raise ValueError("textual_inversion.placeholder_token: not set and no `token` to take it from; "
+                                 "set one of them to the text that names the concept in the captions, "
+                                 "e.g. '<my-concept>'")
+            section["placeholder_token"] = data["token"]
+        return {**data, own: section}
+
+    @property
+    def settings(self) -> Frozen:
+        """The selected method's settings section."""
+        out = getattr(self, METHOD_SECTIONS[self.method])
+        assert out is not None  # filled by _method_section
+        return out
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,6 +21,8 @@ from diffusers.utils import convert_state_dict_to_diffusers, recurse_remove_peft
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from trainers.base import Trainer
 from trainers.config import LoraSettings, TrainConfig
@@ -80,6 +83,10 @@ class LoraTrainer(Trainer):
         self._configs: dict[str, LoraConfig] = {}
         super().__init__(model, data, cfg, output_dir, validation_data)
 
+    @classmethod
+    def caches_text(cls, settings: LoraSettings) -> bool:
+        return not settings.train_text_encoder
+
     @property
     def trains_text_encoder(self) -> bool:
         return self.lora.train_text_encoder
@@ -139,15 +146,32 @@ class LoraTrainer(Trainer):
 
     @classmethod
     @contextlib.contextmanager
-    def loaded_for_evaluation(cls, model: Any, checkpoint: Path) -> Iterator[None]:
+    def loaded_for_evaluation(cls, model: Any, checkpoint: Path) -> Iterator[Any]:
         """``checkpoint``'s LoRA on ``model`` through ``pipeline.load_lora_weights`` (what users
         call), unloaded on exit (``unload_lora_weights`` unwraps every peft layer)."""
         pipe = model.pipeline()
         pipe.load_lora_weights(str(checkpoint), weight_name=LORA_WEIGHTS, adapter_name=EVAL_ADAPTER)
         try:
-            yield
+            yield model
         finally:
             pipe.unload_lora_weights()
+
+    @classmethod
+    def export_files(cls, checkpoint: Path, dest: Path, name: str, provenance: dict[str, Any]) -> list[str]:
+        """The diffusers LoRA file as saved, plus the kohya layout (AUTOMATIC1111 / ComfyUI /
+        kohya) as ``<name>-lora.safetensors`` with ``provenance`` under ``sdsweep_best``."""
+        src = Path(checkpoint) / LORA_WEIGHTS
+        shutil.copy2(src, Path(dest) / LORA_WEIGHTS)
+        with safe_open(str(src), framework="pt") as f:
+            meta = f.metadata() or {}
+        adapter = json.loads(meta.get("lora_adapter_metadata", "{}"))
+        alphas = {c: adapter.get(f"{c}.lora_alpha") for c in ("unet", "text_encoder") if f"{c}.lora_alpha" in adapter}
+        kohya = kohya_state_dict(load_file(str(src)), alphas)
+        single = f"{name}-lora.safetensors"
+        atomic_save_safetensors(kohya, Path(dest) / single, {
+            "format": "pt", "sdsweep": meta.get("sdsweep", "{}"), "ss_network_module": "networks.lora",
+            "sdsweep_best": json.dumps(provenance, sort_keys=True, default=str)})
+        return [LORA_WEIGHTS, single]
 
     def restore_base_model(self) -> None:
         """Unwrap every peft layer and drop the adapter registry, so the UNet and text encoder are

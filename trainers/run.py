@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from trainers import TRAINERS, get_trainer_class
+from trainers import get_trainer_class
 from trainers.base import StepStats, Trainer
 from trainers.config import RunConfig
 from trainers.data import DataConfig, ImageRecord, preflight, split_validation
@@ -92,10 +92,8 @@ def _cache_root(cfg: RunConfig) -> Path | None:
 
 def make_trainer(cfg: RunConfig, model, data: CachedDataset, validation: CachedDataset | None = None) -> Trainer:
     """Instantiate the configured method's trainer with its own settings section."""
-    cls = get_trainer_class(cfg.method)
-    section = TRAINERS[cfg.method][2]
-    return cls(model, data, cfg.train, getattr(cfg, section), output_dir=cfg.output_dir,
-               validation_data=validation)
+    return get_trainer_class(cfg.method)(model, data, cfg.train, cfg.settings, output_dir=cfg.output_dir,
+                                         validation_data=validation)
 
 
 def train_from_config(
@@ -107,7 +105,7 @@ def train_from_config(
     m = cfg.model
     model = load_base_model(m.source, allow_pickle=m.allow_pickle,
                             single_file_config=m.single_file_config, revision=m.revision)
-    cache_text = not (cfg.method == "lora" and cfg.lora.train_text_encoder)
+    cache_text = get_trainer_class(cfg.method).caches_text(cfg.settings)
     data = prepare_data(cfg, model, cache_text=cache_text)
     out = Path(cfg.output_dir)
     trainer = make_trainer(cfg, model, data, prepare_validation(cfg, model, cache_text=cache_text))
