@@ -78,6 +78,11 @@ class ConceptEmbedding(torch.nn.Module):
         self.base, self.first_id = base, first_id
         self.rows = torch.nn.Parameter(rows)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base matrix, for code that reads an input embedding's device or dtype."""
+        return self.base.weight
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         new = ids >= self.first_id
         out = self.base(torch.where(new, 0, ids))
