@@ -246,6 +246,10 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             msg = e["msg"]
             if "input" in e and not isinstance(e["input"], dict):
                 msg += f" (got {e['input']!r})"
+        if not e["loc"] and e["type"] == "value_error":
+            # A whole-config check; its message starts with the key(s) it is about.
+            lines.append(f"  {msg.removeprefix('Value error, ')}")
+            continue
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
 

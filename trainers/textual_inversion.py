@@ -195,7 +195,7 @@ class TextualInversionTrainer(Trainer):
     def learned_embeds(self) -> torch.Tensor:
         """The trained vectors, ``[vectors_per_token, dim]`` in fp32 on the CPU."""
         assert self._embedding is not None
-        return self._embedding.rows.detach().float().cpu()
+        return self._embedding.rows.detach().float().cpu().clone()  # a copy, also on the CPU
 
     def export_weights(self, directory: Path) -> Path:
         """Write ``learned_embeds.safetensors`` that ``pipeline.load_textual_inversion`` loads."""
