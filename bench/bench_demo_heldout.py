@@ -1,15 +1,17 @@
-"""Does the demo's pick really draw the star? An outside check on colour pairs and seeds the demo
-never uses -- not for training, not for picking, not for its own held-out confirmation.
+"""Does a demo's pick really draw its concept? An outside check on colour pairs and seeds the demos
+never use -- not for training, not for picking, not for their own held-out confirmation.
 
-For the exported best LoRA of a demo run (``RUN_DIR/best`` or ``--lora FILE``) and for the base
-model, generates "a {colour} sks shape on a {background} background" for ``EXTERNAL_PAIRS`` x
-``--seeds`` seeds (64 images by default), with the demo's sampler settings, and lets the toy
-world's checker judge each image (star, colour and background right). Prints both concept rates,
-the gain, and the one-sided Fisher exact p-value of "the pick draws the star more often" (scipy's
-``fisher_exact``), and optionally also the known-shape prompts' prior kept.
+For the exported best checkpoint of a demo run (``RUN_DIR/best``; any method: it is loaded the way
+the evaluator loads it, through its trainer's ``loaded_for_evaluation``) or an export folder
+(``--export DIR --method M``) and for the base model, generates "a {colour} sks shape on a
+{background} background" for ``EXTERNAL_PAIRS`` x ``--seeds`` seeds (64 images by default), with the
+demos' sampler settings, and lets the toy world's checker judge each image (the concept -- the
+run's ``evaluation.images.concept``, or ``--concept`` -- colour and background right). Prints both
+concept rates, the gain, and the one-sided Fisher exact p-value of "the pick draws the concept more
+often" (scipy's ``fisher_exact``), and the known-shape prompts' prior kept.
 
     python bench/bench_demo_heldout.py runs/demo-20261201-220000          # uses RUN_DIR/best
-    python bench/bench_demo_heldout.py --lora my-lora/pytorch_lora_weights.safetensors
+    python bench/bench_demo_heldout.py --export my-lora/ --method lora --concept star
 """
 
 from __future__ import annotations
@@ -31,29 +33,34 @@ quiet_libraries()
 import torch  # noqa: E402
 from scipy.stats import fisher_exact  # noqa: E402
 
+from trainers import get_trainer_class  # noqa: E402
 from trainers.evaluate import EvalSettings, generate  # noqa: E402
-from trainers.lora import LoraTrainer  # noqa: E402
 from trainers.metrics import get_metric  # noqa: E402
 from trainers.models import load_base_model  # noqa: E402
 from trainers.toyworld.concept import TOKEN, star_triples  # noqa: E402
 
-# Colour pairs used nowhere else: not in builtin:toystar's 8 training captions, not in the demo's
-# evaluation prompts (picking), not in its evaluation.confirm prompts (held-out confirmation).
+# Colour pairs used nowhere else: not in the 8 training captions of builtin:toystar and
+# builtin:toytriangle (the same pairs), not in the demos' evaluation prompts (picking), not in their
+# evaluation.confirm prompts (held-out confirmation).
 EXTERNAL_PAIRS = (("blue", "green"), ("black", "yellow"), ("red", "white"), ("white", "blue"),
                   ("yellow", "red"), ("green", "black"), ("blue", "black"), ("red", "yellow"))
 KNOWN = ("a blue circle on a red background", "a yellow square on a green background",
          "a white triangle on a black background", "a black cross on a white background")
 
 
+DEMOS = ("demo.yaml", "demo-ti.yaml")
+
+
 def prompts() -> list[str]:
-    """The concept prompts of the external pairs, checked disjoint from the demo's other prompts."""
+    """The concept prompts of the external pairs, checked disjoint from the demos' other prompts."""
     from sweeps.config import load_sweep
 
-    demo = load_sweep(REPO / "sweeps" / "configs" / "demo.yaml")
     used = {(c, b) for _, c, b in star_triples()}
-    ev = demo.evaluation
-    assert ev.images is not None
-    texts = list(ev.images.generation.prompts) + list((ev.confirm.prompts if ev.confirm else None) or [])
+    texts: list[str] = []
+    for name in DEMOS:
+        ev = load_sweep(REPO / "sweeps" / "configs" / name).evaluation
+        assert ev.images is not None
+        texts += list(ev.images.generation.prompts) + list((ev.confirm.prompts if ev.confirm else None) or [])
     for text in texts:
         words = text.split()
         if "{token}" in words:
@@ -63,17 +70,19 @@ def prompts() -> list[str]:
     return [f"a {c} {{token}} on a {b} background" for c, b in EXTERNAL_PAIRS]
 
 
-def judge(model: Any, lora: Path | None, seeds: list[int]) -> dict[str, Any]:
-    """Concept rate (and prior kept) of ``model`` (+ ``lora``) on the external prompts."""
+def judge(model: Any, export: Path | None, method: str | None, seeds: list[int], concept: str) -> dict[str, Any]:
+    """Concept rate (and prior kept) of ``model`` (+ the ``method`` export in folder ``export``) on
+    the external prompts."""
     settings = EvalSettings(prompts=(*prompts(), *KNOWN), seeds=tuple(seeds), sampler="ddim", steps=25,
                             guidance_scale=5.0, resolution=32, token=TOKEN)
-    loaded = LoraTrainer.loaded_for_evaluation(model, lora.parent) if lora else nullcontext()
-    with loaded, torch.no_grad():
-        images = generate(model, settings)
+    loaded = (get_trainer_class(method).loaded_for_evaluation(model, export) if export and method
+              else nullcontext(model))
+    with loaded as sampled, torch.no_grad():
+        images = generate(sampled, settings)
     pils, texts = [g.image for g in images], [g.prompt for g in images]
     out: dict[str, Any] = {}
     for name in ("concept_rate", "prior_kept"):
-        metric = get_metric(name, checker="builtin:toyworld", token=TOKEN, concept="star")
+        metric = get_metric(name, checker="builtin:toyworld", token=TOKEN, concept=concept)
         r = metric.score(pils, texts, None)
         judged = [v for v in r.per_item if v is not None]
         out[name] = {"rate": r.value, "right": int(sum(judged)), "images": len(judged)}
@@ -83,28 +92,39 @@ def judge(model: Any, lora: Path | None, seeds: list[int]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", nargs="?", help="a demo run directory (its best/ export is judged)")
-    parser.add_argument("--lora", help="a pytorch_lora_weights.safetensors to judge instead")
+    parser.add_argument("--export", help="an export folder to judge instead (with --method)")
+    parser.add_argument("--method", help="the export's training method (default: from RUN_DIR/best/best.json)")
+    parser.add_argument("--concept", help="what the token means (default: the run's evaluation concept)")
     parser.add_argument("--seeds", type=int, default=8, help="seeds per colour pair (default 8: 64 images)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
-    lora = Path(args.lora) if args.lora else Path(args.run_dir) / "best" / "pytorch_lora_weights.safetensors"
-    if not lora.is_file():
-        parser.error(f"{lora}: no exported LoRA (run the demo, or pass --lora)")
+    if not (args.export or args.run_dir):
+        parser.error("give a run directory or --export DIR --method M")
+    export = Path(args.export) if args.export else Path(args.run_dir) / "best"
+    best_file = export / "best.json"
+    best = json.loads(best_file.read_text()) if best_file.is_file() else {}
+    method = args.method or best.get("method")
+    if not method:
+        parser.error(f"{export}: no best.json naming the method; pass --method")
+    concept = args.concept
+    if concept is None and args.run_dir:
+        from sweeps.results import read_state
+        concept = (read_state(Path(args.run_dir))["config"]["evaluation"].get("images") or {}).get("concept")
+    concept = concept or "star"
     torch.set_num_threads(2)
     seeds = list(range(5000, 5000 + args.seeds))
     model = load_base_model("builtin:toyworld")
-    base, pick = judge(model, None, seeds), judge(model, lora, seeds)
+    base, pick = judge(model, None, None, seeds, concept), judge(model, export, method, seeds, concept)
     b, p = base["concept_rate"], pick["concept_rate"]
     table = [[p["right"], p["images"] - p["right"]], [b["right"], b["images"] - b["right"]]]
     _, pvalue = fisher_exact(table, alternative="greater")
-    result = {"lora": str(lora), "pairs": EXTERNAL_PAIRS, "seeds": seeds, "base": base, "pick": pick,
-              "concept_gain": p["rate"] - b["rate"], "fisher_p_one_sided": float(pvalue)}
-    if args.run_dir and (Path(args.run_dir) / "best" / "best.json").is_file():
-        best = json.loads((Path(args.run_dir) / "best" / "best.json").read_text())
+    result = {"export": str(export), "method": method, "concept": concept, "pairs": EXTERNAL_PAIRS, "seeds": seeds,
+              "base": base, "pick": pick, "concept_gain": p["rate"] - b["rate"], "fisher_p_one_sided": float(pvalue)}
+    if best:
         result["picked"] = {"trial": best["trial_id"], "step": best["metric"]["step"],
                             "hyperparameters": best["hyperparameters"], "sweep_scores": best["image_scores"],
                             "heldout": (best.get("heldout") or {}).get("scores")}
-    print(f"external check, {p['images']} concept images each ({len(EXTERNAL_PAIRS)} unseen colour pairs x "
+    print(f"external check of a {method} export, concept {concept!r}, {p['images']} concept images each ({len(EXTERNAL_PAIRS)} unseen colour pairs x "
           f"{len(seeds)} seeds {seeds[0]}..{seeds[-1]}):")
     print(f"  pick: concept_rate {p['rate']:.3f} ({p['right']}/{p['images']}), prior_kept "
           f"{pick['prior_kept']['rate']:.3f}")

@@ -54,6 +54,7 @@ CONVERTIBLE_MODES = frozenset(
     {"CMYK", "P", "PA", "RGBA", "RGBa", "LA", "I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 )
 TOYSTAR_NAME = "toystar-v1"  # the toy world's star (trainers/toyworld/concept.py)
+TOYTRIANGLE_NAME = "toytriangle-v1"  # a drawable toy-world shape under the token's name
 DEMO_NAME = "demo-v1"  # bump when the demo drawing changes, so old materialized copies are not reused
 _EXIF_ORIENTATION = 0x0112
 
@@ -143,9 +144,10 @@ class ImageRecord:
 def _builtin_datasets() -> dict[str, tuple[str, Callable[[Path], Any]]]:
     """``{name: (cache folder, writer)}`` of the built-in datasets (imported on use)."""
     from trainers.demo_data import write_demo_dataset
-    from trainers.toyworld.concept import write_star_dataset
+    from trainers.toyworld.concept import write_star_dataset, write_triangle_dataset
 
-    return {"builtin:demo": (DEMO_NAME, write_demo_dataset), "builtin:toystar": (TOYSTAR_NAME, write_star_dataset)}
+    return {"builtin:demo": (DEMO_NAME, write_demo_dataset), "builtin:toystar": (TOYSTAR_NAME, write_star_dataset),
+            "builtin:toytriangle": (TOYTRIANGLE_NAME, write_triangle_dataset)}
 
 
 def resolve_data_path(path: str) -> Path:
