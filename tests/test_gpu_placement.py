@@ -5,6 +5,8 @@ What only a GPU can show is in bench/gpu_smoke.py."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -142,7 +144,7 @@ def test_the_baseline_is_sampled_with_the_trials_precision_and_autocast(tiny_mod
     # A trial's evaluation: its trainer has run_placement's device and dtype (test above).
     where = devices.run_placement(cfg.base.train.device, cfg.base.train.mixed_precision)
     fake = SimpleNamespace(model=tiny_model, device=where.device, weight_dtype=where.weight_dtype,
-                           prepare_for_sampling=lambda: None, prediction_type="epsilon")
+                           evaluation_model=lambda: nullcontext(tiny_model), prediction_type="epsilon")
     with pytest.raises(_Stop):
         trial.evaluate_images(trial.worker_evaluator(cfg, where.device), fake, Path("unused"), {})
     baseline, trial_eval = seen

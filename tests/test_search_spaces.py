@@ -279,8 +279,8 @@ def test_bad_top_level_is_an_error(doc: dict[str, Any], needle: str) -> None:
 
 
 def test_unknown_method_name_lists_the_available_space_files() -> None:
-    with pytest.raises(SearchSpaceError, match=r"'dreambooth'.*available: \['lora'\]"):
-        load_space("dreambooth")
+    with pytest.raises(SearchSpaceError, match=r"'no_such_method'.*available: \['lora', 'textual_inversion'\]"):
+        load_space("no_such_method")
 
 
 def test_missing_space_file_and_bad_yaml_are_named(tmp_path: Path) -> None:

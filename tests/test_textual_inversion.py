@@ -186,3 +186,20 @@ def test_run_config_selects_the_method_section_and_takes_the_placeholder_from_to
     with pytest.raises(ConfigError, match="textual_inversion.vectors_per_token"):
         validate_mapping(_run(method="textual_inversion", token=TOKEN, textual_inversion={"vectors_per_token": 0}),
                          RunConfig, "run.yaml")
+
+
+def test_a_single_run_trains_textual_inversion_without_caching_text(tmp_path):
+    from trainers.run import train_from_config
+
+    cfg = validate_mapping(_run(method="textual_inversion", token=TOKEN, output_dir=str(tmp_path / "out"),
+                                cache_dir=str(tmp_path / "cache"),
+                                train={"max_train_steps": 4, "train_batch_size": 2, "checkpointing_steps": 2}),
+                           RunConfig, "run.yaml")
+    result = train_from_config(cfg)
+    assert result.weights.name == WEIGHTS and result.final_step == 4
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["method"] == "textual_inversion"
+    assert run["cache"]["texts_encoded"] == 0 and run["cache"]["images_encoded"] == 8  # the trainer said: no text
+    resumed = train_from_config(cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_train_steps": 6})}),
+                                resume="latest")
+    assert resumed.resumed_from is not None and resumed.resumed_from.name == "checkpoint-4" and resumed.final_step == 6

@@ -17,6 +17,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from conftest import model_digest
+from search_spaces import available_spaces, load_space
 from trainers import TRAINERS, get_trainer_class
 from trainers.base import NonFiniteLossError
 from trainers.config import METHOD_SECTIONS, RunConfig
@@ -80,6 +81,9 @@ def _fixed_loss(trainer, micro_steps=range(10_000, 10_006)) -> float:
 def test_every_registered_method_is_covered_here_and_has_a_settings_section():
     assert set(METHODS) == set(TRAINERS), "add the new method's settings and user loader to METHODS"
     assert {m: s for m, (_, _, s) in TRAINERS.items()} == METHOD_SECTIONS
+    assert set(TRAINERS) <= set(available_spaces()), "ship search_spaces/<method>.yaml for every method"
+    for method in TRAINERS:
+        assert load_space(method).method == method
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
