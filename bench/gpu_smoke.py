@@ -3,13 +3,17 @@
 CI has no GPU (DESIGN.md "On a GPU"), so the code paths only a GPU exercises are checked here,
 whenever a GPU machine is lent:
 
-    python bench/gpu_smoke.py                 # CUDA: 2 trials of the toy world (builtin:toyworld)
+    python bench/gpu_smoke.py                 # CUDA: 2 trials of the toy world per method
+    python bench/gpu_smoke.py --method textual_inversion     # one method only
     python bench/gpu_smoke.py --cpu-dry-run   # no Ray, no GPU: the same checks, expecting cpu/fp32
     python bench/gpu_smoke.py --sweep-on-cpu  # the Ray sweep on the CPU (checks this script's wiring)
 
-Inside each trial (by wrapping ``sweeps.trial.make_trainer`` and ``evaluate_images`` in the
-worker) it asserts: the trainer's device is the GPU; LoRA parameters are fp32 and every frozen
-UNet / VAE / text-encoder weight is in the weight dtype (bf16, or fp16 without bf16) on it; the
+Each method runs its toy-world demo (LoRA: sweeps/configs/demo.yaml, textual inversion:
+demo-ti.yaml), shortened. Inside each trial (by wrapping ``sweeps.trial.make_trainer`` and
+``evaluate_images`` in the worker) it asserts: the trainer's device is the GPU; trainable
+parameters (LoRA adapters, new embedding rows) are fp32 and every frozen UNet / VAE weight is in
+the weight dtype (bf16, or fp16 without bf16) on it, the text encoder in the method's
+``text_encoder_dtype`` (the weight dtype for LoRA, fp32 for textual inversion); the
 UNet, VAE decoder and text encoder compute in the autocast dtype while sampling and the UNet
 while training; every scoring model (CLIP, DINO-style backbone, checker) has fp32 weights on the
 trial's GPU, computes there in fp32, and no scoring model sits on another device; the reference
@@ -57,12 +61,16 @@ class Expect:
         return self.autocast or self.weight_dtype
 
 
-def smoke_sweep(storage: Path, gpu: float, steps: int, device: str | None = None) -> dict[str, Any]:
-    """The sweep: the toy-world demo (CLIP, checker) plus DINO, 2 trials, short, no W&B;
+DEMOS = {"lora": "demo.yaml", "textual_inversion": "demo-ti.yaml"}  # method -> its toy-world demo
+
+
+def smoke_sweep(storage: Path, gpu: float, steps: int, device: str | None = None,
+                method: str = "lora") -> dict[str, Any]:
+    """The sweep: the method's toy-world demo (CLIP, checker) plus DINO, 2 trials, short, no W&B;
     ``device`` pins ``train.device`` (the CPU modes), else trials use their GPU."""
     import yaml
 
-    raw = yaml.safe_load((REPO / "sweeps" / "configs" / "demo.yaml").read_text())
+    raw = yaml.safe_load((REPO / "sweeps" / "configs" / DEMOS[method]).read_text())
     raw.update(name="gpu-smoke", storage_path=str(storage), checkpoints_to_keep=1,
                resources={"cpu": 2, "gpu": gpu}, tracking={"wandb": False}, scheduler={"type": "none"})
     raw["base"]["train"].update(max_train_steps=steps, lr_warmup_steps=min(10, steps), mixed_precision="auto",
@@ -143,6 +151,8 @@ def check_setup(trainer: Any, expect: Expect) -> None:
     _require(trainer.device.type == expect.device_type, f"trainer device {trainer.device}, expected {expect.device_type}")
     _require(trainer.weight_dtype == expect.weight_dtype, f"weight dtype {trainer.weight_dtype}, expected {expect.weight_dtype}")
     _check_weights("unet", trainer.model.unet, trainer.device, trainer.weight_dtype)
+    if trainer.trains_text_encoder:  # else it is not placed until sampling
+        _check_weights("text_encoder", trainer.model.text_encoder, trainer.device, trainer.text_encoder_dtype)
     _require(all(p.dtype == torch.float32 for p in trainer.trainable), "a trainable parameter is not fp32")
     probe = _state().setdefault("probe", Probe())
     probe.phase = "train"
@@ -184,7 +194,8 @@ def checked_evaluation(original: Any, evaluator: Any, trainer: Any, expect: Expe
     result = original(evaluator, trainer, *args)
     m = trainer.model
     for name in ("unet", "vae", "text_encoder"):
-        _check_weights(name, getattr(m, name), dev, trainer.weight_dtype)
+        _check_weights(name, getattr(m, name), dev, trainer.text_encoder_dtype if name == "text_encoder"
+                       else trainer.weight_dtype)
     for name in ("unet", "vae.decoder", "text_encoder"):
         probe.check("sample", name, dev, expect.compute_dtype)
     for name, model in _scorers(evaluator).items():
@@ -250,13 +261,15 @@ def make_smoke_trial(expect: Expect) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_sweep_smoke(expect: Expect, gpu: float, steps: int, device: str | None = None) -> int:
-    """The 2-trial Ray sweep with the checks; prints throughput; returns the exit status."""
+def run_sweep_smoke(expect: Expect, gpu: float, steps: int, device: str | None = None, method: str = "lora") -> int:
+    """The 2-trial Ray sweep of ``method`` with the checks; prints throughput; returns the exit status."""
     from sweeps import driver
     from sweeps.config import SweepConfig
 
+    _state().clear()  # a second method's sweep in this process checks its own references
+    print(f"--- {method}")
     with tempfile.TemporaryDirectory(prefix="sdsweep-gpu-smoke-") as tmp:
-        cfg = SweepConfig.model_validate(smoke_sweep(Path(tmp), gpu, steps, device))
+        cfg = SweepConfig.model_validate(smoke_sweep(Path(tmp), gpu, steps, device, method))
         driver.run_trial = make_smoke_trial(expect)  # what driver._trainable hands to Tune
         t0 = time.perf_counter()
         run = driver.run_sweep(cfg, run_dir=Path(tmp) / "run")
@@ -285,7 +298,7 @@ def run_sweep_smoke(expect: Expect, gpu: float, steps: int, device: str | None =
     return _verdict(failures)
 
 
-def cpu_dry_run(steps: int = 2) -> int:
+def cpu_dry_run(steps: int = 2, method: str = "lora") -> int:
     """The same checks in-process on the CPU (no Ray): cache build, baseline, one short trial."""
     from sweeps import driver, trial
     from sweeps.config import SweepConfig, trial_run_config
@@ -296,7 +309,7 @@ def cpu_dry_run(steps: int = 2) -> int:
     failures: list[str] = []
     _state().clear()  # in-process: nothing from an earlier run counts
     with tempfile.TemporaryDirectory(prefix="sdsweep-gpu-smoke-") as tmp:
-        cfg = SweepConfig.model_validate(smoke_sweep(Path(tmp), 0, 20, device="cpu"))
+        cfg = SweepConfig.model_validate(smoke_sweep(Path(tmp), 0, 20, device="cpu", method=method))
         model = load_base_model(cfg.base.model.source)
         data = prepare_data(cfg.base, model, cache_text=True)
         state = {"cache_builds": [dict(data.report.__dict__)], "baseline": driver._score_baseline(cfg, model)}
@@ -332,14 +345,18 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--sweep-on-cpu", action="store_true", help="the Ray sweep on the CPU, expecting cpu/fp32")
     ap.add_argument("--steps", type=int, default=40, help="training steps per trial (evaluated twice)")
     ap.add_argument("--gpu-per-trial", type=float, default=1.0, help="resources.gpu (0.5: both trials on one GPU)")
+    ap.add_argument("--method", choices=sorted(DEMOS), action="append",
+                    help="the method(s) to smoke (default: every one, one sweep each)")
     args = ap.parse_args(argv)
+    methods = args.method or sorted(DEMOS)
     from sweeps.cli import quiet_libraries
 
     quiet_libraries()
     if args.cpu_dry_run:
-        return cpu_dry_run()
+        return max(cpu_dry_run(method=m) for m in methods)
     if args.sweep_on_cpu:
-        return run_sweep_smoke(Expect("cpu", torch.float32, None), 0, args.steps, device="cpu")
+        return max(run_sweep_smoke(Expect("cpu", torch.float32, None), 0, args.steps, device="cpu", method=m)
+                   for m in methods)
     if not torch.cuda.is_available():
         print(f"gpu_smoke: no CUDA device (torch {torch.__version__}, CUDA build: {torch.version.cuda}); "
               "this smoke test needs a GPU. Use --cpu-dry-run to check its logic on the CPU.", file=sys.stderr)
@@ -348,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
 
     where = run_placement(None, "auto")  # what the trials' trainers will resolve on this GPU
     print(f"gpu_smoke on {torch.cuda.get_device_name(0)}: expecting {where}")
-    return run_sweep_smoke(Expect("cuda", where.weight_dtype, where.autocast_dtype), args.gpu_per_trial, args.steps)
+    expect = Expect("cuda", where.weight_dtype, where.autocast_dtype)
+    return max(run_sweep_smoke(expect, args.gpu_per_trial, args.steps, method=m) for m in methods)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ def test_without_cuda_the_smoke_exits_2_saying_it_needs_a_gpu(smoke, monkeypatch
     assert "no CUDA device" in capsys.readouterr().err
 
 
-def test_the_cpu_dry_run_passes_its_checks(smoke, monkeypatch) -> None:
+@pytest.mark.parametrize("method", ["lora", "textual_inversion"])
+def test_the_cpu_dry_run_passes_its_checks(smoke, monkeypatch, method) -> None:
     from trainers import metrics
 
     full = smoke.smoke_sweep
@@ -43,7 +44,7 @@ def test_the_cpu_dry_run_passes_its_checks(smoke, monkeypatch) -> None:
 
     monkeypatch.setattr(smoke, "smoke_sweep", small)
     try:
-        assert smoke.cpu_dry_run(steps=1) == 0
+        assert smoke.cpu_dry_run(steps=1, method=method) == 0
     finally:
         metrics.clear_clip_cache()  # the scorers carry the probe's hooks
 
