@@ -32,6 +32,7 @@ from sweeps.config import SweepConfig, trial_run_config
 from trainers import devices
 from sweeps.constants import ERROR_FILE, QUIET_ENV
 from trainers.evaluate import GRID_FILE, Evaluator, load_references, write_samples
+from trainers.base import STATE_JSON, STATE_TENSORS
 from trainers.latents import CachedDataset
 from trainers.models import BaseModel, load_base_model
 from trainers.run import make_trainer
@@ -42,6 +43,7 @@ from trainers.run import make_trainer
 _MODELS: dict[tuple[Any, ...], BaseModel] = {}
 _EVALUATORS: dict[str, Evaluator] = {}
 SAMPLES_DIR = "samples"  # <trial dir>/samples/step-000040/{00.png, grid.png, scores.json}
+RESUME_STATE = {STATE_JSON, STATE_TENSORS}  # a checkpoint's files that are not the method's deliverable
 
 
 def worker_model(spec: Any, precision: str = "no") -> tuple[BaseModel, bool]:
@@ -280,6 +282,9 @@ def _train_and_report(trainer: Any, cfg: SweepConfig, evaluator: Evaluator | Non
             first = False
         with tempfile.TemporaryDirectory(prefix="sdsweep-ckpt-") as tmp:
             trainer.save_checkpoint(tmp)
+            # What the method ships (its weight files; not the resume state): budgets compare by it.
+            metrics["artifact_bytes"] = sum(f.stat().st_size for f in Path(tmp).iterdir()
+                                            if f.is_file() and f.name not in RESUME_STATE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
