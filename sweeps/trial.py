@@ -32,7 +32,7 @@ from sweeps.config import SweepConfig, trial_run_config
 from trainers import devices
 from sweeps.constants import ERROR_FILE, QUIET_ENV
 from trainers.evaluate import GRID_FILE, Evaluator, load_references, write_samples
-from trainers.base import STATE_JSON, STATE_TENSORS
+from trainers.checkpoints import STATE_JSON, STATE_TENSORS
 from trainers.latents import CachedDataset
 from trainers.models import BaseModel, load_base_model
 from trainers.run import make_trainer

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import trainers.base as base
+import trainers.checkpoints as checkpoints
 from trainers.config import LoraSettings, TrainConfig
 from trainers.data import DataConfig, preflight
 from trainers.latents import build_latent_cache
@@ -35,7 +35,7 @@ def test_an_interrupted_checkpoint_save_leaves_no_checkpoint_dir(trainer, monkey
     def disk_full(path: Path, text: str) -> None:  # the last file of a checkpoint fails to write
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(base, "atomic_write_text", disk_full)
+    monkeypatch.setattr(checkpoints, "atomic_write_text", disk_full)  # the resume state, written last
     with pytest.raises(OSError, match="No space"):
         trainer.train(until_step=4)  # saving checkpoint-4 fails after its weights were written
     monkeypatch.undo()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,15 +28,13 @@ import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, compute_snr
-from safetensors.torch import load_file
 
 from trainers.config import TrainConfig
 from trainers.devices import make_accelerator, place, resolve_mixed_precision, run_placement  # noqa: F401 (re-exported)
+from trainers.checkpoints import read_trainer_state, write_trainer_state
 from trainers.latents import CachedDataset, tokenize
-from trainers.tensor_files import atomic_directory, atomic_save_safetensors, atomic_write_text
+from trainers.tensor_files import atomic_directory
 
-STATE_TENSORS = "trainer_state.safetensors"
-STATE_JSON = "trainer_state.json"
 # Large odd multipliers keep the (seed, counter) -> generator-seed map collision-free in practice.
 _STEP_MIX, _EPOCH_MIX = 1_000_003, 7_919
 
@@ -430,44 +427,8 @@ class Trainer(abc.ABC):
 
     def _write_checkpoint(self, directory: Path) -> None:
         self.export_weights(directory)
-        opt = self.optimizer.state_dict()
-        tensors = {f"param.{n}": p.detach() for n, p in self.named_trainable.items()}
-        slots: dict[str, list[str]] = {}
-        for idx, st in opt["state"].items():
-            slots[str(idx)] = sorted(st)
-            for name, value in st.items():
-                tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value)
-        meta = {"producer": f"sdsweep.trainers.{self.method}", "step": str(self.global_step)}
-        atomic_save_safetensors(tensors, directory / STATE_TENSORS, meta)
-        scaler = self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None
-        state = {"step": self.global_step, "method": self.method, "param_groups": opt["param_groups"],
-                 "optimizer_slots": slots, "lr_scheduler": self.lr_scheduler.state_dict(),
-                 "grad_scaler": scaler, "config": self.cfg.model_dump(mode="json"),
-                 "dataset_key": self.data.key, "base_model": self.model.identity}
-        atomic_write_text(directory / STATE_JSON, json.dumps(state, indent=1, default=str))
+        write_trainer_state(self, directory)
 
     def load_checkpoint(self, directory: str | Path) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint` of the same method and setup."""
-        directory = Path(directory)
-        for f in (STATE_JSON, STATE_TENSORS):
-            if not (directory / f).is_file():
-                raise FileNotFoundError(f"{directory / f}: missing; not a complete sdsweep checkpoint")
-        state = json.loads((directory / STATE_JSON).read_text())
-        if state["method"] != self.method:
-            raise ValueError(f"{directory}: checkpoint of method {state['method']!r}, not {self.method!r}")
-        tensors = load_file(str(directory / STATE_TENSORS))
-        with torch.no_grad():
-            for name, p in self.named_trainable.items():
-                key = f"param.{name}"
-                if key not in tensors or tensors[key].shape != p.shape:
-                    raise ValueError(f"{directory}: {key} is missing or has another shape; "
-                                     "the checkpoint was made with different settings")
-                p.copy_(tensors[key])
-        opt_state = {int(i): {n: tensors[f"optim.{i}.{n}"].to(self.device) if n != "step"
-                              else tensors[f"optim.{i}.{n}"] for n in names}
-                     for i, names in state["optimizer_slots"].items()}
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if state.get("grad_scaler") and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(state["grad_scaler"])
-        self.global_step = int(state["step"])
+        read_trainer_state(self, Path(directory))

@@ -1,0 +1,67 @@
+"""A trainer's resume state: exact trainable tensors, AdamW state, LR schedule, grad scaler, step.
+
+Written beside the method's exported weights in every ``checkpoint-N`` (``Trainer.save_checkpoint``)
+and read back by ``Trainer.load_checkpoint``; with the step-seeded randomness of the training loop
+(trainers/base.py) this is all a bit-exact resume needs. Tensors go to one safetensors file,
+everything else to JSON; both are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from trainers.tensor_files import atomic_save_safetensors, atomic_write_text
+
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+
+
+def write_trainer_state(trainer: Any, directory: Path) -> None:
+    """Write ``trainer``'s resume state into ``directory``."""
+    opt = trainer.optimizer.state_dict()
+    tensors = {f"param.{n}": p.detach() for n, p in trainer.named_trainable.items()}
+    slots: dict[str, list[str]] = {}
+    for idx, st in opt["state"].items():
+        slots[str(idx)] = sorted(st)
+        for name, value in st.items():
+            tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value)
+    meta = {"producer": f"sdsweep.trainers.{trainer.method}", "step": str(trainer.global_step)}
+    atomic_save_safetensors(tensors, directory / STATE_TENSORS, meta)
+    scaler = trainer.accelerator.scaler.state_dict() if trainer.accelerator.scaler is not None else None
+    state = {"step": trainer.global_step, "method": trainer.method, "param_groups": opt["param_groups"],
+             "optimizer_slots": slots, "lr_scheduler": trainer.lr_scheduler.state_dict(),
+             "grad_scaler": scaler, "config": trainer.cfg.model_dump(mode="json"),
+             "dataset_key": trainer.data.key, "base_model": trainer.model.identity}
+    atomic_write_text(directory / STATE_JSON, json.dumps(state, indent=1, default=str))
+
+
+def read_trainer_state(trainer: Any, directory: Path) -> None:
+    """Restore the state :func:`write_trainer_state` wrote into a trainer of the same method and
+    settings; a missing file, another method or a shape mismatch is an error naming the file."""
+    for f in (STATE_JSON, STATE_TENSORS):
+        if not (directory / f).is_file():
+            raise FileNotFoundError(f"{directory / f}: missing; not a complete sdsweep checkpoint")
+    state = json.loads((directory / STATE_JSON).read_text())
+    if state["method"] != trainer.method:
+        raise ValueError(f"{directory}: checkpoint of method {state['method']!r}, not {trainer.method!r}")
+    tensors = load_file(str(directory / STATE_TENSORS))
+    with torch.no_grad():
+        for name, p in trainer.named_trainable.items():
+            key = f"param.{name}"
+            if key not in tensors or tensors[key].shape != p.shape:
+                raise ValueError(f"{directory}: {key} is missing or has another shape; "
+                                 "the checkpoint was made with different settings")
+            p.copy_(tensors[key])
+    opt_state = {int(i): {n: tensors[f"optim.{i}.{n}"].to(trainer.device) if n != "step"
+                          else tensors[f"optim.{i}.{n}"] for n in names}
+                 for i, names in state["optimizer_slots"].items()}
+    trainer.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if state.get("grad_scaler") and trainer.accelerator.scaler is not None:
+        trainer.accelerator.scaler.load_state_dict(state["grad_scaler"])
+    trainer.global_step = int(state["step"])
