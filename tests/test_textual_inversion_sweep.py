@@ -8,9 +8,6 @@ The shipped sweeps/configs/demo-ti.yaml as the README runs it (W&B off). Slow (~
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +16,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
+from conftest import run_shipped_sweep
 from trainers.toyworld import weights_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -30,15 +28,7 @@ DEMO = REPO / "sweeps" / "configs" / "demo-ti.yaml"
 @pytest.fixture(scope="module")
 def ti_run(tmp_path_factory: pytest.TempPathFactory, sdsweep_cache: Path) -> tuple[Path, str]:
     run_dir = tmp_path_factory.mktemp("ti-demo") / "run"
-    env = dict(os.environ)
-    env.pop("WANDB_API_KEY", None)
-    env.update(OMP_NUM_THREADS="1", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", PYTHONUNBUFFERED="1",
-               SDSWEEP_CACHE=str(sdsweep_cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cmd = [sys.executable, "-m", "sweeps.cli", "run", str(DEMO), "--run-dir", str(run_dir),
-           "--set", "tracking.wandb=false", "--export", str(run_dir.parent / "best")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=1700)
-    assert proc.returncode == 0, f"demo-ti failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return run_dir, proc.stdout
+    return run_dir, run_shipped_sweep(DEMO, run_dir, sdsweep_cache)
 
 
 def test_every_trial_is_textual_inversion_and_vectors_per_token_is_searched(ti_run):

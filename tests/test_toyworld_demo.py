@@ -7,13 +7,12 @@ The shipped sweeps/configs/demo.yaml as the README runs it (W&B off). Slow (~4 m
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_shipped_sweep
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -24,17 +23,9 @@ DEMO = REPO / "sweeps" / "configs" / "demo.yaml"
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory, sdsweep_cache: Path) -> tuple[Path, str]:
     run_dir = tmp_path_factory.mktemp("toyworld-demo") / "run"
-    env = dict(os.environ)
-    env.pop("WANDB_API_KEY", None)
-    env.update(OMP_NUM_THREADS="1", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", PYTHONUNBUFFERED="1",
-               SDSWEEP_CACHE=str(sdsweep_cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     # The shipped demo, unshortened (8 trials x 600 steps, ~3 min on 2 cores): a shortened one
     # (2 trials x 300 steps) picked a checkpoint whose held-out gain was 0.06, within noise.
-    cmd = [sys.executable, "-m", "sweeps.cli", "run", str(DEMO), "--run-dir", str(run_dir),
-           "--set", "tracking.wandb=false", "--export", str(run_dir.parent / "best")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=1700)
-    assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return run_dir, proc.stdout
+    return run_dir, run_shipped_sweep(DEMO, run_dir, sdsweep_cache)
 
 
 def test_leaderboard_shows_clip_scores_beside_ground_truth_and_the_baseline(demo_run):
