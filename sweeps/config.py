@@ -253,7 +253,9 @@ def apply_hyperparameters(base: dict[str, Any], params: dict[str, Any]) -> dict[
         parts = key.split(".")
         node = out
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:  # absent, or a section dumped as null (another method's)
+                node[p] = {}
+            node = node[p]
         node[parts[-1]] = value
     return out
 

@@ -279,7 +279,7 @@ def test_bad_top_level_is_an_error(doc: dict[str, Any], needle: str) -> None:
 
 
 def test_unknown_method_name_lists_the_available_space_files() -> None:
-    with pytest.raises(SearchSpaceError, match=r"'no_such_method'.*available: \['lora', 'textual_inversion'\]"):
+    with pytest.raises(SearchSpaceError, match=r"'no_such_method'.*available: \['dreambooth', 'lora', 'textual_inversion'\]"):
         load_space("no_such_method")
 
 

@@ -55,7 +55,7 @@ def test_the_tiny_demo_sweep_validates():
         "lora.rnak": {"type": "categorical", "choices": [4, 8], "default": 4}}}]), ["lora.rnak"]),
     (lambda c: c["search"].update(spaces=[{"method": "lora", "params": {
         "train.learning_rate": {"type": "float", "low": 1.0, "high": 0.1}}}]), ["train.learning_rate", "low"]),
-    (lambda c: c["search"].update(spaces=["dreambooth"]), ["dreambooth", "available"]),
+    (lambda c: c["search"].update(spaces=["no_such_method"]), ["no_such_method", "available"]),
 ])
 def test_bad_sweep_file_is_rejected_before_any_work_naming_the_key(tmp_path, mutate, words):
     path = _write(tmp_path, mutate)

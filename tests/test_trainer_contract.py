@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from conftest import model_digest
 from search_spaces import available_spaces, load_space
@@ -43,10 +43,15 @@ def _load_ti(pipe: StableDiffusionPipeline, export: Path) -> None:
     pipe.load_textual_inversion(str(export / "learned_embeds.safetensors"))
 
 
+def _load_dreambooth(pipe: StableDiffusionPipeline, export: Path) -> None:
+    pipe.unet = UNet2DConditionModel.from_pretrained(str(export / "unet"))
+
+
 # method -> (settings section, training overrides, how a user loads the export into a pipeline)
 METHODS: dict[str, tuple[dict[str, Any], dict[str, Any], Callable[[StableDiffusionPipeline, Path], None]]] = {
     "lora": ({"rank": 4, "alpha": 8, "dropout": 0.1}, {"learning_rate": 3e-3}, _load_lora),
     "textual_inversion": ({"vectors_per_token": 2, "initializer": "shape"}, {"learning_rate": 5e-2}, _load_ti),
+    "dreambooth": ({}, {"learning_rate": 1e-4}, _load_dreambooth),
 }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 TRAINERS: dict[str, tuple[str, str, str]] = {
     "lora": ("trainers.lora", "LoraTrainer", "lora"),
     "textual_inversion": ("trainers.textual_inversion", "TextualInversionTrainer", "textual_inversion"),
+    "dreambooth": ("trainers.dreambooth", "DreamBoothTrainer", "dreambooth"),
 }
 
 

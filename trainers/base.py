@@ -125,6 +125,18 @@ class Trainer(abc.ABC):
         return False
 
     @property
+    def unet_dtype(self) -> torch.dtype:
+        """The dtype the UNet's weights are kept in (default: the weight dtype of frozen modules;
+        a method that trains the UNet's own weights keeps them fp32)."""
+        return self.weight_dtype
+
+    def make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        """The optimizer over ``groups`` (default: torch's AdamW with the ``train`` settings)."""
+        cfg = self.cfg
+        return torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                 weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+
+    @property
     def text_encoder_dtype(self) -> torch.dtype:
         """The dtype the text encoder runs in (default: the weight dtype of frozen modules)."""
         return self.weight_dtype
@@ -147,7 +159,7 @@ class Trainer(abc.ABC):
         m, cfg = self.model, self.cfg
         for module in (m.unet, m.vae, m.text_encoder):
             module.requires_grad_(False)
-        self._place(m.unet)
+        self._place(m.unet, self.unet_dtype)
         if self.trains_text_encoder or self.data.text_embeds is None:
             self._place(m.text_encoder, self.text_encoder_dtype)
         groups = self.configure_trainable()
@@ -163,8 +175,7 @@ class Trainer(abc.ABC):
             m.unet.enable_gradient_checkpointing()
             if self.trains_text_encoder:
                 m.text_encoder.gradient_checkpointing_enable()
-        optimizer = torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+        optimizer = self.make_optimizer(groups)
         self.optimizer = self.accelerator.prepare(optimizer)
         self.lr_scheduler = get_scheduler(cfg.effective_lr_scheduler, optimizer=optimizer,
                                           num_warmup_steps=cfg.lr_warmup_steps,

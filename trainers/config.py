@@ -167,10 +167,23 @@ class TextualInversionSettings(Frozen):
         return v
 
 
+class DreamBoothSettings(Frozen):
+    """DreamBooth: the whole UNet is fine-tuned (optionally the text encoder too).
+
+    Prior preservation on class images and EMA are not built yet (docs/METHODS.md).
+    """
+
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = Field(None, gt=0, le=1.0, description="default: train.learning_rate")
+    # AdamW, or bitsandbytes' 8-bit AdamW (CUDA only, the `bnb` extra): never a silent fallback.
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+
+
 # method -> the RunConfig key of its settings section (the registry in trainers/__init__.py names
 # the same sections; tests/test_trainer_contract.py checks the two agree).
-METHOD_SECTIONS: dict[str, str] = {"lora": "lora", "textual_inversion": "textual_inversion"}
-Method = Literal["lora", "textual_inversion"]
+METHOD_SECTIONS: dict[str, str] = {"lora": "lora", "textual_inversion": "textual_inversion",
+                                    "dreambooth": "dreambooth"}
+Method = Literal["lora", "textual_inversion", "dreambooth"]
 
 
 class RunConfig(Frozen):
@@ -189,6 +202,7 @@ class RunConfig(Frozen):
     train: TrainConfig = TrainConfig()
     lora: LoraSettings | None = None
     textual_inversion: TextualInversionSettings | None = None
+    dreambooth: DreamBoothSettings | None = None
     output_dir: str = "outputs/run"
     cache_dir: str | None = None
 

@@ -1,0 +1,175 @@
+"""DreamBooth: fine-tune the whole UNet (optionally the text encoder) on the instance images.
+
+First slice (issue 11): full fine-tuning on the shared loop, the base model restored for the next
+trial on a reused worker, exports in the diffusers layout and as one original-layout single file.
+Not built yet: prior preservation on class images made once per sweep, EMA, the checkpoint-size
+design (docs/METHODS.md, "DreamBooth").
+
+**Reused workers.** A trial changes every UNet weight of the worker's shared base model, so at
+setup the trained modules' state is copied to the CPU (fp32, before anything changes) and
+``restore_base_model`` copies it back into the same Parameter objects; after a trial that raised
+too (the shared loop calls teardown). Cost per trial: one copy out, one copy back of the trained
+modules (SD 1.5's UNet: 3.4 GB each way; measured in docs/BENCHMARKS.md when run).
+
+**Precision.** The trained weights stay fp32 whatever ``mixed_precision`` is (the UNet computes
+under autocast); AdamW on bf16 weights would lose updates, and casting the shared base down
+would train on rounded weights.
+
+Exports: ``unet/`` (and ``text_encoder/`` when trained) in the diffusers layout, which
+``StableDiffusionPipeline.from_pretrained(base, unet=...)`` loads beside the base model's other
+components; ``export_files`` adds ``<run>-dreambooth.safetensors``, the whole model in the original
+Stable Diffusion layout (AUTOMATIC1111 / ComfyUI / kohya), with sdsweep's provenance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from diffusers import UNet2DConditionModel
+from transformers import CLIPTextModel
+
+from trainers.base import Trainer
+from trainers.config import DreamBoothSettings, TrainConfig
+from trainers.latents import CachedDataset
+from trainers.tensor_files import atomic_write_text
+
+UNET_DIR, TEXT_ENCODER_DIR = "unet", "text_encoder"
+INFO_FILE = "sdsweep_dreambooth.json"  # provenance beside the diffusers folders
+
+
+class DreamBoothTrainer(Trainer):
+    """Full fine-tuning of a base model's UNet (and optionally its text encoder)."""
+
+    method = "dreambooth"
+
+    def __init__(self, model: Any, data: CachedDataset, cfg: TrainConfig, db: DreamBoothSettings,
+                 output_dir: str | Path, validation_data: CachedDataset | None = None) -> None:
+        self.db = db
+        self._pristine: dict[str, dict[str, torch.Tensor]] = {}
+        super().__init__(model, data, cfg, output_dir, validation_data)
+
+    @classmethod
+    def caches_text(cls, settings: DreamBoothSettings) -> bool:
+        return not settings.train_text_encoder
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self.db.train_text_encoder
+
+    @property
+    def unet_dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def text_encoder_dtype(self) -> torch.dtype:
+        return torch.float32 if self.db.train_text_encoder else self.weight_dtype
+
+    def _trained(self) -> dict[str, torch.nn.Module]:
+        out: dict[str, torch.nn.Module] = {"unet": self.model.unet}
+        if self.db.train_text_encoder:
+            out["text_encoder"] = self.model.text_encoder
+        return out
+
+    def configure_trainable(self) -> list[dict[str, Any]]:
+        for name, module in self._trained().items():  # before anything changes them
+            self._pristine[name] = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+        unet = self.model.unet.requires_grad_(True)
+        groups = [{"params": list(unet.parameters()), "lr": self.cfg.learning_rate}]
+        if self.db.train_text_encoder:
+            te = self.model.text_encoder.requires_grad_(True)
+            groups.append({"params": list(te.parameters()), "lr": self.db.text_encoder_lr or self.cfg.learning_rate})
+        return groups
+
+    def make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        if self.db.optimizer == "adamw":
+            return super().make_optimizer(groups)
+        if self.device.type != "cuda":
+            raise ValueError(f"dreambooth.optimizer adamw_8bit needs a CUDA GPU (bitsandbytes); this run is on "
+                             f"{self.device}: use dreambooth.optimizer: adamw")
+        try:
+            import bitsandbytes as bnb  # type: ignore[import-not-found]
+        except ImportError:
+            raise ValueError("dreambooth.optimizer adamw_8bit needs bitsandbytes: pip install 'sdsweep[bnb]', "
+                             "or use dreambooth.optimizer: adamw") from None
+        cfg = self.cfg
+        return bnb.optim.AdamW8bit(groups, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+
+    # ----- weights -------------------------------------------------------------------------------
+
+    def export_weights(self, directory: Path) -> Path:
+        """Write ``unet/`` (and ``text_encoder/``) in the diffusers layout plus the provenance."""
+        directory = Path(directory)
+        for name, module in self._trained().items():
+            module.save_pretrained(str(directory / name), safe_serialization=True)
+        info = {"method": self.method, "base_model": self.model.source,
+                "base_model_identity": self.model.identity, "step": self.global_step,
+                "prediction_type": self.prediction_type, "dataset_key": self.data.key,
+                "trained": sorted(self._trained()), "train": self.cfg.model_dump(mode="json"),
+                "dreambooth": self.db.model_dump(mode="json")}
+        atomic_write_text(directory / INFO_FILE, json.dumps(info, indent=1, sort_keys=True))
+        return directory / UNET_DIR
+
+    @classmethod
+    def _load_into(cls, model: Any, checkpoint: Path) -> Any:
+        """``model`` with the checkpoint's fine-tuned modules, loaded with diffusers' and
+        transformers' own ``from_pretrained``, on the base modules' device and dtype."""
+        checkpoint = Path(checkpoint)
+        unet_p = next(model.unet.parameters())
+        swap: dict[str, Any] = {"unet": UNet2DConditionModel.from_pretrained(str(checkpoint / UNET_DIR)).to(
+            unet_p.device, unet_p.dtype)}
+        if (checkpoint / TEXT_ENCODER_DIR).is_dir():
+            te_p = next(model.text_encoder.parameters())
+            swap["text_encoder"] = CLIPTextModel.from_pretrained(str(checkpoint / TEXT_ENCODER_DIR)).to(
+                te_p.device, te_p.dtype)
+        for module in swap.values():
+            module.requires_grad_(False).eval()
+        return dataclasses.replace(model, **swap)
+
+    @classmethod
+    @contextlib.contextmanager
+    def loaded_for_evaluation(cls, model: Any, checkpoint: Path) -> Iterator[Any]:
+        """The base model with the checkpoint's fine-tuned UNet (and text encoder) in place of its
+        own, loaded the way users load them; ``model`` itself is never changed."""
+        yield cls._load_into(model, checkpoint)
+
+    @classmethod
+    def export_files(cls, checkpoint: Path, dest: Path, name: str, provenance: dict[str, Any]) -> list[str]:
+        """``unet/`` (+ ``text_encoder/``) as saved, and ``<name>-dreambooth.safetensors``: the base
+        model with them, in the original single-file layout, provenance in its metadata."""
+        from trainers.models import load_base_model
+        from trainers.single_file import save_single_file
+
+        checkpoint, dest = Path(checkpoint), Path(dest)
+        info = json.loads((checkpoint / INFO_FILE).read_text())
+        files = []
+        for sub in (UNET_DIR, TEXT_ENCODER_DIR):
+            if (checkpoint / sub).is_dir():
+                shutil.copytree(checkpoint / sub, dest / sub, dirs_exist_ok=True)
+                files.append(sub)
+        shutil.copy2(checkpoint / INFO_FILE, dest / INFO_FILE)
+        base = load_base_model(info["base_model"])
+        if base.identity != info["base_model_identity"]:
+            raise ValueError(f"{checkpoint}: trained on base model {info['base_model_identity'][:12]}, but "
+                             f"{info['base_model']} now has identity {base.identity[:12]}; export from the same weights")
+        single = f"{name}-dreambooth.safetensors"
+        save_single_file(cls._load_into(base, checkpoint), dest / single, {
+            "sdsweep": json.dumps(info, sort_keys=True), "sdsweep_best": json.dumps(provenance, sort_keys=True,
+                                                                                   default=str)})
+        return [*files, INFO_FILE, single]
+
+    def restore_base_model(self) -> None:
+        """Copy the pristine weights back into the same Parameters (exact: fp32 on both sides);
+        a no-op for a module whose snapshot was never taken (setup failed before it)."""
+        with torch.no_grad():
+            for name, state in self._pristine.items():
+                module = getattr(self.model, name)
+                module.load_state_dict(state, strict=True)
+                module.requires_grad_(False)
+        self._pristine.clear()
