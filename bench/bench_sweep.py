@@ -95,9 +95,9 @@ def encode_every_step(build_cache: Any, vae: Any) -> Any:
 
     def build(cfg: Any, baseline: bool = False, expect: Any = None) -> tuple[list[Any], dict]:
         build.calls += 1  # type: ignore[attr-defined]
-        refs, summary = build_cache(cfg, baseline, expect)  # [training ref, validation ref]
+        refs, summary = build_cache(cfg, baseline, expect)  # [training ref, validation ref, extra ref]
         data = reference_dataset(ray.get(refs[0]), preflight(cfg.base.data), cfg.base.data, vae)
-        return [ray.put(data), refs[1]], summary
+        return [ray.put(data), *refs[1:]], summary
 
     build.calls = 0  # type: ignore[attr-defined]
     return build

@@ -101,6 +101,20 @@ class SearchSpace:
         """Constants define_by_run returns without suggesting them (``method`` when one method)."""
         return {METHOD: self.methods[0]} if len(self.methods) == 1 else {}
 
+    def largest(self, method: str, key: str) -> Any:
+        """The largest value ``key`` can take in ``method``'s space (a range's ``high``, a
+        categorical's largest numeric choice); None when the key is not searched. For data built
+        once per sweep and sized by a searched key (DreamBooth's class images)."""
+        for p in self._entries_of(method):
+            if p.key == key:
+                spec = p.spec
+                if hasattr(spec, "high"):
+                    return spec.high
+                numbers = [c for c in getattr(spec, "choices", ()) if isinstance(c, (int, float))
+                           and not isinstance(c, bool)]
+                return max(numbers) if numbers else None
+        return None
+
     def optuna_names(self, method: str) -> dict[str, str]:
         """For one method: plain key -> the Optuna parameter name it is suggested under."""
         return {p.key: p.optuna_name for p in self._entries_of(method)}

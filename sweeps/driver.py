@@ -22,7 +22,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces import make_sampler, make_storage
-from sweeps.config import SweepConfig
+from sweeps.config import SweepConfig, trial_run_config
 from sweeps.confirm import confirm_sweep
 from sweeps.results import SWEEP_STATE, SweepError
 from sweeps.tracking import make_callbacks, offline_sync_command, tensorboard_callbacks
@@ -79,20 +79,24 @@ class SweepOptunaSearch(OptunaSearch):
             super().on_trial_complete(trial_id, result=best, error=False)
 
 
-@ray.remote(num_returns=3)
+@ray.remote(num_returns=4)
 def build_cache_task(sweep: dict[str, Any], baseline: bool,
-                     expect: tuple[str, str | None] | None = None) -> tuple[Any, Any, dict[str, Any]]:
-    """Build (or reuse from disk) the latent cache and, if asked, score the base model.
+                     expect: tuple[str, str | None] | None = None) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """Build (or reuse from disk) the latent cache and each method's extra data (DreamBooth's
+    class images) and, if asked, score the base model.
 
-    Returns (dataset, validation dataset or None, summary) as three objects so the datasets go
-    from this task into the object store and on to trials, never via the driver. The VAE encodes
+    Returns (dataset, validation dataset or None, {method: {name: dataset}}, summary) as four
+    objects so the datasets go from this task into the object store and on to trials, never via
+    the driver. Extra data is built by the method's trainer (``Trainer.prepare_extra``) with its
+    ``extra_data_keys`` at the largest value the search space can give them, so one build serves
+    every trial (a trial takes the part it needs). The VAE encodes
     on the device a trial would get (this task's reserved GPU when ``resources.gpu > 0``;
     ``trainers.run.prepare_data``), in fp32. The baseline (the base model without any adapter,
     through the sweep's evaluator) shares this task's model load; its files come back as bytes in
     the summary so the driver writes them whatever node this ran on. With ``expect`` (a resume:
     the training and validation data's content keys the sweep started with) both keys are
     computed first, without encoding, and if either differs the task returns
-    ``(None, None, {"key": ..., "validation_key": ...})`` having built and scored nothing.
+    ``(None, None, None, {"key": ..., "validation_key": ...})`` having built and scored nothing.
     """
     from trainers.data import split_validation
     from trainers.latents import dataset_key
@@ -109,15 +113,35 @@ def build_cache_task(sweep: dict[str, Any], baseline: bool,
         keys = {"key": dataset_key(split_validation(records, cfg.base.data)[0], cfg.base.data, model),
                 "validation_key": dataset_key(held[0], held[1], model) if held else None}
         if (keys["key"], keys["validation_key"]) != tuple(expect):
-            return None, None, keys
+            return None, None, None, keys
     data = prepare_data(cfg.base, model, cache_text=True, records=records)
     validation = prepare_validation(cfg.base, model, cache_text=True, records=records)
+    extra, extra_report = build_extra(cfg, model)
     summary = {"report": dict(data.report.__dict__), "key": data.key, "model_identity": model.identity,
                "validation_key": validation.key if validation is not None else None,
-               "validation_images": len(validation) if validation is not None else 0}
+               "validation_images": len(validation) if validation is not None else 0, "extra": extra_report}
     if baseline:
         summary["baseline"] = _score_baseline(cfg, model)
-    return data, validation, summary
+    return data, validation, extra, summary
+
+
+def build_extra(cfg: SweepConfig, model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every searched method's extra datasets and their build reports, keyed by method."""
+    from trainers import get_trainer_class
+    from trainers.devices import run_device
+
+    space = cfg.search_space()
+    extra: dict[str, Any] = {}
+    reports: dict[str, Any] = {}
+    for method in space.methods:
+        cls = get_trainer_class(method)
+        largest = {k: space.largest(method, k) for k in cls.extra_data_keys}
+        params = {"method": method, **{k: v for k, v in largest.items() if v is not None}}
+        run_cfg = trial_run_config(cfg, params, source=f"{method} extra data")
+        built, report = cls.prepare_extra(run_cfg, model, run_device(run_cfg.train.device))
+        if built:
+            extra[method], reports[method] = built, report
+    return extra, reports
 
 
 def _score_baseline(cfg: SweepConfig, model: Any) -> dict[str, Any]:
@@ -200,15 +224,15 @@ BASELINE_DIR = "baseline"
 def build_cache(cfg: SweepConfig, baseline: bool = False,
                 expect: tuple[str, str | None] | None = None) -> tuple[list[Any], dict[str, Any]]:
     """Run the cache build (and the baseline) as a Ray task; return ([training ref, validation
-    ref], summary). See ``build_cache_task`` for ``expect``."""
+    ref, extra ref], summary). See ``build_cache_task`` for ``expect``."""
     res = cfg.resources
-    data_ref, val_ref, summary_ref = build_cache_task.options(
+    data_ref, val_ref, extra_ref, summary_ref = build_cache_task.options(
         num_cpus=res.cpu, num_gpus=1 if res.gpu > 0 else 0).remote(cfg.model_dump(mode="json"), baseline, expect)
     try:
         summary = ray.get(summary_ref)
     except ray.exceptions.RayTaskError as err:  # surface the cause (bad dataset, model) as itself
         raise err.as_instanceof_cause() from None
-    return [data_ref, val_ref], summary
+    return [data_ref, val_ref, extra_ref], summary
 
 
 def _save_baseline(run_dir: Path, baseline: dict[str, Any]) -> dict[str, Any]:
@@ -262,7 +286,7 @@ def run_sweep(cfg: SweepConfig, *, sweep_file: str | None = None, run_dir: Path 
     started = ensure_ray(cfg)
     try:
         data_refs, summary = build_cache(cfg, baseline=cfg.evaluation.images is not None)
-        report = summary["report"]
+        report = {**summary["report"], "extra": summary["extra"]}
         state = {"run_id": run_dir.name, "sweep_file": sweep_file, "config": cfg.model_dump(mode="json"),
                  "cache_key": summary["key"], "validation_key": summary["validation_key"],
                  "base_model_identity": summary["model_identity"],
@@ -314,7 +338,7 @@ def resume_sweep(run_dir: Path) -> SweepRun:
         if summary["validation_key"] != state.get("validation_key"):
             raise SweepError(f"{run_dir}: the validation images (data.validation_split / validation_path) "
                              "changed since the sweep started, so val_loss would not compare; start a new sweep")
-        report = summary["report"]
+        report = {**summary["report"], "extra": summary["extra"]}
         if "baseline" in summary:
             state["baseline"] = _save_baseline(run_dir, summary["baseline"])
         state["cache_builds"].append(report)

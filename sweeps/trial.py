@@ -210,8 +210,9 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: list[Any]
         model, reused = worker_model(run_cfg.model, placement.precision)
         data: CachedDataset = ray.get(cache[0])
         validation: CachedDataset | None = ray.get(cache[1]) if len(cache) > 1 else None
+        extra: dict[str, Any] = (ray.get(cache[2]) if len(cache) > 2 else None) or {}  # {method: datasets}
         run_cfg = run_cfg.model_copy(update={"output_dir": str(Path(tune.get_context().get_trial_dir()) / "work")})
-        trainer = make_trainer(run_cfg, model, data, validation)
+        trainer = make_trainer(run_cfg, model, data, validation, extra.get(run_cfg.method))
         if trainer.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.device)  # reused workers: per-trial peak
         checkpoint = tune.get_checkpoint()

@@ -100,3 +100,157 @@ def test_both_exports_load_back_in_diffusers_and_equal_the_trained_unet(toy, tmp
     info = json.loads(meta["sdsweep"])
     assert (info["method"], info["step"], info["base_model_identity"]) == ("dreambooth", 3, toy.identity)
     assert json.loads(meta["sdsweep_best"]) == {"trial_id": "t1"}
+
+
+# ----- prior preservation ------------------------------------------------------------------------
+
+CLASS_PROMPTS = ("a red circle on a blue background", "a green square on a white background")
+
+
+def _db(**kw) -> DreamBoothSettings:
+    return DreamBoothSettings(**{"prior_loss_weight": 1.0, "class_prompt": CLASS_PROMPTS, "num_class_images": 4,
+                                 "class_steps": 2, **kw})
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """Counts the class images the base model actually draws (wraps the generator)."""
+    from trainers import evaluate
+
+    counter = {"images": 0}
+    real = evaluate.generate
+
+    def counted(model, settings, *a, **k):
+        out = real(model, settings, *a, **k)
+        counter["images"] += len(out)
+        return out
+
+    monkeypatch.setattr(evaluate, "generate", counted)
+    return counter
+
+
+def test_class_images_are_drawn_once_per_key_in_order_and_a_new_count_draws_anew(toy, tmp_path, drawn):
+    from trainers.class_images import ensure_class_images
+
+    first = ensure_class_images(toy, _db(), 4, 32, root=tmp_path)
+    assert (first.generated, drawn["images"]) == (4, 4)
+    names = sorted(p.name for p in first.folder.glob("class_*.png"))
+    assert names == [f"class_{i:05d}.png" for i in range(4)]
+    captions = [(first.folder / n.replace(".png", ".txt")).read_text().strip() for n in names]
+    assert captions == [CLASS_PROMPTS[i % 2] for i in range(4)]  # image i: prompt i mod 2
+    again = ensure_class_images(toy, _db(), 4, 32, root=tmp_path)
+    assert (again.folder, again.generated, drawn["images"]) == (first.folder, 0, 4)
+    more = ensure_class_images(toy, _db(), 5, 32, root=tmp_path)
+    assert more.folder != first.folder and more.generated == 5
+    other = ensure_class_images(toy, _db(class_seed=1), 4, 32, root=tmp_path)
+    assert other.folder != first.folder
+
+
+def _prior_trainer(model, tmp_path: Path, db: DreamBoothSettings, train: dict | None = None) -> DreamBoothTrainer:
+    from trainers.config import RunConfig
+
+    run = RunConfig.model_validate({"model": "builtin:toyworld", "data": {"path": "builtin:toystar", "resolution": 32},
+                                    "method": "dreambooth", "dreambooth": db.model_dump(),
+                                    "cache_dir": str(tmp_path / "cache")})
+    extra, report = DreamBoothTrainer.prepare_extra(run, model, "cpu")
+    assert report["class_images"] == db.num_class_images
+    cfg = DataConfig(path="builtin:toystar", resolution=32)
+    data = build_latent_cache(preflight(cfg), cfg, model, root=tmp_path / "cache" / "latents", cache_text=True)
+    tcfg = TrainConfig(**{"learning_rate": 1e-4, "max_train_steps": 4, "train_batch_size": 2, **(train or {})})
+    return DreamBoothTrainer(model, data, tcfg, db, tmp_path / "out", extra=extra)
+
+
+def test_the_prior_loss_is_the_instance_term_plus_the_weighted_class_term_min_snr_on_instances_only(toy, tmp_path):
+    """The DreamBooth paper's objective, checked against separate forward passes of the two halves:
+    L = w_snr-weighted instance MSE + prior_loss_weight x plain class MSE."""
+    tr = _prior_trainer(toy, tmp_path, _db(prior_loss_weight=0.7), train={"snr_gamma": 5.0})
+    toy.unet.eval()
+    distinguishing = 0
+    with torch.no_grad():
+        for micro in range(8):
+            combined = float(tr.compute_loss(micro))
+            gen = tr._generator(micro)
+            idx, lat, noise, t = tr.draw(tr.data, *tr.batch_indices(micro), gen)
+            cidx = tr._class_indices(micro)
+            _, clat, cnoise, ct = tr.draw(tr.class_data, cidx, torch.zeros(len(cidx), dtype=torch.bool), gen)
+            instance = tr.diffusion_loss(lat, noise, t, tr.encoder_hidden_states(idx))  # min-SNR weighted
+            prior = tr.per_sample_loss(clat, cnoise, ct, tr.encoder_hidden_states(cidx, tr.class_data)).mean()
+            assert combined == pytest.approx(float(instance) + 0.7 * float(prior), rel=1e-5)
+            weights = tr._snr_weights(ct)
+            if bool((weights < 0.9).any()):  # a class timestep where min-SNR would change the term
+                distinguishing += 1
+                weighted_prior = (tr.per_sample_loss(clat, cnoise, ct, tr.encoder_hidden_states(cidx, tr.class_data))
+                                  * weights).mean()
+                assert combined != pytest.approx(float(instance) + 0.7 * float(weighted_prior), rel=1e-4)
+    assert distinguishing, "no micro-batch drew a class timestep where min-SNR weighting differs from 1"
+    tr.teardown()
+
+
+def test_a_trial_uses_the_first_num_class_images_of_a_larger_build(toy, tmp_path):
+    from trainers.class_images import ensure_class_images
+
+    tr = _prior_trainer(toy, tmp_path, _db(num_class_images=4))
+    big = tr.extra["class"]
+    tr.teardown()
+    small = DreamBoothTrainer(toy, tr.data, tr.cfg, _db(num_class_images=2), tmp_path / "o2", extra=tr.extra)
+    assert small.class_data.ids == big.ids[:2]
+    assert {int(i) for m in range(20) for i in small._class_indices(m)} == {0, 1}
+    small.train()
+    small.teardown()
+    assert ensure_class_images(toy, _db(), 4, 32, root=tmp_path / "cache" / "class_images").generated == 0
+
+
+def test_a_class_folder_of_your_own_goes_through_preflight_and_must_hold_enough_images(toy, tmp_path):
+    from trainers.config import RunConfig
+    from trainers.data import DatasetError
+
+    folder = tmp_path / "classes"
+    folder.mkdir()
+    for i, path in enumerate(sorted(Path(preflight(DataConfig(path="builtin:toytriangle", resolution=32))[0].path
+                                          .parent).glob("*.png"))[:3]):
+        (folder / f"c{i}.png").write_bytes(path.read_bytes())
+        (folder / f"c{i}.txt").write_text("a red triangle on a green background")
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "broken.txt").write_text("x")
+
+    def run(n: int) -> RunConfig:
+        return RunConfig.model_validate({
+            "model": "builtin:toyworld", "data": {"path": "builtin:toystar", "resolution": 32}, "method": "dreambooth",
+            "dreambooth": {"prior_loss_weight": 1.0, "class_data_path": str(folder), "num_class_images": n}})
+
+    with pytest.raises(DatasetError, match="broken.png"):
+        DreamBoothTrainer.prepare_extra(run(3), toy, "cpu")
+    (folder / "broken.png").unlink()
+    (folder / "broken.txt").unlink()
+    with pytest.raises(DatasetError, match="3 class images, but dreambooth.num_class_images is 5"):
+        DreamBoothTrainer.prepare_extra(run(5), toy, "cpu")
+    extra, report = DreamBoothTrainer.prepare_extra(run(3), toy, "cpu")
+    assert report["class_images_drawn"] == 0 and len(extra["class"]) == 3
+
+
+def test_prior_preservation_needs_exactly_one_source_of_class_images():
+    with pytest.raises(ValueError, match="needs exactly one of class_prompt"):
+        DreamBoothSettings(prior_loss_weight=1.0)
+    with pytest.raises(ValueError, match="needs exactly one of class_prompt"):
+        DreamBoothSettings(prior_loss_weight=1.0, class_prompt="a dog", class_data_path="/x")
+    assert DreamBoothSettings(class_prompt="a dog").class_prompt == ("a dog",)
+
+
+def test_a_sweep_draws_the_class_images_once_for_the_largest_searched_count(toy, tmp_path, drawn):
+    from sweeps.config import SweepConfig
+    from sweeps.driver import build_extra
+
+    cfg = SweepConfig.model_validate({
+        "name": "db", "base": {
+            "model": "builtin:toyworld", "data": {"path": "builtin:toystar", "resolution": 32},
+            "method": "dreambooth", "cache_dir": str(tmp_path / "cache"),
+            "dreambooth": {"class_prompt": list(CLASS_PROMPTS), "class_steps": 2}},
+        "search": {"spaces": [{"method": "dreambooth", "params": {
+            "dreambooth.num_class_images": {"type": "categorical", "choices": [2, 3]},
+            "dreambooth.prior_loss_weight": {"type": "float", "low": 0.0, "high": 1.0}}}]}})
+    extra, report = build_extra(cfg, toy)
+    assert report["dreambooth"]["class_images"] == 3 and report["dreambooth"]["class_images_drawn"] == 3
+    assert drawn["images"] == 3 and len(extra["dreambooth"]["class"]) == 3
+    again, report = build_extra(cfg, toy)  # a second sweep (or a resume) with the same key
+    assert report["dreambooth"]["class_images_drawn"] == 0 and drawn["images"] == 3
+    assert again["dreambooth"]["class"].key == extra["dreambooth"]["class"].key

@@ -58,10 +58,16 @@ class Trainer(abc.ABC):
 
     method: ClassVar[str]
 
+    # Run-config keys that size the method's extra data (``prepare_extra``): a sweep builds it
+    # once for the largest value its search space can give each of them.
+    extra_data_keys: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, model: Any, data: CachedDataset, cfg: TrainConfig, output_dir: str | Path,
-                 validation_data: CachedDataset | None = None) -> None:
+                 validation_data: CachedDataset | None = None,
+                 extra: dict[str, CachedDataset] | None = None) -> None:
         self.model, self.data, self.cfg = model, data, cfg
         self.validation_data = validation_data  # held-out images for validation_loss, if any
+        self.extra = dict(extra or {})  # the method's other datasets (``prepare_extra``)
         self.output_dir = Path(output_dir)
         placement = run_placement(cfg.device, cfg.mixed_precision)
         self.weight_dtype = placement.weight_dtype
@@ -112,6 +118,14 @@ class Trainer(abc.ABC):
         the single files A1111 / ComfyUI / kohya read), the community files named after ``name``
         (the run id) where the format needs a name, with ``provenance`` (why it was picked, its
         scores) in their metadata. Returns the file names written."""
+
+    @classmethod
+    def prepare_extra(cls, cfg: Any, model: Any, device: torch.device | str) -> tuple[dict[str, CachedDataset],
+                                                                                      dict[str, Any]]:
+        """Datasets besides the instance images that this method trains on, built once (per run,
+        or per sweep in the cache task) and shared by every trial, with a report of what was
+        built. ``cfg`` is the run config (in a sweep: with ``extra_data_keys`` at their largest)."""
+        return {}, {}
 
     @classmethod
     def caches_text(cls, settings: Any) -> bool:
@@ -272,30 +286,41 @@ class Trainer(abc.ABC):
 
     def compute_loss(self, micro_step: int) -> torch.Tensor:
         """Diffusion loss of one micro-batch (mean over the batch, SNR-weighted if configured)."""
-        idx, flip = self.batch_indices(micro_step)
         gen = self._generator(micro_step)
-        latents = self.data.sample_latents(idx, flip, gen)
+        idx, latents, noise, t = self.draw(self.data, *self.batch_indices(micro_step), gen)
+        return self.diffusion_loss(latents, noise, t, self.encoder_hidden_states(idx))
+
+    def draw(self, data: CachedDataset, idx: torch.Tensor, flip: torch.Tensor, gen: torch.Generator
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latents of images ``idx`` of ``data`` with their noise and timesteps, all from ``gen``
+        (in this order: latents, noise, offset noise, timesteps)."""
+        latents = data.sample_latents(idx, flip, gen)
         noise = torch.randn(latents.shape, generator=gen)
         if self.cfg.noise_offset:
             # Offset noise (Guttenberg 2023): lets the model shift an image's mean brightness.
             noise = noise + self.cfg.noise_offset * torch.randn(
                 (latents.shape[0], latents.shape[1], 1, 1), generator=gen)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-        return self.diffusion_loss(latents, noise, t, self.encoder_hidden_states(idx))
+        return idx, latents, noise, t
 
     def diffusion_loss(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                        hidden: torch.Tensor) -> torch.Tensor:
         """The loss for given clean latents, noise, timesteps and text conditioning: MSE of the
         UNet's prediction against the epsilon or v target, per-sample min-SNR weighted, batch mean."""
+        per_sample = self.per_sample_loss(latents, noise, t, hidden)
+        if self.cfg.snr_gamma is not None:
+            per_sample = per_sample * self._snr_weights(t).to(self.device)
+        return per_sample.mean()
+
+    def per_sample_loss(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                        hidden: torch.Tensor) -> torch.Tensor:
+        """Unweighted MSE of the UNet's prediction against the epsilon or v target, per sample."""
         sched = self.noise_scheduler
         noisy = sched.add_noise(latents, noise, t)
         target = noise if self.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
         with self.accelerator.autocast():
             pred = self.model.unet(noisy.to(self.device, self.weight_dtype), t.to(self.device), hidden).sample
-        per_sample = F.mse_loss(pred.float(), target.to(self.device), reduction="none").mean(dim=(1, 2, 3))
-        if self.cfg.snr_gamma is not None:
-            per_sample = per_sample * self._snr_weights(t).to(self.device)
-        return per_sample.mean()
+        return F.mse_loss(pred.float(), target.to(self.device), reduction="none").mean(dim=(1, 2, 3))
 
     def _snr_weights(self, t: torch.Tensor) -> torch.Tensor:
         """Min-SNR-gamma weights (Hang et al. 2023): min(SNR, g)/SNR for epsilon, min(SNR, g)/(SNR+1)

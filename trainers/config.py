@@ -168,15 +168,47 @@ class TextualInversionSettings(Frozen):
 
 
 class DreamBoothSettings(Frozen):
-    """DreamBooth: the whole UNet is fine-tuned (optionally the text encoder too).
+    """DreamBooth: the whole UNet is fine-tuned (optionally the text encoder too), optionally with
+    prior preservation on class images (docs/METHODS.md). EMA is not built yet.
 
-    Prior preservation on class images and EMA are not built yet (docs/METHODS.md).
+    Prior preservation: ``prior_loss_weight`` > 0 with ``class_prompt`` (the base model draws
+    ``num_class_images`` class images once, content-addressed in the cache) or ``class_data_path``
+    (a folder of captioned class images, which goes through the same preflight). Each step then
+    trains on a batch of instance and a batch of class examples in one forward pass.
     """
 
     train_text_encoder: bool = False
     text_encoder_lr: float | None = Field(None, gt=0, le=1.0, description="default: train.learning_rate")
     # AdamW, or bitsandbytes' 8-bit AdamW (CUDA only, the `bnb` extra): never a silent fallback.
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    prior_loss_weight: float = Field(0.0, ge=0.0, description="0: no prior preservation")
+    # One prompt, or several used in turn (class image i gets prompt i mod len).
+    class_prompt: tuple[str, ...] | None = Field(None, min_length=1)
+    class_data_path: str | None = None
+    num_class_images: int = Field(100, ge=1, description="class images used (the first N)")
+    # How class images are drawn (diffusers' DreamBooth script: 50 steps of the model's sampler,
+    # guidance 7.5); image i uses seed class_seed + i.
+    class_sampler: Literal["ddim", "dpmsolver++", "euler"] = "ddim"
+    class_steps: int = Field(50, ge=1)
+    class_guidance_scale: float = 7.5
+    class_seed: int = 0
+
+    @field_validator("class_prompt", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return (v,) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _prior_needs_class_images(self) -> "DreamBoothSettings":
+        if self.prior_loss_weight > 0 and (self.class_prompt is None) == (self.class_data_path is None):
+            raise ValueError("prior preservation (prior_loss_weight > 0) needs exactly one of class_prompt "
+                             "(class images drawn by the base model) or class_data_path (your own folder)")
+        return self
+
+    @property
+    def prior_preservation(self) -> bool:
+        """Whether training adds the class (prior) term."""
+        return self.prior_loss_weight > 0
 
 
 # method -> the RunConfig key of its settings section (the registry in trainers/__init__.py names

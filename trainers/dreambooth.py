@@ -40,6 +40,7 @@ from trainers.latents import CachedDataset
 from trainers.tensor_files import atomic_write_text
 
 UNET_DIR, TEXT_ENCODER_DIR = "unet", "text_encoder"
+_CLASS_SALT = 1_000_000_007  # separates the class images' epoch orders from the instance images'
 INFO_FILE = "sdsweep_dreambooth.json"  # provenance beside the diffusers folders
 
 
@@ -49,10 +50,11 @@ class DreamBoothTrainer(Trainer):
     method = "dreambooth"
 
     def __init__(self, model: Any, data: CachedDataset, cfg: TrainConfig, db: DreamBoothSettings,
-                 output_dir: str | Path, validation_data: CachedDataset | None = None) -> None:
+                 output_dir: str | Path, validation_data: CachedDataset | None = None,
+                 extra: dict[str, CachedDataset] | None = None) -> None:
         self.db = db
         self._pristine: dict[str, dict[str, torch.Tensor]] = {}
-        super().__init__(model, data, cfg, output_dir, validation_data)
+        super().__init__(model, data, cfg, output_dir, validation_data, extra)
 
     @classmethod
     def caches_text(cls, settings: DreamBoothSettings) -> bool:
@@ -69,6 +71,84 @@ class DreamBoothTrainer(Trainer):
     @property
     def text_encoder_dtype(self) -> torch.dtype:
         return torch.float32 if self.db.train_text_encoder else self.weight_dtype
+
+    # ----- prior preservation ---------------------------------------------------------------------
+
+    extra_data_keys = ("dreambooth.prior_loss_weight", "dreambooth.num_class_images")
+
+    @classmethod
+    def prepare_extra(cls, cfg: Any, model: Any, device: torch.device | str) -> tuple[dict[str, CachedDataset],
+                                                                                      dict[str, Any]]:
+        """The class images (prior preservation), latent-cached like the instance images: drawn
+        once by the base model for ``class_prompt`` (``trainers.class_images``), or the user's
+        ``class_data_path`` folder, preflighted the same way. Nothing without prior preservation."""
+        from trainers.class_images import ensure_class_images
+        from trainers.data import DatasetError, Problem, preflight
+        from trainers.latents import build_latent_cache
+
+        db: DreamBoothSettings = cfg.settings
+        if not db.prior_preservation:
+            return {}, {}
+        cache = Path(cfg.cache_dir) if cfg.cache_dir else None
+        if db.class_data_path is not None:
+            folder, drawn = Path(db.class_data_path), 0
+        else:
+            made = ensure_class_images(model, db, db.num_class_images, cfg.data.resolution, device,
+                                       root=cache / "class_images" if cache else None)
+            folder, drawn = made.folder, made.generated
+        ccfg = cfg.data.model_copy(update={"path": str(folder), "validation_split": 0.0, "validation_path": None,
+                                           "random_flip": False, "caption_source": "auto", "instance_prompt": None})
+        records = preflight(ccfg, require_captions=True)
+        if len(records) < db.num_class_images:
+            raise DatasetError(folder, [Problem(str(folder), f"{len(records)} class images, but "
+                                                             f"dreambooth.num_class_images is {db.num_class_images}: "
+                                                             "add images or lower num_class_images")])
+        data = build_latent_cache(records, ccfg, model, root=cache / "latents" if cache else None, cache_text=True,
+                                  device=device)
+        return {"class": data}, {"class_images": len(data), "class_images_drawn": drawn, "class_folder": str(folder),
+                                 "class_cache_key": data.key}
+
+    @property
+    def class_data(self) -> CachedDataset | None:
+        """The first ``num_class_images`` class images (None without prior preservation)."""
+        if not self.db.prior_preservation:
+            return None
+        if "class" not in self.extra:
+            raise ValueError("dreambooth.prior_loss_weight > 0, but no class images were prepared "
+                             "(DreamBoothTrainer.prepare_extra builds them; sdsweep train and sweeps call it)")
+        return self.extra["class"].head(self.db.num_class_images)
+
+    def _class_indices(self, micro_step: int) -> torch.Tensor:
+        """Class images of micro-batch ``micro_step``: its own shuffled order per epoch, seeded by
+        (seed, epoch), so a resumed run needs no RNG state (like the instance order)."""
+        data = self.class_data
+        assert data is not None
+        b, n = self.cfg.train_batch_size, len(data)
+        out = []
+        for pos in range(micro_step * b, (micro_step + 1) * b):
+            g = torch.Generator().manual_seed(self.cfg.seed * 7_919 + pos // n + _CLASS_SALT)
+            out.append(int(torch.randperm(n, generator=g)[pos % n]))
+        return torch.tensor(out)
+
+    def compute_loss(self, micro_step: int) -> torch.Tensor:
+        """With prior preservation: instance and class examples in one forward pass (the
+        reference script's concatenated batch), the loss split back into the instance term
+        (min-SNR weighted if configured) + ``prior_loss_weight`` x the class term (unweighted)."""
+        data = self.class_data
+        if data is None:
+            return super().compute_loss(micro_step)
+        gen = self._generator(micro_step)
+        idx, latents, noise, t = self.draw(self.data, *self.batch_indices(micro_step), gen)
+        cidx = self._class_indices(micro_step)
+        _, clat, cnoise, ct = self.draw(data, cidx, torch.zeros(len(cidx), dtype=torch.bool), gen)
+        hidden = torch.cat([self.encoder_hidden_states(idx), self.encoder_hidden_states(cidx, data)])
+        per = self.per_sample_loss(torch.cat([latents, clat]), torch.cat([noise, cnoise]), torch.cat([t, ct]), hidden)
+        instance, prior = per[: len(idx)], per[len(idx):]
+        if self.cfg.snr_gamma is not None:
+            instance = instance * self._snr_weights(t).to(self.device)
+        return instance.mean() + self.db.prior_loss_weight * prior.mean()
+
+    # ----- what trains ---------------------------------------------------------------------------
 
     def _trained(self) -> dict[str, torch.nn.Module]:
         out: dict[str, torch.nn.Module] = {"unet": self.model.unet}

@@ -24,6 +24,7 @@ captions.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -119,6 +120,17 @@ class CachedDataset:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def head(self, n: int) -> "CachedDataset":
+        """The first ``n`` images (in id order): a trial that uses fewer class images than were
+        cached (DreamBooth's ``num_class_images`` searched below the largest value)."""
+        if n >= len(self):
+            return self
+        cut = slice(0, n)
+        return dataclasses.replace(
+            self, key=f"{self.key}:head{n}", ids=self.ids[cut], captions=self.captions[cut], mean=self.mean[cut],
+            std=self.std[cut], flip_mean=None if self.flip_mean is None else self.flip_mean[cut],
+            flip_std=None if self.flip_std is None else self.flip_std[cut], caption_index=self.caption_index[cut])
 
     def sample_latents(self, idx: torch.Tensor, flip: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Draw fresh latents for images ``idx`` (flipped where ``flip``), scaled for the UNet."""

@@ -85,10 +85,11 @@ class LoraTrainer(Trainer):
     method = "lora"
 
     def __init__(self, model: Any, data: CachedDataset, cfg: TrainConfig, lora: LoraSettings,
-                 output_dir: str | Path, validation_data: CachedDataset | None = None) -> None:
+                 output_dir: str | Path, validation_data: CachedDataset | None = None,
+                 extra: dict[str, CachedDataset] | None = None) -> None:
         self.lora = lora
         self._configs: dict[str, LoraConfig] = {}
-        super().__init__(model, data, cfg, output_dir, validation_data)
+        super().__init__(model, data, cfg, output_dir, validation_data, extra)
 
     @classmethod
     def caches_text(cls, settings: LoraSettings) -> bool:

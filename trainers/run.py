@@ -90,10 +90,12 @@ def _cache_root(cfg: RunConfig) -> Path | None:
     return Path(cfg.cache_dir) / "latents" if cfg.cache_dir else None
 
 
-def make_trainer(cfg: RunConfig, model, data: CachedDataset, validation: CachedDataset | None = None) -> Trainer:
-    """Instantiate the configured method's trainer with its own settings section."""
+def make_trainer(cfg: RunConfig, model, data: CachedDataset, validation: CachedDataset | None = None,
+                 extra: dict[str, CachedDataset] | None = None) -> Trainer:
+    """Instantiate the configured method's trainer with its own settings section (and its extra
+    datasets, ``Trainer.prepare_extra``)."""
     return get_trainer_class(cfg.method)(model, data, cfg.train, cfg.settings, output_dir=cfg.output_dir,
-                                         validation_data=validation)
+                                         validation_data=validation, extra=extra)
 
 
 def train_from_config(
@@ -108,7 +110,8 @@ def train_from_config(
     cache_text = get_trainer_class(cfg.method).caches_text(cfg.settings)
     data = prepare_data(cfg, model, cache_text=cache_text)
     out = Path(cfg.output_dir)
-    trainer = make_trainer(cfg, model, data, prepare_validation(cfg, model, cache_text=cache_text))
+    extra, _ = get_trainer_class(cfg.method).prepare_extra(cfg, model, run_device(cfg.train.device))
+    trainer = make_trainer(cfg, model, data, prepare_validation(cfg, model, cache_text=cache_text), extra)
     resumed = None
     if resume is not None:
         resumed = latest_checkpoint(out) if str(resume) == "latest" else Path(resume)

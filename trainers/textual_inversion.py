@@ -96,7 +96,8 @@ class TextualInversionTrainer(Trainer):
     method = "textual_inversion"
 
     def __init__(self, model: Any, data: CachedDataset, cfg: TrainConfig, ti: TextualInversionSettings,
-                 output_dir: str | Path, validation_data: CachedDataset | None = None) -> None:
+                 output_dir: str | Path, validation_data: CachedDataset | None = None,
+                 extra: dict[str, CachedDataset] | None = None) -> None:
         if ti.placeholder_token is None:
             raise ValueError("textual_inversion.placeholder_token is not set (RunConfig fills it from `token`)")
         self.ti = ti
@@ -104,7 +105,7 @@ class TextualInversionTrainer(Trainer):
         self.tokens = token_names(self.placeholder, ti.vectors_per_token)
         self.tokenizer: Any = None  # the trainer's own copy with the new tokens
         self._embedding: ConceptEmbedding | None = None
-        super().__init__(model, data, cfg, output_dir, validation_data)
+        super().__init__(model, data, cfg, output_dir, validation_data, extra)
 
     @classmethod
     def caches_text(cls, settings: TextualInversionSettings) -> bool:
