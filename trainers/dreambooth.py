@@ -1,15 +1,22 @@
 """DreamBooth: fine-tune the whole UNet (optionally the text encoder) on the instance images.
 
-First slice (issue 11): full fine-tuning on the shared loop, the base model restored for the next
-trial on a reused worker, exports in the diffusers layout and as one original-layout single file.
-Not built yet: prior preservation on class images made once per sweep, EMA, the checkpoint-size
-design (docs/METHODS.md, "DreamBooth").
+Built so far (issue 11): full fine-tuning on the shared loop, prior preservation on class images
+(drawn once by the base model, or the user's folder; ``trainers/class_images.py``), the base model
+restored for the next trial on a reused worker, exports in the diffusers layout and as one
+original-layout single file, 8-bit AdamW refused loudly where it cannot run. Not built yet: EMA,
+the checkpoint-size design for SD 1.5, the toy-world demo and its ground-truth measurements
+(docs/METHODS.md, "DreamBooth").
 
 **Reused workers.** A trial changes every UNet weight of the worker's shared base model, so at
 setup the trained modules' state is copied to the CPU (fp32, before anything changes) and
 ``restore_base_model`` copies it back into the same Parameter objects; after a trial that raised
-too (the shared loop calls teardown). Cost per trial: one copy out, one copy back of the trained
-modules (SD 1.5's UNet: 3.4 GB each way; measured in docs/BENCHMARKS.md when run).
+too (the shared loop calls teardown). Cost per trial: one copy out and one copy back of the
+trained modules (SD 1.5's UNet: 3.4 GB each way, host memory bandwidth; not yet measured).
+
+**Prior preservation.** Each micro-batch draws ``train_batch_size`` instance and as many class
+examples (their own seeded order), runs them through the UNet in one forward pass (the reference
+script's concatenated batch), and splits the loss back: the instance term (min-SNR weighted when
+``snr_gamma`` is set) + ``prior_loss_weight`` x the plain class term.
 
 **Precision.** The trained weights stay fp32 whatever ``mixed_precision`` is (the UNet computes
 under autocast); AdamW on bf16 weights would lose updates, and casting the shared base down
