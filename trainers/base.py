@@ -155,6 +155,17 @@ class Trainer(abc.ABC):
         """The dtype the text encoder runs in (default: the weight dtype of frozen modules)."""
         return self.weight_dtype
 
+    def after_optimizer_step(self) -> None:
+        """Called after every applied optimizer step (a method's EMA update goes here)."""
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Tensors besides the trainable weights and optimizer that a bit-exact resume needs
+        (saved in the checkpoint's resume state; e.g. EMA weights)."""
+        return {}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`extra_state` saved."""
+
     def tokenize_captions(self, captions: list[str]) -> torch.Tensor:
         """Token ids of ``captions`` as this method trains on them (padded to the model's length)."""
         return tokenize(self.model.tokenizer, captions)
@@ -361,6 +372,7 @@ class Trainer(abc.ABC):
         self.optimizer.step()
         if not self.accelerator.optimizer_step_was_skipped:
             self.lr_scheduler.step()
+            self.after_optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         return StepStats(step=self.global_step, loss=total, lr=lr, grad_norm=grad_norm)

@@ -30,6 +30,7 @@ def write_trainer_state(trainer: Any, directory: Path) -> None:
         slots[str(idx)] = sorted(st)
         for name, value in st.items():
             tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value)
+    tensors.update({f"extra.{k}": v.detach() for k, v in trainer.extra_state().items()})
     meta = {"producer": f"sdsweep.trainers.{trainer.method}", "step": str(trainer.global_step)}
     atomic_save_safetensors(tensors, directory / STATE_TENSORS, meta)
     scaler = trainer.accelerator.scaler.state_dict() if trainer.accelerator.scaler is not None else None
@@ -61,6 +62,7 @@ def read_trainer_state(trainer: Any, directory: Path) -> None:
                           else tensors[f"optim.{i}.{n}"] for n in names}
                  for i, names in state["optimizer_slots"].items()}
     trainer.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    trainer.load_extra_state({k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")})
     trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
     if state.get("grad_scaler") and trainer.accelerator.scaler is not None:
         trainer.accelerator.scaler.load_state_dict(state["grad_scaler"])

@@ -169,7 +169,7 @@ class TextualInversionSettings(Frozen):
 
 class DreamBoothSettings(Frozen):
     """DreamBooth: the whole UNet is fine-tuned (optionally the text encoder too), optionally with
-    prior preservation on class images (docs/METHODS.md). EMA is not built yet.
+    prior preservation on class images and an EMA of the UNet (docs/METHODS.md).
 
     Prior preservation: ``prior_loss_weight`` > 0 with ``class_prompt`` (the base model draws
     ``num_class_images`` class images once, content-addressed in the cache) or ``class_data_path``
@@ -192,6 +192,10 @@ class DreamBoothSettings(Frozen):
     class_steps: int = Field(50, ge=1)
     class_guidance_scale: float = 7.5
     class_seed: int = 0
+    # An exponential moving average of the UNet's weights (diffusers' EMAModel, with its warm-up:
+    # decay min(ema_decay, 1 - (1 + step)^-2/3)); when on, evaluations and exports use it.
+    use_ema: bool = False
+    ema_decay: float = Field(0.999, gt=0, lt=1)
 
     @field_validator("class_prompt", mode="before")
     @classmethod

@@ -3,9 +3,9 @@
 Built so far (issue 11): full fine-tuning on the shared loop, prior preservation on class images
 (drawn once by the base model, or the user's folder; ``trainers/class_images.py``), the base model
 restored for the next trial on a reused worker, exports in the diffusers layout and as one
-original-layout single file, 8-bit AdamW refused loudly where it cannot run. Not built yet: EMA,
-the checkpoint-size design for SD 1.5, the toy-world demo and its ground-truth measurements
-(docs/METHODS.md, "DreamBooth").
+original-layout single file, an EMA of the UNet (evaluated and exported when on), 8-bit AdamW
+refused loudly where it cannot run. Not built yet: the checkpoint-size design for SD 1.5, the
+toy-world demo and its ground-truth measurements (docs/METHODS.md, "DreamBooth").
 
 **Reused workers.** A trial changes every UNet weight of the worker's shared base model, so at
 setup the trained modules' state is copied to the CPU (fp32, before anything changes) and
@@ -39,6 +39,7 @@ from typing import Any, Iterator
 
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.training_utils import EMAModel
 from transformers import CLIPTextModel
 
 from trainers.base import Trainer
@@ -61,6 +62,7 @@ class DreamBoothTrainer(Trainer):
                  extra: dict[str, CachedDataset] | None = None) -> None:
         self.db = db
         self._pristine: dict[str, dict[str, torch.Tensor]] = {}
+        self.ema: EMAModel | None = None
         super().__init__(model, data, cfg, output_dir, validation_data, extra)
 
     @classmethod
@@ -168,6 +170,8 @@ class DreamBoothTrainer(Trainer):
             self._pristine[name] = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
         unet = self.model.unet.requires_grad_(True)
         groups = [{"params": list(unet.parameters()), "lr": self.cfg.learning_rate}]
+        if self.db.use_ema:  # fp32 shadow weights beside the UNet, on its device
+            self.ema = EMAModel(unet.parameters(), decay=self.db.ema_decay, use_ema_warmup=True)
         if self.db.train_text_encoder:
             te = self.model.text_encoder.requires_grad_(True)
             groups.append({"params": list(te.parameters()), "lr": self.db.text_encoder_lr or self.cfg.learning_rate})
@@ -188,13 +192,58 @@ class DreamBoothTrainer(Trainer):
         return bnb.optim.AdamW8bit(groups, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                    weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
 
+    # ----- EMA ---------------------------------------------------------------------------------
+
+    def after_optimizer_step(self) -> None:
+        if self.ema is not None:
+            self.ema.step(self.model.unet.parameters())
+
+    @contextlib.contextmanager
+    def _ema_weights(self) -> Iterator[None]:
+        """The UNet carries the EMA weights for the duration (a no-op without EMA)."""
+        if self.ema is None:
+            yield
+            return
+        params = list(self.model.unet.parameters())
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
+
+    @contextlib.contextmanager
+    def evaluation_model(self) -> Iterator[Any]:
+        """The live model, with the EMA weights in the UNet when ``use_ema`` (what is exported)."""
+        with self._ema_weights(), super().evaluation_model() as model:
+            yield model
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        if self.ema is None:
+            return {}
+        out = {f"ema.{i}": t for i, t in enumerate(self.ema.shadow_params)}
+        out["ema.optimization_step"] = torch.tensor(self.ema.optimization_step)
+        return out
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.ema is None:
+            return
+        if len(tensors) != len(self.ema.shadow_params) + 1:
+            raise ValueError("the checkpoint's EMA state does not match this run's (was dreambooth.use_ema changed?)")
+        with torch.no_grad():
+            for i, t in enumerate(self.ema.shadow_params):
+                t.copy_(tensors[f"ema.{i}"])
+        self.ema.optimization_step = int(tensors["ema.optimization_step"])
+
     # ----- weights -------------------------------------------------------------------------------
 
     def export_weights(self, directory: Path) -> Path:
-        """Write ``unet/`` (and ``text_encoder/``) in the diffusers layout plus the provenance."""
+        """Write ``unet/`` (and ``text_encoder/``) in the diffusers layout plus the provenance; the
+        UNet's EMA weights when ``use_ema``."""
         directory = Path(directory)
-        for name, module in self._trained().items():
-            module.save_pretrained(str(directory / name), safe_serialization=True)
+        with self._ema_weights():
+            for name, module in self._trained().items():
+                module.save_pretrained(str(directory / name), safe_serialization=True)
         info = {"method": self.method, "base_model": self.model.source,
                 "base_model_identity": self.model.identity, "step": self.global_step,
                 "prediction_type": self.prediction_type, "dataset_key": self.data.key,
@@ -260,3 +309,4 @@ class DreamBoothTrainer(Trainer):
                 module.load_state_dict(state, strict=True)
                 module.requires_grad_(False)
         self._pristine.clear()
+        self.ema = None
