@@ -3,8 +3,10 @@
 Part 1, the toy world (``builtin:toyworld`` on ``builtin:toystar``, 32 px, the demos' batch 4):
 median optimizer-step time of LoRA as the demo runs it (rank 8 on attention + ResNet convs, text
 embeddings from the cache), LoRA with the text encoder run every step (the reference scripts'
-way: isolates what the text cache earns), and textual inversion with 1 and 8 vectors (its text
-encoder runs forward and backward every step: the gradient reaches the new rows through it).
+way: isolates what the text cache earns), textual inversion with 1 and 8 vectors (its text
+encoder runs forward and backward every step: the gradient reaches the new rows through it), and
+DreamBooth without and with prior preservation (the whole UNet in fp32; the prior doubles the
+batch through the UNet).
 Rounds are interleaved so machine noise hits every arm alike. Also: trainable numbers, AdamW state,
 and the bytes of every exported file.
 
@@ -36,13 +38,17 @@ from sweeps.cli import quiet_libraries  # noqa: E402
 
 quiet_libraries()
 
-from trainers.config import LoraSettings, TextualInversionSettings, TrainConfig  # noqa: E402
+from trainers.config import DreamBoothSettings, LoraSettings, RunConfig, TextualInversionSettings, TrainConfig  # noqa: E402
 from trainers.data import DataConfig, preflight  # noqa: E402
+from trainers.dreambooth import DreamBoothTrainer  # noqa: E402
 from trainers.latents import build_latent_cache  # noqa: E402
 from trainers.lora import LoraTrainer  # noqa: E402
 from trainers.models import load_base_model  # noqa: E402
 from trainers.textual_inversion import TextualInversionTrainer  # noqa: E402
 
+# Class prompts for prior preservation: known shapes (the prior the toy world has).
+CLASS_PROMPTS = ("a red circle on a blue background", "a green square on a white background",
+                 "a yellow triangle on a black background", "a white cross on a red background")
 LORA = LoraSettings(rank=8, alpha=8, target_modules=("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"))
 
 
@@ -69,8 +75,21 @@ def _arms(root: Path, batch: int) -> dict[str, Callable[[], Any]]:
             return TextualInversionTrainer(m, data(m, False), train(), s, root / "out")
         return make
 
+    def dreambooth(prior: bool) -> Callable[[], Any]:
+        def make() -> Any:
+            m = load_base_model("builtin:toyworld")
+            db = DreamBoothSettings(prior_loss_weight=1.0 if prior else 0.0, num_class_images=16, class_steps=10,
+                                    class_prompt=CLASS_PROMPTS if prior else None)
+            run = RunConfig.model_validate({"model": "builtin:toyworld", "data": data_cfg.model_dump(),
+                                            "method": "dreambooth", "dreambooth": db.model_dump(),
+                                            "cache_dir": str(root / "cache")})
+            extra, _ = DreamBoothTrainer.prepare_extra(run, m, "cpu")
+            return DreamBoothTrainer(m, data(m, True), train(), db, root / "out", extra=extra)
+        return make
+
     return {"lora (text cached)": lora(True), "lora (text encoder every step)": lora(False),
-            "textual inversion, 1 vector": ti(1), "textual inversion, 8 vectors": ti(8)}
+            "textual inversion, 1 vector": ti(1), "textual inversion, 8 vectors": ti(8),
+            "dreambooth": dreambooth(False), "dreambooth + prior preservation": dreambooth(True)}
 
 
 def toy_world(rounds: int, steps: int, batch: int) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from sweeps.config import SweepConfig, trial_run_config
 from sweeps.confirm import confirm_sweep
 from sweeps.results import SWEEP_STATE, SweepError
 from sweeps.tracking import make_callbacks, offline_sync_command, tensorboard_callbacks
-from sweeps.trial import run_trial, trial_env
+from sweeps.trial import KeepResumeStateInNewest, run_trial, trial_env
 from trainers.data import preflight
 from trainers.tensor_files import atomic_write_text
 
@@ -264,7 +264,7 @@ def _tuner(cfg: SweepConfig, run_dir: Path, trainable: Any, run_id: str) -> tune
                                                 checkpoint_score_order=cfg.mode),
         failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
         callbacks=[*make_callbacks(cfg.tracking, run_dir=run_dir, sweep_name=cfg.name, run_id=run_id),
-                   *tensorboard_callbacks()],
+                   *tensorboard_callbacks(), KeepResumeStateInNewest()],
         verbose=1)
     return tune.Tuner(trainable, tune_config=tune_cfg, run_config=run_cfg)
 

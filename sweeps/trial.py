@@ -289,6 +289,25 @@ def _train_and_report(trainer: Any, cfg: SweepConfig, evaluator: Evaluator | Non
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
+class KeepResumeStateInNewest(tune.Callback):
+    """On the driver, once Tune has registered a trial's new checkpoint: drop the resume tensors
+    (trainable weights + optimizer state, ``trainer_state.safetensors``) from that trial's other
+    checkpoints. Only the newest is ever resumed from (Tune restores a trial from its latest and
+    never deletes it); older ones keep what is scored and exported (the method's weights) and the
+    small JSON state. At SD 1.5 a DreamBooth checkpoint's resume tensors are ~10 GB
+    (docs/METHODS.md). Done here, not in the trial, because a trial the scheduler stops runs no
+    code after its last report, and the checkpoint is only certain to be in storage once Tune has
+    registered it."""
+
+    def on_checkpoint(self, iteration: int, trials: list[Any], trial: Any, checkpoint: Any, **info: Any) -> None:
+        newest = Path(checkpoint.path)
+        if not newest.is_dir():  # not a local/shared filesystem path: leave remote storage alone
+            return
+        for old in newest.parent.glob("checkpoint_*"):
+            if old != newest:
+                (old / STATE_TENSORS).unlink(missing_ok=True)
+
+
 def _report_error(err: Exception, trainer: Any, trial_dir: Path, *, worker_replaced: bool = False) -> None:
     """End the trial as errored: reason to a file and as the last reported result (no metric)."""
     step = trainer.global_step if trainer is not None else 0

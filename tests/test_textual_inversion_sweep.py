@@ -31,6 +31,17 @@ def ti_run(tmp_path_factory: pytest.TempPathFactory, sdsweep_cache: Path) -> tup
     return run_dir, run_shipped_sweep(DEMO, run_dir, sdsweep_cache)
 
 
+def test_only_each_trials_newest_checkpoint_keeps_the_resume_tensors(ti_run):
+    run_dir, _ = ti_run
+    trials = [d for d in run_dir.iterdir() if d.is_dir() and sorted(d.glob("checkpoint_*"))]
+    assert trials
+    for trial in trials:
+        ckpts = sorted(trial.glob("checkpoint_*"))
+        assert all((c / "trainer_state.json").is_file() and (c / "learned_embeds.safetensors").is_file()
+                   for c in ckpts)
+        assert [c.name for c in ckpts if (c / "trainer_state.safetensors").is_file()] == [ckpts[-1].name]
+
+
 def test_every_trial_is_textual_inversion_and_vectors_per_token_is_searched(ti_run):
     run_dir, out = ti_run
     from sweeps.results import leaderboard
