@@ -48,7 +48,7 @@ KNOWN = ("a blue circle on a red background", "a yellow square on a green backgr
          "a white triangle on a black background", "a black cross on a white background")
 
 
-DEMOS = ("demo.yaml", "demo-ti.yaml")
+DEMOS = ("demo.yaml", "demo-ti.yaml", "demo-dreambooth.yaml")
 
 
 def prompts() -> list[str]:

@@ -1,0 +1,69 @@
+"""The DreamBooth demo end to end: a real Ray + Optuna sweep fine-tunes the toy world's UNet on the
+star with prior preservation (class images drawn once in the cache task, for the largest searched
+count); the checkpoint the sweep picked draws the star on images picking never saw, and its
+exports load back (diffusers layout and single file).
+
+The shipped sweeps/configs/demo-dreambooth.yaml as the README runs it (W&B off). Slow (~5 min).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from conftest import run_shipped_sweep
+from trainers.models import load_base_model
+from trainers.toyworld import weights_dir
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "sweeps" / "configs" / "demo-dreambooth.yaml"
+
+
+@pytest.fixture(scope="module")
+def db_run(tmp_path_factory: pytest.TempPathFactory, sdsweep_cache: Path) -> tuple[Path, str]:
+    run_dir = tmp_path_factory.mktemp("db-demo") / "run"
+    return run_dir, run_shipped_sweep(DEMO, run_dir, sdsweep_cache)
+
+
+def test_class_images_were_drawn_once_for_the_largest_searched_count_and_shared(db_run):
+    run_dir, _ = db_run
+    from sweeps.results import leaderboard
+
+    state = json.loads((run_dir / "sweep.json").read_text())
+    extra = state["cache_builds"][0]["extra"]["dreambooth"]
+    assert extra["class_images"] == 32 and extra["class_images_drawn"] == 32  # max of choices [16, 32]
+    assert len(list(Path(extra["class_folder"]).glob("class_*.png"))) == 32
+    rows, _ = leaderboard(run_dir)
+    assert rows and {r.method for r in rows} == {"dreambooth"}
+    assert all(r.status != "error" for r in rows), [(r.trial_id, r.error) for r in rows]
+    assert {r.params["dreambooth.num_class_images"] for r in rows} <= {16, 32}
+
+
+def test_the_picked_checkpoint_draws_the_star_on_images_picking_never_saw(db_run):
+    """The product's decision, judged by ground truth on held-out seeds and colour pairs."""
+    run_dir, _ = db_run
+    best = json.loads((run_dir.parent / "best" / "best.json").read_text())
+    assert best["method"] == "dreambooth"
+    held = best["heldout"]
+    assert held is not None and "scores" in held, held
+    gain = held["margins_by_metric"]["baseline"]["concept_rate"]
+    assert gain["margin"] >= 0.15 and gain["separated"] and gain["low"] > 0, gain
+
+
+def test_the_exports_load_back_and_hold_the_same_unet(db_run):
+    run_dir, _ = db_run
+    best_dir = run_dir.parent / "best"
+    best = json.loads((best_dir / "best.json").read_text())
+    single = [f for f in best["files"] if f.endswith("-dreambooth.safetensors")]
+    assert best["files"][0] == "unet" and len(single) == 1
+    unet = UNet2DConditionModel.from_pretrained(str(best_dir / "unet"))
+    loaded = load_base_model(str(best_dir / single[0]), single_file_config=str(weights_dir()))
+    a, b = unet.state_dict(), loaded.unet.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert best["metrics_at_best"]["artifact_bytes"] > 0
