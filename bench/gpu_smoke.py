@@ -9,11 +9,11 @@ whenever a GPU machine is lent:
     python bench/gpu_smoke.py --sweep-on-cpu  # the Ray sweep on the CPU (checks this script's wiring)
 
 Each method runs its toy-world demo (LoRA: sweeps/configs/demo.yaml, textual inversion:
-demo-ti.yaml), shortened. Inside each trial (by wrapping ``sweeps.trial.make_trainer`` and
+demo-ti.yaml, DreamBooth: demo-dreambooth.yaml with 4 class images), shortened. Inside each trial (by wrapping ``sweeps.trial.make_trainer`` and
 ``evaluate_images`` in the worker) it asserts: the trainer's device is the GPU; trainable
-parameters (LoRA adapters, new embedding rows) are fp32 and every frozen UNet / VAE weight is in
-the weight dtype (bf16, or fp16 without bf16) on it, the text encoder in the method's
-``text_encoder_dtype`` (the weight dtype for LoRA, fp32 for textual inversion); the
+parameters (LoRA adapters, new embedding rows, DreamBooth's UNet) are fp32 and every frozen
+UNet / VAE weight is in the weight dtype (bf16, or fp16 without bf16) on it, the text encoder in
+the method's ``text_encoder_dtype`` (the weight dtype for LoRA, fp32 for textual inversion); the
 UNet, VAE decoder and text encoder compute in the autocast dtype while sampling and the UNet
 while training; every scoring model (CLIP, DINO-style backbone, checker) has fp32 weights on the
 trial's GPU, computes there in fp32, and no scoring model sits on another device; the reference
@@ -61,7 +61,8 @@ class Expect:
         return self.autocast or self.weight_dtype
 
 
-DEMOS = {"lora": "demo.yaml", "textual_inversion": "demo-ti.yaml"}  # method -> its toy-world demo
+DEMOS = {"lora": "demo.yaml", "textual_inversion": "demo-ti.yaml",  # method -> its toy-world demo
+         "dreambooth": "demo-dreambooth.yaml"}
 
 
 def smoke_sweep(storage: Path, gpu: float, steps: int, device: str | None = None,
@@ -76,6 +77,10 @@ def smoke_sweep(storage: Path, gpu: float, steps: int, device: str | None = None
     raw["base"]["train"].update(max_train_steps=steps, lr_warmup_steps=min(10, steps), mixed_precision="auto",
                                 device=device)
     raw["search"].update(num_samples=2, max_concurrent_trials=2)
+    if method == "dreambooth":  # a few class images, drawn quickly (on the cache task's GPU)
+        raw["base"]["dreambooth"].update(num_class_images=4, class_steps=5)
+        raw["search"]["spaces"][0]["params"]["dreambooth.num_class_images"] = {
+            "type": "categorical", "choices": [4], "default": 4}
     raw["evaluation"]["every"] = steps // 2
     images = raw["evaluation"]["images"]
     images["generation"].update(seeds=[0, 1], steps=10)
@@ -150,7 +155,7 @@ def check_setup(trainer: Any, expect: Expect) -> None:
     """Right after the trainer is built: device, LoRA fp32, frozen UNet in the weight dtype."""
     _require(trainer.device.type == expect.device_type, f"trainer device {trainer.device}, expected {expect.device_type}")
     _require(trainer.weight_dtype == expect.weight_dtype, f"weight dtype {trainer.weight_dtype}, expected {expect.weight_dtype}")
-    _check_weights("unet", trainer.model.unet, trainer.device, trainer.weight_dtype)
+    _check_weights("unet", trainer.model.unet, trainer.device, trainer.unet_dtype)
     if trainer.trains_text_encoder:  # else it is not placed until sampling
         _check_weights("text_encoder", trainer.model.text_encoder, trainer.device, trainer.text_encoder_dtype)
     _require(all(p.dtype == torch.float32 for p in trainer.trainable), "a trainable parameter is not fp32")
@@ -194,8 +199,8 @@ def checked_evaluation(original: Any, evaluator: Any, trainer: Any, expect: Expe
     result = original(evaluator, trainer, *args)
     m = trainer.model
     for name in ("unet", "vae", "text_encoder"):
-        _check_weights(name, getattr(m, name), dev, trainer.text_encoder_dtype if name == "text_encoder"
-                       else trainer.weight_dtype)
+        want = {"unet": trainer.unet_dtype, "text_encoder": trainer.text_encoder_dtype}.get(name, trainer.weight_dtype)
+        _check_weights(name, getattr(m, name), dev, want)
     for name in ("unet", "vae.decoder", "text_encoder"):
         probe.check("sample", name, dev, expect.compute_dtype)
     for name, model in _scorers(evaluator).items():
@@ -315,7 +320,9 @@ def cpu_dry_run(steps: int = 2, method: str = "lora") -> int:
         state = {"cache_builds": [dict(data.report.__dict__)], "baseline": driver._score_baseline(cfg, model)}
         check_outside_trials(state, expect)
         run_cfg = trial_run_config(cfg, {}).model_copy(update={"output_dir": str(Path(tmp) / "work")})
-        trainer = trial.make_trainer(run_cfg, load_base_model(cfg.base.model.source), data)
+        extra, _ = driver.build_extra(cfg, model)  # DreamBooth's class images, as the cache task builds them
+        trainer = trial.make_trainer(run_cfg, load_base_model(cfg.base.model.source), data, None,
+                                     extra.get(run_cfg.method))
         try:
             check_setup(trainer, expect)
             evaluator = trial.worker_evaluator(cfg, trainer.device)

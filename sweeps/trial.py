@@ -290,22 +290,24 @@ def _train_and_report(trainer: Any, cfg: SweepConfig, evaluator: Evaluator | Non
 
 
 class KeepResumeStateInNewest(tune.Callback):
-    """On the driver, once Tune has registered a trial's new checkpoint: drop the resume tensors
-    (trainable weights + optimizer state, ``trainer_state.safetensors``) from that trial's other
-    checkpoints. Only the newest is ever resumed from (Tune restores a trial from its latest and
-    never deletes it); older ones keep what is scored and exported (the method's weights) and the
-    small JSON state. At SD 1.5 a DreamBooth checkpoint's resume tensors are ~10 GB
-    (docs/METHODS.md). Done here, not in the trial, because a trial the scheduler stops runs no
-    code after its last report, and the checkpoint is only certain to be in storage once Tune has
-    registered it."""
+    """On the driver, once a trial has finished (completed, or stopped by the scheduler): drop the
+    resume tensors (trainable weights + optimizer state, ``trainer_state.safetensors``) from all
+    its checkpoints but the newest. A finished trial is never trained again; its checkpoints keep
+    what is scored and exported (the method's weights) and the small JSON state. At SD 1.5 a
+    DreamBooth checkpoint's resume tensors are ~10 GB (docs/METHODS.md).
 
-    def on_checkpoint(self, iteration: int, trials: list[Any], trial: Any, checkpoint: Any, **info: Any) -> None:
-        newest = Path(checkpoint.path)
-        if not newest.is_dir():  # not a local/shared filesystem path: leave remote storage alone
+    Not earlier: while a trial runs, Tune may resume it from a checkpoint older than the newest
+    (a driver killed before its experiment state caught up restores the last checkpoint that
+    state names; the kill -9 e2e test caught a prune-on-every-checkpoint version). The newest is
+    kept even when finished: a driver killed right after this callback may still resume the trial.
+    """
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        trial_dir = Path(trial.path)
+        if not trial_dir.is_dir():  # not a local/shared filesystem path: leave remote storage alone
             return
-        for old in newest.parent.glob("checkpoint_*"):
-            if old != newest:
-                (old / STATE_TENSORS).unlink(missing_ok=True)
+        for old in sorted(trial_dir.glob("checkpoint_*"))[:-1]:
+            (old / STATE_TENSORS).unlink(missing_ok=True)
 
 
 def _report_error(err: Exception, trainer: Any, trial_dir: Path, *, worker_replaced: bool = False) -> None:

@@ -30,7 +30,7 @@ def test_without_cuda_the_smoke_exits_2_saying_it_needs_a_gpu(smoke, monkeypatch
     assert "no CUDA device" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", ["lora", "textual_inversion"])
+@pytest.mark.parametrize("method", ["lora", "textual_inversion", "dreambooth"])
 def test_the_cpu_dry_run_passes_its_checks(smoke, monkeypatch, method) -> None:
     from trainers import metrics
 
