@@ -94,6 +94,7 @@ class DreamBoothTrainer(Trainer):
         from trainers.class_images import ensure_class_images
         from trainers.data import DatasetError, Problem, preflight
         from trainers.latents import build_latent_cache
+        from trainers.run import latent_cache_root
 
         db: DreamBoothSettings = cfg.settings
         if not db.prior_preservation:
@@ -112,8 +113,7 @@ class DreamBoothTrainer(Trainer):
             raise DatasetError(folder, [Problem(str(folder), f"{len(records)} class images, but "
                                                              f"dreambooth.num_class_images is {db.num_class_images}: "
                                                              "add images or lower num_class_images")])
-        data = build_latent_cache(records, ccfg, model, root=cache / "latents" if cache else None, cache_text=True,
-                                  device=device)
+        data = build_latent_cache(records, ccfg, model, root=latent_cache_root(cfg), cache_text=True, device=device)
         return {"class": data}, {"class_images": len(data), "class_images_drawn": drawn, "class_folder": str(folder),
                                  "class_cache_key": data.key}
 

@@ -54,7 +54,7 @@ def prepare_data(cfg: RunConfig, model, *, cache_text: bool,
     if records is None:
         records = preflight(cfg.data, require_captions=True)
     train, _ = split_validation(records, cfg.data)
-    return build_latent_cache(train, cfg.data, model, root=_cache_root(cfg), cache_text=cache_text,
+    return build_latent_cache(train, cfg.data, model, root=latent_cache_root(cfg), cache_text=cache_text,
                               device=run_device(cfg.train.device))
 
 
@@ -82,11 +82,12 @@ def prepare_validation(cfg: RunConfig, model, *, cache_text: bool,
     found = validation_records(cfg, records)
     if found is None:
         return None
-    return build_latent_cache(found[0], found[1], model, root=_cache_root(cfg), cache_text=cache_text,
+    return build_latent_cache(found[0], found[1], model, root=latent_cache_root(cfg), cache_text=cache_text,
                               device=run_device(cfg.train.device))
 
 
-def _cache_root(cfg: RunConfig) -> Path | None:
+def latent_cache_root(cfg: RunConfig) -> Path | None:
+    """Where this run's latent cache lives: ``cache_dir/latents``, or the default root."""
     return Path(cfg.cache_dir) / "latents" if cfg.cache_dir else None
 
 
