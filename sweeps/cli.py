@@ -93,7 +93,7 @@ def print_results(run_dir: Path, metric: str | None = None) -> list[Any]:
     multi-objective sweep, the Pareto front. Returns the rows."""
     from sweeps.config import natural_mode
     from sweeps.results import baseline_scores, format_leaderboard, image_metrics, leaderboard, metric_and_mode
-    from sweeps.results import find_checkpoint, pareto_front
+    from sweeps.results import find_checkpoint, format_best_per_method, pareto_front
 
     from sweeps.confirm import heldout_column
     from sweeps.results import read_confirmation
@@ -105,6 +105,9 @@ def print_results(run_dir: Path, metric: str | None = None) -> list[Any]:
     print(f"ranked by {name} ({mode}) over every evaluated checkpoint"
           + ("; (+x) = gain over the base model without adapter" if base else ""))
     print(format_leaderboard(rows, name, image_metrics(state), base, heldout_column(confirmation)))
+    if len({r.method for r in rows if r.rank is not None}) > 1:
+        print(format_best_per_method(rows, name)
+              + "\n  (`sdsweep best RUN_DIR --method NAME --export DIR` exports one method's best)")
     if confirmation:
         print(f"held-out confirmation ({confirmation['images_per_model']} images per model on seeds never used "
               f"for picking), winner {confirmation['winner']}:")
@@ -168,8 +171,10 @@ def _cmd_results(args: argparse.Namespace) -> int:
 def _cmd_best(args: argparse.Namespace) -> int:
     from sweeps.results import export_best
 
-    info = export_best(Path(args.run_dir), Path(args.export), metric=args.metric, pareto=args.pareto)
-    keys = ("trial_id", "hyperparameters", "metric", "image_scores", "gain_over_baseline", "why", "files")
+    info = export_best(Path(args.run_dir), Path(args.export), metric=args.metric, pareto=args.pareto,
+                       method=args.method)
+    keys = ("trial_id", "method", "hyperparameters", "metric", "image_scores", "gain_over_baseline", "cost", "why",
+            "files")
     print(json.dumps({k: info[k] for k in keys}, indent=1))
     if "not_kept" in info:
         print(f"note: {info['not_kept']}", file=sys.stderr)
@@ -244,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     pick.add_argument("--metric", default=None, help="pick by this reported metric (default: the sweep's)")
     pick.add_argument("--pareto", type=int, default=None, metavar="K",
                       help="export point K of the Pareto front (multi-objective sweeps; see `results`)")
+    best.add_argument("--method", default=None, help="only this method's trials compete (sweeps across methods); "
+                      "the export is in that method's formats")
     best.set_defaults(func=_cmd_best)
 
     confirm = sub.add_parser("confirm", help="(re)run the held-out confirmation of a sweep's top checkpoints")

@@ -17,7 +17,7 @@ from pydantic import Field, field_validator, model_validator
 
 from search_spaces import SamplerSettings, SearchSpace, build_search_space, load_space, parse_storage_url
 from sweeps.tracking import TrackingSettings
-from trainers.config import ConfigError, Frozen, RunConfig, read_yaml, validate_mapping
+from trainers.config import METHOD_SECTIONS, ConfigError, Frozen, RunConfig, read_yaml, validate_mapping
 from trainers.evaluate import EvaluatorConfig
 from trainers.metrics import COMPOSITE, METRICS
 
@@ -59,11 +59,24 @@ class SearchSettings(Frozen):
         return v
 
 
+TIME_ATTRS = ("step", "images_seen", "trainer_s")  # what a scheduler's rungs are measured in
+
+
 class SchedulerSettings(Frozen):
-    """Early stopping of weak trials; times are in training steps."""
+    """Early stopping of weak trials.
+
+    ``time_attr`` is what the rungs are measured in, a value every trial reports: ``step``
+    (optimizer steps), ``images_seen`` (examples through the UNet: instance plus, with DreamBooth's
+    prior preservation, class examples) or ``trainer_s`` (seconds in the training loop, without
+    evaluation and checkpointing). ``auto`` is ``step`` when the sweep searches one method and
+    ``trainer_s`` when it searches several, whose steps cost different amounts (docs/SWEEPS.md,
+    "Budgets across methods"). ``grace_period`` and ``max_t`` are in that unit.
+    """
 
     type: Literal["asha", "hyperband", "median", "none"] = "asha"
-    grace_period: int | None = Field(None, gt=0, description="default: evaluation.every")
+    time_attr: Literal["auto", "step", "images_seen", "trainer_s"] = "auto"
+    grace_period: float | None = Field(None, gt=0, description="default: one evaluation's worth (see docs/SWEEPS.md)")
+    max_t: float | None = Field(None, gt=0, description="default: the most a trial can reach (see docs/SWEEPS.md)")
     reduction_factor: float = Field(2.0, gt=1)
 
     @model_validator(mode="after")
@@ -71,6 +84,8 @@ class SchedulerSettings(Frozen):
         # Compared with defaults (not fields-set) so a dumped config reloads (workers, resume).
         if self.grace_period is not None and self.type in ("hyperband", "none"):
             raise ValueError(f"grace_period is not used by scheduler type {self.type!r}; remove it")
+        if self.max_t is not None and self.type in ("median", "none"):
+            raise ValueError(f"max_t is not used by scheduler type {self.type!r}; remove it")
         if self.reduction_factor != 2.0 and self.type in ("median", "none"):
             raise ValueError(f"reduction_factor is not used by scheduler type {self.type!r}; remove it")
         return self
@@ -169,6 +184,9 @@ class SweepConfig(Frozen):
 
     name: str = Field("sweep", pattern=r"^[A-Za-z0-9_.-]+$")
     base: RunConfig
+    # The settings sections of the other searched methods (a sweep across methods): written by the
+    # user under `base` beside the base method's own (`base.dreambooth: {...}`), kept here.
+    method_sections: dict[str, dict[str, Any]] = {}
     search: SearchSettings = SearchSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
@@ -193,6 +211,31 @@ class SweepConfig(Frozen):
             held = isinstance(d, dict) and (d.get("validation_split") or d.get("validation_path"))
             return {**data, "evaluation": {**ev, "metric": "val_loss" if held else "fixed_train_loss"}}
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_of_other_methods(cls, data: Any) -> Any:
+        # `base` is one method's run config; in a sweep across methods it also carries the other
+        # searched methods' sections, which move to `method_sections` (check_space_against_base
+        # validates each against its method). Without `base.method`, the method is that of the
+        # first search space (or of the one section given).
+        if not isinstance(data, dict) or not isinstance(data.get("base"), dict):
+            return data
+        base = dict(data["base"])
+        present = [m for m, sec in METHOD_SECTIONS.items() if base.get(sec) is not None]
+        if "method" not in base:
+            first = _first_space_method((data.get("search") or {}).get("spaces", ("lora",)))
+            base["method"] = first or (present[0] if len(present) == 1 else "lora")
+        own = METHOD_SECTIONS.get(base["method"])
+        moved = dict(data.get("method_sections") or {})
+        for method in present:
+            if METHOD_SECTIONS[method] != own:
+                section = base.pop(METHOD_SECTIONS[method])
+                if not isinstance(section, dict):
+                    raise ValueError(f"base.{METHOD_SECTIONS[method]}: expected a mapping of {method} settings, "
+                                     f"got {section!r}")
+                moved[method] = section
+        return {**data, "base": base, "method_sections": moved}
 
     @model_validator(mode="before")
     @classmethod
@@ -226,9 +269,16 @@ class SweepConfig(Frozen):
 
     @model_validator(mode="after")
     def _grace_fits(self) -> "SweepConfig":
-        if self.scheduler.grace_period and self.scheduler.grace_period > self.base.train.max_train_steps:
-            raise ValueError(f"scheduler.grace_period ({self.scheduler.grace_period}) exceeds "
+        s = self.scheduler
+        try:
+            clock = self.time_attr
+        except ValueError:  # a search space that does not load: check_space_against_base names it
+            clock = s.time_attr
+        if clock == "step" and s.grace_period and s.grace_period > self.base.train.max_train_steps:
+            raise ValueError(f"scheduler.grace_period ({s.grace_period:g}) exceeds "
                              f"base.train.max_train_steps ({self.base.train.max_train_steps})")
+        if s.grace_period and s.max_t and s.grace_period > s.max_t:
+            raise ValueError(f"scheduler.grace_period ({s.grace_period:g}) exceeds scheduler.max_t ({s.max_t:g})")
         return self
 
     @property
@@ -244,6 +294,28 @@ class SweepConfig(Frozen):
     def search_space(self) -> SearchSpace:
         """The compiled define-by-run search space of this sweep."""
         return build_search_space([load_space(s) for s in self.search.spaces])
+
+    @property
+    def time_attr(self) -> str:
+        """What the scheduler measures time in (``scheduler.time_attr`` with ``auto`` resolved)."""
+        if self.scheduler.time_attr != "auto":
+            return self.scheduler.time_attr
+        return "step" if len(self.search_space().methods) == 1 else "trainer_s"
+
+    def method_section(self, method: str) -> dict[str, Any] | None:
+        """The settings section the user gave for ``method`` (None: that method's defaults)."""
+        if method == self.base.method:
+            return self.base.settings.model_dump(mode="json")
+        return self.method_sections.get(method)
+
+
+def _first_space_method(spaces: Any) -> str | None:
+    """The method of the first entry of a raw ``search.spaces`` (None if it does not load: the
+    space's own validation reports that later, naming the problem)."""
+    try:
+        return load_space(spaces[0]).method if spaces else None
+    except (ValueError, TypeError, KeyError, IndexError, OSError):
+        return None
 
 
 def apply_hyperparameters(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
@@ -261,8 +333,17 @@ def apply_hyperparameters(base: dict[str, Any], params: dict[str, Any]) -> dict[
 
 
 def trial_run_config(sweep: SweepConfig, params: dict[str, Any], source: str = "trial") -> RunConfig:
-    """Validate the run config of one trial: ``base`` + its hyperparameters."""
-    merged = apply_hyperparameters(sweep.base.model_dump(mode="json"), params)
+    """Validate the run config of one trial: ``base`` with the trial's method (its ``method``
+    parameter; default the base's) and that method's settings section only, plus its
+    hyperparameters."""
+    method = params.get("method", sweep.base.method)
+    base = sweep.base.model_dump(mode="json")
+    for section in METHOD_SECTIONS.values():
+        base[section] = None
+    base["method"] = method
+    if method in METHOD_SECTIONS:  # else RunConfig's own check names the valid methods
+        base[METHOD_SECTIONS[method]] = sweep.method_section(method)
+    merged = apply_hyperparameters(base, params)
     return validate_mapping(merged, RunConfig, source)
 
 
@@ -312,15 +393,44 @@ def absolute_paths(cfg: SweepConfig, root: Path) -> SweepConfig:
 
 def check_space_against_base(cfg: SweepConfig, source: str) -> None:
     """Fail before any work if a method's defaults produce an invalid run config (for example a
-    searched key that does not exist, such as ``lora.rnak``)."""
+    searched key that does not exist, such as ``lora.rnak``, or a bad value in a method's section),
+    or if ``base`` holds settings of a method no search space searches (they would be ignored)."""
     try:
         spaces = [load_space(s) for s in cfg.search.spaces]
         build_search_space(spaces)
     except ValueError as err:
         raise ConfigError(f"{source}: search.spaces: {err}") from None
+    searched = [s.method for s in spaces]
+    if cfg.base.method not in searched:
+        raise ConfigError(f"{source}: base.method {cfg.base.method!r} is not searched (search.spaces are for "
+                          f"{searched}); set base.method to one of them, or omit it (it defaults to the first)")
+    clock = _scheduler_clock_problem(cfg)
+    if clock:
+        raise ConfigError(f"{source}: {clock}")
+    unsearched = sorted(set(cfg.method_sections) - set(searched))
+    if unsearched:
+        section = METHOD_SECTIONS.get(unsearched[0], unsearched[0])
+        raise ConfigError(f"{source}: base.{section}: settings of a method this sweep does not search "
+                          f"(search.spaces are for {searched}); remove the section or add a {unsearched[0]} space")
     for space in spaces:
         params = {"method": space.method, **space.defaults()}
         try:
             trial_run_config(cfg, params, source=f"{source} ({space.method} search space defaults)")
         except ConfigError as err:
-            raise ConfigError(f"{err}\n  (the search space sets keys or values the run config rejects)") from None
+            section = METHOD_SECTIONS.get(space.method, space.method)
+            raise ConfigError(f"{err}\n  (keys are of the {space.method} trial's run config: base.{section} or the "
+                              f"{space.method} search space sets keys or values it rejects)") from None
+
+
+def _scheduler_clock_problem(cfg: SweepConfig) -> str | None:
+    """A scheduler setting its clock cannot default (named key and fix), or None."""
+    s = cfg.scheduler
+    if cfg.time_attr != "trainer_s":
+        return None
+    if s.type == "hyperband" and s.max_t is None:
+        return ("scheduler.max_t: hyperband on trainer seconds needs it (its brackets are sized from it); "
+                "set the seconds a full trial may train, or use scheduler.time_attr: step")
+    if s.type == "median" and s.grace_period is None:
+        return ("scheduler.grace_period: the median rule on trainer seconds needs it; set the seconds a trial "
+                "trains before it can be stopped, or use scheduler.time_attr: step")
+    return None

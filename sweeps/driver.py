@@ -18,13 +18,13 @@ from typing import Any
 
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule
 from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces import make_sampler, make_storage
 from sweeps.config import SweepConfig, trial_run_config
 from sweeps.confirm import confirm_sweep
 from sweeps.results import SWEEP_STATE, SweepError
+from sweeps.schedulers import make_scheduler
 from sweeps.tracking import make_callbacks, offline_sync_command, tensorboard_callbacks
 from sweeps.trial import KeepResumeStateInNewest, run_trial, trial_env
 from trainers.data import preflight
@@ -173,19 +173,6 @@ class SweepRun:
     results: Any  # ray.tune.ResultGrid
     cache_report: dict[str, int]
     sync_command: str | None
-
-
-def make_scheduler(cfg: SweepConfig) -> Any:
-    """The trial scheduler; time is measured in training steps (the reported ``step``)."""
-    s, max_t = cfg.scheduler, cfg.base.train.max_train_steps
-    grace = s.grace_period or cfg.evaluation.every
-    if s.type == "asha":
-        return ASHAScheduler(time_attr="step", max_t=max_t, grace_period=grace, reduction_factor=s.reduction_factor)
-    if s.type == "hyperband":
-        return HyperBandScheduler(time_attr="step", max_t=max_t, reduction_factor=s.reduction_factor)
-    if s.type == "median":
-        return MedianStoppingRule(time_attr="step", grace_period=grace, min_samples_required=2)
-    return FIFOScheduler()
 
 
 def make_search(cfg: SweepConfig) -> SweepOptunaSearch:

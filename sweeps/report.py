@@ -24,8 +24,9 @@ from urllib.parse import quote
 from PIL import Image
 
 from sweeps.config import natural_mode
-from sweeps.results import (TrialRow, baseline_scores, find_checkpoint, image_metrics, leaderboard,
-                            metric_and_mode, pareto_front, read_confirmation)
+from sweeps.results import (COST_HEAD, TrialRow, baseline_scores, best_per_method, find_checkpoint, format_cost,
+                            image_metrics, leaderboard, metric_and_mode, pareto_front, read_confirmation)
+from sweeps.charts import line_chart, scatter_chart, spend_front
 from trainers.tensor_files import atomic_write_text
 
 REPORT_DIR = "report"
@@ -81,7 +82,7 @@ def render_report(run_dir: Path, rows: list[TrialRow], state: dict[str, Any], ou
     the images it shows under ``out``."""
     name = str(state["config"].get("name", "sweep"))
     body = [_header(rows, state), _leaderboard_section(rows, state), _confirm_section(run_dir, state),
-            _pareto_section(rows, state),
+            _methods_section(rows, state), _pareto_section(rows, state),
             _curves_section(rows, state), _grids_section(run_dir, rows, state, Path(out)),
             _prompts_section(run_dir, rows, state, Path(out))]
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -185,7 +186,8 @@ def _leaderboard_section(rows: list[TrialRow], state: dict[str, Any]) -> str:
     keys = sorted({k for r in rows for k in r.params if k != "method"})
     errors = any(r.error for r in rows)
     head = [_e(h) for h in ("rank", "trial", "method")] + [_param_label(k) for k in keys] + [
-        _e(h) for h in (metric, *extra, "best step", "steps", "status", "wall", *(["error"] if errors else []))]
+        _e(h) for h in (metric, *extra, "best step", "steps", "status", "wall", *COST_HEAD,
+                        *(["error"] if errors else []))]
     lines = []
     for r in rows:
         cells = [f'<td class="n">{r.rank or "–"}</td>', f"<td><code>{_e(r.trial_id)}</code></td>",
@@ -194,6 +196,7 @@ def _leaderboard_section(rows: list[TrialRow], state: dict[str, Any]) -> str:
                  *[f'<td class="n">{_score(m, r.best_metrics.get(m), base.get(m))}</td>' for m in extra],
                  f'<td class="n">{_num(r.best_step)}</td>', f'<td class="n">{r.steps}</td>',
                  f'<td class="st-{_e(r.status)}">{_e(r.status)}</td>', f'<td class="n">{r.wall_s:.0f} s</td>',
+                 *[f'<td class="n cost">{_e(c)}</td>' for c in format_cost(r.cost)],
                  *([f'<td class="err">{_e(r.error or "")}</td>'] if errors else [])]
         best = "" if r.best is None else f' data-best="{r.best!r}"'
         lines.append(f'<tr class="trial{" top" if r.rank == 1 else ""}" data-trial="{_e(r.trial_id)}" '
@@ -204,8 +207,10 @@ def _leaderboard_section(rows: list[TrialRow], state: dict[str, Any]) -> str:
                      f'<td class="n">{_score(metric, base.get(metric), None)}</td>'
                      + "".join(f'<td class="n">{_score(m, base.get(m), None)}</td>' for m in extra)
                      + '<td class="n">–</td><td class="n">0</td><td>baseline</td><td></td>'
-                     + ("<td></td>" if errors else "") + "</tr>")
+                     + "<td></td>" * (len(COST_HEAD) + errors) + "</tr>")
     note = " Small numbers: gain over the base model without adapter." if base else ""
+    note += (" Spend: seconds in the training loop (no evaluation), examples through the UNet, peak memory "
+             "(CPU: the worker's RSS high-water mark), size of the shipped artifact at the best step.")
     return _section("Leaderboard", f"Each trial at its best step by {_e(metric)}.{note}",
                     _table("leaderboard", head, lines))
 
@@ -249,18 +254,62 @@ def _pareto_section(rows: list[TrialRow], state: dict[str, Any]) -> str:
         return ""
     front = pareto_front(rows, objectives, [natural_mode(o) for o in objectives])
     paths = {r.trial_id: r.path for r in rows}
+    methods = {r.trial_id: r.method for r in rows}
+    colors = method_colors(rows)
     lines = []
     for k, p in enumerate(front):
         path = paths.get(p.trial_id)
         kept = "yes" if path and find_checkpoint(path, p.step) else "no"
-        lines.append(f'<tr data-trial="{_e(p.trial_id)}" data-step="{p.step}"><td class="n">{k}</td>'
-                     f"<td><code>{_e(p.trial_id)}</code></td><td class=\"n\">{p.step}</td>"
+        m = methods.get(p.trial_id, "?")
+        lines.append(f'<tr data-trial="{_e(p.trial_id)}" data-step="{p.step}" data-method="{_e(m)}"><td class="n">{k}</td>'
+                     f"<td><code>{_e(p.trial_id)}</code></td>"
+                     f'<td><span class="sw" style="border-color:{colors.get(m, "#333")}"></span>{_e(m)}</td>'
+                     f"<td class=\"n\">{p.step}</td>"
                      + "".join(f'<td class="n">{_num(p.values[o])}</td>' for o in objectives)
                      + f"<td>{kept}</td></tr>")
-    head = ["point", "trial", "step", *[_e(f"{o} ({natural_mode(o)})") for o in objectives], "checkpoint kept"]
+    head = ["point", "trial", "method", "step", *[_e(f"{o} ({natural_mode(o)})") for o in objectives],
+            "checkpoint kept"]
     note = (f"{len(front)} evaluated checkpoint{'' if len(front) == 1 else 's'} no other beats on every one of "
             f"{_e(', '.join(objectives))}; <code>sdsweep best RUN_DIR --pareto K</code> exports point K.")
     return _section("Pareto front", note, _table("pareto", head, lines))
+
+
+def method_colors(rows: list[TrialRow]) -> dict[str, str]:
+    """One palette colour per method, in a fixed order (the same method has the same colour in
+    every chart and table of the page)."""
+    return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(sorted({r.method for r in rows}))}
+
+
+def _methods_section(rows: list[TrialRow], state: dict[str, Any]) -> str:
+    """For a sweep across methods: each method's best trial with its spend, and every evaluated
+    checkpoint's score against the trainer seconds it had spent, coloured by method, with the front
+    of the best score for the spend."""
+    metric, mode = metric_and_mode(state)
+    best = best_per_method(rows)
+    if len({r.method for r in rows}) < 2:
+        return ""
+    colors = method_colors(rows)
+    lines = []
+    for method, r in best.items():
+        lines.append(f'<tr data-method="{_e(method)}"><td><span class="sw" style="border-color:{colors[method]}">'
+                     f"</span>{_e(method)}</td><td class=\"n\">{r.rank}</td><td><code>{_e(r.trial_id)}</code></td>"
+                     f'<td class="n">{_num(r.best_step)}</td><td class="n metric">{_num(r.best)}</td>'
+                     + "".join(f'<td class="n cost">{_e(c)}</td>' for c in format_cost(r.cost)) + "</tr>")
+    table = _table("methods", ["method", "rank", "trial", "best step", _e(metric), *COST_HEAD], lines)
+    pts = [(r.method, r.trial_id, float(h["trainer_s"]), float(h[metric]), int(h["step"]))
+           for r in rows for h in r.history if _finite(h.get("trainer_s")) and _finite(h.get(metric))]
+    front = spend_front([(x, y) for _, _, x, y, _ in pts], mode)
+    chart = scatter_chart([(colors[m], x, y, i in front, f"{m} {t} step {s}: {metric} {y:.4g} after {x:.0f} s")
+                           for i, (m, t, x, y, s) in enumerate(pts)], "trainer seconds", metric,
+                          baseline_scores(state).get(metric))
+    legend = "".join(f'<span><span class="sw" style="border-color:{c}"></span>{_e(m)}</span>'
+                     for m, c in colors.items()) + "<span>ringed: best score for the spend</span>" + (
+        '<span><span class="sw dash"></span>base model</span>' if metric in baseline_scores(state) else "")
+    note = (f"Each method's best trial by {_e(metric)} and what it spent; <code>sdsweep best RUN_DIR --method NAME"
+            "</code> exports one method's best. Below, every evaluated checkpoint's score against the trainer "
+            "seconds spent to reach it.")
+    return _section("Methods", note, table + f'<div class="legend" style="margin-top:12px">{legend}</div>'
+                    f'<div class="chart" id="spend-chart">{chart}</div>')
 
 
 def _curves_section(rows: list[TrialRow], state: dict[str, Any]) -> str:
@@ -288,60 +337,6 @@ def _curves_section(rows: list[TrialRow], state: dict[str, Any]) -> str:
 
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """About ``count`` round tick values (1, 2 or 5 times a power of ten apart) within [lo, hi]."""
-    span = hi - lo
-    if span <= 0 or not math.isfinite(span):
-        return [lo]
-    raw = span / max(count - 1, 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    # The 1-2-5 step nearest the raw one (in ratio): rounding up instead can leave a single tick.
-    step = min((mult * mag for mult in (1, 2, 5, 10)), key=lambda s: abs(math.log(s / raw)))
-    first = math.ceil(lo / step - 1e-9) * step
-    return [round(first + i * step, 12) for i in range(int((hi - first) / step + 1e-9) + 1)]
-
-
-def line_chart(series: list[tuple[str, str, list[tuple[float, float]]]], baseline: float | None,
-               width: int = 400, height: int = 230) -> str:
-    """An inline SVG chart: one line per ``(label, colour, points)``, ``baseline`` dashed across."""
-    xs = [x for _, _, pts in series for x, _ in pts]
-    ys = [y for _, _, pts in series for _, y in pts] + ([baseline] if baseline is not None else [])
-    if not xs:
-        return '<p class="muted">no values</p>'
-    x0, x1 = min(xs), max(xs)
-    x0, x1 = (x0 - 1, x1 + 1) if x0 == x1 else (x0, x1)
-    pad = (max(ys) - min(ys)) * 0.08 or abs(ys[0]) * 0.05 or 1.0
-    y0, y1 = min(ys) - pad, max(ys) + pad
-    left, right, top, bottom = 58, 12, 10, 30
-    pw, ph = width - left - right, height - top - bottom
-
-    def sx(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * pw
-
-    def sy(y: float) -> float:
-        return top + (y1 - y) / (y1 - y0) * ph
-
-    parts = [f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fff" stroke="#d5dae3"/>']
-    for t in nice_ticks(y0, y1):
-        parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#eef0f4"/>'
-                     f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end">{_e(f"{t:.4g}")}</text>')
-    for t in sorted(set(xs)) if len(set(xs)) <= 12 else nice_ticks(x0, x1, 6):
-        parts.append(f'<text x="{sx(t):.1f}" y="{top + ph + 16}" text-anchor="middle">{_e(f"{t:g}")}</text>')
-    parts.append(f'<text x="{left + pw / 2}" y="{height - 2}" text-anchor="middle">step</text>')
-    if baseline is not None:
-        parts.append(f'<line class="baseline" x1="{left}" x2="{left + pw}" y1="{sy(baseline):.1f}" '
-                     f'y2="{sy(baseline):.1f}" stroke="#333" stroke-width="1.5" stroke-dasharray="6 4">'
-                     f"<title>baseline (no adapter): {_e(f'{baseline:.4g}')}</title></line>")
-    for label, color, pts in series:
-        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-        dots = "".join(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}">'
-                       f"<title>{_e(label)} step {x:g}: {y:.4g}</title></circle>" for x, y in pts)
-        parts.append(f'<g class="series" data-label="{_e(label)}"><polyline points="{coords}" fill="none" '
-                     f'stroke="{color}" stroke-width="1.8"/>{dots}</g>')
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'viewBox="0 0 {width} {height}" role="img">{"".join(parts)}</svg>')
 
 
 def _img(out: Path, src: Path, rel: str, alt: str, shown_px: int, cls: str = "", linked: bool = False

@@ -50,6 +50,12 @@ class TrialRow:
     best_metrics: dict[str, Any] = field(default_factory=dict)
     rank: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # every evaluation's numeric results
+    cost: dict[str, float] = field(default_factory=dict)  # what the trial spent (COST_KEYS)
+
+
+# What a trial spent, as every trial reports it: budgets compare across methods by these (the
+# scheduler's clock is one of step / images_seen / trainer_s). artifact_bytes: what its method ships.
+COST_KEYS = ("trainer_s", "images_seen", "peak_memory_mb", "artifact_bytes")
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,10 @@ def _trial_row(trial: Any, metric: str, mode: str, max_steps: int) -> TrialRow:
         pick = min if mode == "min" else max
         best = pick(evals, key=lambda r: r[metric])
         row.best, row.best_step, row.best_metrics = float(best[metric]), int(best["step"]), best
+    # The spend so far (the last report), and the size of the artifact the leaderboard would ship.
+    row.cost = {k: float(last[k]) for k in COST_KEYS if _has(last, k)}
+    if _has(row.best_metrics, "artifact_bytes"):
+        row.cost["artifact_bytes"] = float(row.best_metrics["artifact_bytes"])
     error_file = path / ERROR_FILE
     if last.get("trial_status") == "error" or error_file.is_file():
         info = json.loads(error_file.read_text()) if error_file.is_file() else last
@@ -160,7 +170,7 @@ def leaderboard(run_dir: Path, metric: str | None = None) -> tuple[list[TrialRow
 # Tune's and our own per-report bookkeeping: never a ranking metric.
 _BOOKKEEPING = {"step", "training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid",
                 "time_since_restore", "iterations_since_restore", "reported_at", "started_at", "setup_s",
-                "peak_memory_mb", "lr", "eval_s"}
+                "peak_memory_mb", "lr", "eval_s", "trainer_s", "images_seen", "artifact_bytes"}
 
 
 def image_metrics(state: dict[str, Any]) -> list[str]:
@@ -226,23 +236,56 @@ def format_leaderboard(rows: list[TrialRow], metric: str, scores: list[str] | No
             return []
         return [_score(h_scores[key], None if key == "baseline" else h_base) if key in h_scores else "-"]
 
-    head = ["rank", "trial", "method", *keys, metric, *h_col, *extra, "best@step", "status", "steps", "wall"]
+    head = ["rank", "trial", "method", *keys, metric, *h_col, *extra, "best@step", "status", "steps", "wall",
+            *COST_HEAD]
     lines = [head]
     for r in rows:
         lines.append([str(r.rank or "-"), r.trial_id, r.method, *[_fmt(r.params.get(k, "")) for k in keys],
                       _score(r.best, baseline.get(metric)) if metric in baseline else
                       (f"{r.best:.5f}" if r.best is not None else "-"), *held(r.trial_id),
                       *[_score(r.best_metrics.get(s), baseline.get(s)) for s in extra],
-                      str(r.best_step or "-"), r.status, str(r.steps), f"{r.wall_s:.0f}s"])
+                      str(r.best_step or "-"), r.status, str(r.steps), f"{r.wall_s:.0f}s", *format_cost(r.cost)])
     if baseline:
         lines.append(["base", "(no adapter)", "-", *["" for _ in keys], _score(baseline.get(metric), None),
-                      *held("baseline"), *[_score(baseline.get(s), None) for s in extra], "-", "baseline", "0", ""])
+                      *held("baseline"), *[_score(baseline.get(s), None) for s in extra], "-", "baseline", "0", "",
+                      *["" for _ in COST_HEAD]])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     for r in rows:
         if r.error:
             out.append(f"  {r.trial_id}: {r.error}")
     return "\n".join(out)
+
+
+COST_HEAD = ("train s", "images", "peak MB", "artifact")
+
+
+def format_cost(cost: dict[str, float]) -> list[str]:
+    """A trial's spend as the leaderboard's cost cells (COST_HEAD order)."""
+    def get(key: str, fmt: str) -> str:
+        return fmt.format(cost[key]) if key in cost else "-"
+
+    size = cost.get("artifact_bytes")
+    artifact = "-" if size is None else next(f"{size / 2 ** p:.3g} {u}" for p, u in ((30, "GB"), (20, "MB"), (10, "KB"), (0, "B"))
+                                             if size >= 2 ** p or p == 0)
+    return [get("trainer_s", "{:.0f}s"), get("images_seen", "{:.0f}"), get("peak_memory_mb", "{:.0f}"), artifact]
+
+
+def best_per_method(rows: list[TrialRow]) -> dict[str, TrialRow]:
+    """The best-ranked trial of every method that has a ranked trial, in rank order."""
+    out: dict[str, TrialRow] = {}
+    for r in sorted((r for r in rows if r.rank is not None), key=lambda r: r.rank or 0):
+        out.setdefault(r.method, r)
+    return out
+
+
+def format_best_per_method(rows: list[TrialRow], metric: str) -> str:
+    """One line per method: its best trial, step and score, and what it spent (for mixed sweeps)."""
+    lines = [f"best per method (by {metric}):"]
+    for method, r in best_per_method(rows).items():
+        spend = ", ".join(f"{h} {c}" for h, c in zip(COST_HEAD, format_cost(r.cost)) if c != "-")
+        lines.append(f"  {method:<18} rank {r.rank}  {r.trial_id}@{r.best_step}  {metric} {r.best:.4g}  ({spend})")
+    return "\n".join(lines)
 
 
 def find_checkpoint(trial_dir: Path, step: int) -> Path | None:
@@ -261,20 +304,26 @@ def _candidates(rows: list[TrialRow], metric: str, mode: str) -> list[tuple[Tria
     return sorted(evals, key=lambda rh: (sign * rh[1][metric], rh[0].trial_id, rh[1]["step"]))
 
 
-def select_checkpoint(run_dir: Path, metric: str | None = None,
-                      pareto: int | None = None) -> tuple[TrialRow, dict[str, Any], Path, dict[str, Any]]:
+def select_checkpoint(run_dir: Path, metric: str | None = None, pareto: int | None = None,
+                      method: str | None = None) -> tuple[TrialRow, dict[str, Any], Path, dict[str, Any]]:
     """The checkpoint ``sdsweep best`` exports: ``(trial row, its evaluation, checkpoint dir, why)``.
 
     By ``metric`` (default: the sweep's) over every evaluated checkpoint of every trial; or, with
     ``pareto=k``, the k-th point (0-based, best first on the first objective) of the Pareto front
     of ``evaluation.objectives``. A checkpoint Tune did not keep (``checkpoints_to_keep`` retains
     the best by the sweep's metric) cannot be exported: the best *kept* one is, and ``why`` says so.
+    With ``method``, only that method's trials compete (the best LoRA of a sweep across methods).
     """
     rows, state = leaderboard(run_dir, metric)
     metric, mode = metric_and_mode(state, metric)
+    if method is not None:
+        methods = sorted({r.method for r in rows})
+        if method not in methods:
+            raise SweepError(f"{run_dir}: --method {method}: no trial of that method; this sweep's methods: {methods}")
+        rows = [r for r in rows if r.method == method]
     by_id = {r.trial_id: r for r in rows}
     why: dict[str, Any] = {"evaluated_trials": sum(1 for r in rows if any(_has(e, metric) for e in r.history)),
-                           "trials": len(rows)}
+                           "trials": len(rows), "among_method": method}
     if pareto is not None:
         objectives = state["config"]["evaluation"].get("objectives")
         if not objectives:
@@ -311,10 +360,12 @@ def select_checkpoint(run_dir: Path, metric: str | None = None,
     raise FileNotFoundError(f"{run_dir}: none of the {len(cands)} evaluated checkpoints is on disk")
 
 
-def export_best(run_dir: Path, dest: Path, metric: str | None = None, pareto: int | None = None) -> dict[str, Any]:
-    """Copy the chosen checkpoint's weights to ``dest`` in the formats people load, with best.json
-    (why it won, its step, every score and its gain over the baseline, the evaluator identity)."""
-    row, h, ckpt, why = select_checkpoint(run_dir, metric, pareto)
+def export_best(run_dir: Path, dest: Path, metric: str | None = None, pareto: int | None = None,
+                method: str | None = None) -> dict[str, Any]:
+    """Copy the chosen checkpoint's weights to ``dest`` in the formats people load (its method's),
+    with best.json (why it won, its step, every score and its gain over the baseline, what the trial
+    spent, the evaluator identity). ``method``: the best of that method only."""
+    row, h, ckpt, why = select_checkpoint(run_dir, metric, pareto, method)
     state = read_state(run_dir)
     metric, mode = metric_and_mode(state, metric)
     dest = Path(dest)
@@ -326,7 +377,7 @@ def export_best(run_dir: Path, dest: Path, metric: str | None = None, pareto: in
     info = {"trial_id": row.trial_id, "method": row.method, "hyperparameters": row.params,
             "metric": {"name": metric, "mode": mode, "value": h[metric], "step": int(h["step"])},
             "metrics_at_best": {k: v for k, v in h.items() if k not in _BOOKKEEPING},
-            "image_scores": scores, "baseline": base,
+            "image_scores": scores, "baseline": base, "cost": row.cost,
             "gain_over_baseline": {k: v - base[k] for k, v in scores.items() if k in base},
             "evaluator": (state.get("baseline") or {}).get("identity"),
             "samples": str(samples) if samples and samples.is_file() else None,
@@ -337,7 +388,8 @@ def export_best(run_dir: Path, dest: Path, metric: str | None = None, pareto: in
             "why": (f"Pareto point {why['pareto_index']} of {why['pareto_size']} on {why['objectives']}"
                     if "pareto_index" in why else
                     f"{'lowest' if mode == 'min' else 'highest'} {metric} over every evaluated checkpoint "
-                    f"of every trial ({why['evaluated_trials']} of {why['trials']} trials evaluated)")}
+                    f"of every {method + ' ' if method else ''}trial ({why['evaluated_trials']} of "
+                    f"{why['trials']} trials evaluated)")}
     info["heldout"] = _heldout_entry(run_dir, f"{row.trial_id}@{int(h['step'])}")
     provenance = {k: info[k] for k in ("trial_id", "method", "hyperparameters", "metric", "image_scores",
                                        "gain_over_baseline", "base_model", "base_model_identity", "why")}

@@ -35,6 +35,7 @@ from trainers.evaluate import GRID_FILE, Evaluator, load_references, write_sampl
 from trainers.checkpoints import STATE_JSON, STATE_TENSORS
 from trainers.latents import CachedDataset
 from trainers.models import BaseModel, load_base_model
+from trainers import get_trainer_class
 from trainers.run import make_trainer
 
 # Worker-process caches: model spec -> loaded base model (frozen weights shared by trials), and
@@ -46,20 +47,22 @@ SAMPLES_DIR = "samples"  # <trial dir>/samples/step-000040/{00.png, grid.png, sc
 RESUME_STATE = {STATE_JSON, STATE_TENSORS}  # a checkpoint's files that are not the method's deliverable
 
 
-def worker_model(spec: Any, precision: str = "no") -> tuple[BaseModel, bool]:
-    """The base model for ``spec``, loaded at most once per process and precision. Returns
-    (model, was_cached).
+def worker_model(spec: Any, precision: str = "no", dtypes: tuple[Any, ...] = ()) -> tuple[BaseModel, bool]:
+    """The base model for ``spec``, loaded at most once per process, precision and module dtypes.
+    Returns (model, was_cached).
 
-    Keyed by the trial's resolved mixed precision too: a trainer casts the frozen weights to its
-    weight dtype in place, and a later trial with another precision must not train on weights an
-    earlier one rounded (a sweep that searches ``train.mixed_precision`` reloads on each change).
+    Keyed by the trial's resolved mixed precision and by the dtypes its method keeps the UNet and
+    text encoder in (``Trainer.base_dtypes``): a trainer casts frozen weights to its weight dtype in
+    place, and a later trial must not train on weights an earlier one rounded (a sweep that
+    searches ``train.mixed_precision``, or mixes LoRA's bf16 UNet with DreamBooth's fp32 one on a
+    GPU, reloads when that changes; on a CPU everything is fp32 and one load serves every method).
     """
-    key = (spec.source, spec.allow_pickle, spec.single_file_config, spec.revision, precision)
+    key = (spec.source, spec.allow_pickle, spec.single_file_config, spec.revision, precision, *map(str, dtypes))
     if key in _MODELS:
         return _MODELS[key], True
+    _MODELS.clear()  # one base model per worker: a sweep never mixes base models; free it before loading
     model = load_base_model(spec.source, allow_pickle=spec.allow_pickle,
                             single_file_config=spec.single_file_config, revision=spec.revision)
-    _MODELS.clear()  # one base model per worker: a sweep never mixes base models
     _MODELS[key] = model
     return model, False
 
@@ -207,7 +210,8 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: list[Any]
         params = cfg.search_space().flat_params(config)  # drops OptunaSearch's qualified aliases
         run_cfg = trial_run_config(cfg, params, source=f"trial {tune.get_context().get_trial_id()}")
         placement = devices.run_placement(run_cfg.train.device, run_cfg.train.mixed_precision)
-        model, reused = worker_model(run_cfg.model, placement.precision)
+        dtypes = get_trainer_class(run_cfg.method).base_dtypes(run_cfg.settings, placement.weight_dtype)
+        model, reused = worker_model(run_cfg.model, placement.precision, dtypes)
         data: CachedDataset = ray.get(cache[0])
         validation: CachedDataset | None = ray.get(cache[1]) if len(cache) > 1 else None
         extra: dict[str, Any] = (ray.get(cache[2]) if len(cache) > 2 else None) or {}  # {method: datasets}
@@ -268,6 +272,9 @@ def _train_and_report(trainer: Any, cfg: SweepConfig, evaluator: Evaluator | Non
             "steps_per_s": len(history) / elapsed,
             "samples_per_s": len(history) * samples_per_step / elapsed,
             "peak_memory_mb": peak_memory_mb(trainer.device),
+            # What the trial has spent so far (the scheduler's clock is one of step / these two).
+            "trainer_s": trainer.train_seconds,
+            "images_seen": trainer.images_seen,
             "method": trainer.method,
             "trial_status": "running" if trainer.global_step < total else "completed",
             "reported_at": time.time(),  # Tune's own timestamp is whole seconds
@@ -284,7 +291,7 @@ def _train_and_report(trainer: Any, cfg: SweepConfig, evaluator: Evaluator | Non
         with tempfile.TemporaryDirectory(prefix="sdsweep-ckpt-") as tmp:
             trainer.save_checkpoint(tmp)
             # What the method ships (its weight files; not the resume state): budgets compare by it.
-            metrics["artifact_bytes"] = sum(f.stat().st_size for f in Path(tmp).iterdir()
+            metrics["artifact_bytes"] = sum(f.stat().st_size for f in Path(tmp).rglob("*")  # DreamBooth: unet/
                                             if f.is_file() and f.name not in RESUME_STATE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 

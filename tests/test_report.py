@@ -24,7 +24,8 @@ from urllib.parse import unquote, urlsplit
 import pytest
 from PIL import Image, ImageStat
 
-from sweeps.report import line_chart, nice_ticks, write_report
+from sweeps.charts import line_chart, nice_ticks
+from sweeps.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "sweeps" / "configs" / "tiny-demo.yaml"

@@ -137,8 +137,12 @@ def test_resume_is_bit_exact(method, tmp_path):
     at_k = {name: p.detach().clone() for name, p in first.named_trainable.items()}
     resumed = _trainer(load_base_model(MODEL), method, tmp_path / "c", **kw)
     resumed.load_checkpoint(ckpt)
+    # The spend counters continue from the checkpoint (a resumed trial's budget is its whole spend).
+    assert resumed.images_seen == first.images_seen == k * first.examples_per_step
+    assert resumed.train_seconds == pytest.approx(first.train_seconds) and first.train_seconds > 0
     resumed.train()
     assert resumed.global_step == n
+    assert resumed.images_seen == straight.images_seen == n * 2 * 2  # batch 2 x accumulation 2
     for name, p in straight.named_trainable.items():
         assert torch.equal(p, resumed.named_trainable[name]), name
         assert not torch.equal(p, at_k[name]), f"{name} stopped changing after resume"

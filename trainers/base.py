@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
@@ -76,6 +77,9 @@ class Trainer(abc.ABC):
         self.prediction_type = cfg.prediction_type or model.scheduler_config.get("prediction_type", "epsilon")
         self.noise_scheduler = model.noise_scheduler
         self.global_step = 0
+        # What the trial has spent (resumed with its checkpoint): budgets across methods compare these.
+        self.train_seconds = 0.0  # in train_step, without evaluation and checkpointing
+        self.images_seen = 0  # examples through the UNet (instance + any class examples)
         self._epoch_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Setup is transactional: the base model may be shared with later trials (a reused Ray
         # worker), so whatever a half-done setup added (an adapter, a new token) is removed before
@@ -137,6 +141,19 @@ class Trainer(abc.ABC):
     def trains_text_encoder(self) -> bool:
         """Whether the text encoder's output changes during training (then it is not cached)."""
         return False
+
+    @classmethod
+    def base_dtypes(cls, settings: Any, weight_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+        """The dtypes (UNet, text encoder) a run with ``settings`` keeps the shared base model's
+        modules in, given the frozen-weight dtype: the one source of ``unet_dtype`` and
+        ``text_encoder_dtype``, read before a trainer exists by code that keys a worker's base model
+        on it (a module cast down by one trial cannot serve a trial that needs it in fp32)."""
+        return weight_dtype, weight_dtype
+
+    @property
+    def examples_per_step(self) -> int:
+        """Examples one optimizer step puts through the UNet (``images_seen`` counts these)."""
+        return self.cfg.train_batch_size * self.cfg.gradient_accumulation_steps
 
     @property
     def unet_dtype(self) -> torch.dtype:
@@ -441,7 +458,10 @@ class Trainer(abc.ABC):
         target = min(until_step or self.cfg.max_train_steps, self.cfg.max_train_steps)
         history = []
         while self.global_step < target:
+            started = time.perf_counter()
             stats = self.train_step()
+            self.train_seconds += time.perf_counter() - started
+            self.images_seen += self.examples_per_step
             history.append(stats)
             if callback is not None:
                 callback(stats)

@@ -36,7 +36,8 @@ def write_trainer_state(trainer: Any, directory: Path) -> None:
     scaler = trainer.accelerator.scaler.state_dict() if trainer.accelerator.scaler is not None else None
     state = {"step": trainer.global_step, "method": trainer.method, "param_groups": opt["param_groups"],
              "optimizer_slots": slots, "lr_scheduler": trainer.lr_scheduler.state_dict(),
-             "grad_scaler": scaler, "config": trainer.cfg.model_dump(mode="json"),
+             "grad_scaler": scaler, "spent": {"train_seconds": trainer.train_seconds, "images_seen": trainer.images_seen},
+             "config": trainer.cfg.model_dump(mode="json"),
              "dataset_key": trainer.data.key, "base_model": trainer.model.identity}
     atomic_write_text(directory / STATE_JSON, json.dumps(state, indent=1, default=str))
 
@@ -67,3 +68,6 @@ def read_trainer_state(trainer: Any, directory: Path) -> None:
     if state.get("grad_scaler") and trainer.accelerator.scaler is not None:
         trainer.accelerator.scaler.load_state_dict(state["grad_scaler"])
     trainer.global_step = int(state["step"])
+    spent = state.get("spent") or {}  # checkpoints written before trainers counted their spend lack it
+    trainer.train_seconds = float(spent.get("train_seconds", 0.0))
+    trainer.images_seen = int(spent.get("images_seen", trainer.global_step * trainer.examples_per_step))

@@ -73,13 +73,22 @@ class DreamBoothTrainer(Trainer):
     def trains_text_encoder(self) -> bool:
         return self.db.train_text_encoder
 
+    @classmethod
+    def base_dtypes(cls, settings: DreamBoothSettings, weight_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+        return torch.float32, torch.float32 if settings.train_text_encoder else weight_dtype
+
     @property
     def unet_dtype(self) -> torch.dtype:
-        return torch.float32
+        return self.base_dtypes(self.db, self.weight_dtype)[0]
 
     @property
     def text_encoder_dtype(self) -> torch.dtype:
-        return torch.float32 if self.db.train_text_encoder else self.weight_dtype
+        return self.base_dtypes(self.db, self.weight_dtype)[1]
+
+    @property
+    def examples_per_step(self) -> int:
+        # With prior preservation each instance example has a class example beside it in the batch.
+        return super().examples_per_step * (2 if self.db.prior_preservation else 1)
 
     # ----- prior preservation ---------------------------------------------------------------------
 

@@ -115,9 +115,14 @@ class TextualInversionTrainer(Trainer):
     def trains_text_encoder(self) -> bool:
         return True
 
+    @classmethod
+    def base_dtypes(cls, settings: TextualInversionSettings, weight_dtype: torch.dtype
+                    ) -> tuple[torch.dtype, torch.dtype]:
+        return weight_dtype, torch.float32  # the new rows' gradient flows through the text encoder
+
     @property
     def text_encoder_dtype(self) -> torch.dtype:
-        return torch.float32
+        return self.base_dtypes(self.ti, self.weight_dtype)[1]
 
     # ----- setup ---------------------------------------------------------------------------------
 
