@@ -151,7 +151,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from sweeps.config import load_sweep
     from sweeps.driver import run_sweep
 
-    cfg = load_sweep(args.sweep, parse_set(args.set))
+    overrides = parse_set(args.set)
+    if args.address:
+        overrides["ray_address"] = args.address
+    cfg = load_sweep(args.sweep, overrides)
     run = run_sweep(cfg, sweep_file=str(Path(args.sweep).resolve()),
                     run_dir=Path(args.run_dir) if args.run_dir else None)
     return _finish_sweep(run, args.export)
@@ -160,7 +163,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_resume(args: argparse.Namespace) -> int:
     from sweeps.driver import resume_sweep
 
-    return _finish_sweep(resume_sweep(Path(args.run_dir)), args.export)
+    return _finish_sweep(resume_sweep(Path(args.run_dir), address=args.address), args.export)
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
@@ -228,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("sweep", help="sweep YAML (see sweeps/configs/demo.yaml)")
     run.add_argument("--run-dir", default=None, help="where the run goes (default storage_path/NAME-TIME)")
     run.add_argument("--export", default=None, help="export the best checkpoint here (default RUN_DIR/best)")
+    run.add_argument("--address", default=None, help="run on this Ray cluster (host:port, ray://host:port or auto; "
+                     "default: RAY_ADDRESS, else a local Ray started for the sweep)")
     run.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                      help="override a sweep-file key, e.g. --set search.num_samples=4 (repeatable)")
     run.set_defaults(func=_cmd_run)
@@ -235,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="continue an interrupted sweep")
     resume.add_argument("run_dir")
     resume.add_argument("--export", default=None)
+    resume.add_argument("--address", default=None, help="the Ray cluster to continue on (default: the sweep's)")
     resume.set_defaults(func=_cmd_resume)
 
     results = sub.add_parser("results", help="print a sweep's leaderboard (and Pareto front)")

@@ -193,16 +193,53 @@ def make_search(cfg: SweepConfig) -> SweepOptunaSearch:
 
 
 def ensure_ray(cfg: SweepConfig) -> bool:
-    """Connect to the configured cluster or start a local Ray. Returns True if we started it."""
+    """Connect to the configured cluster or start a local Ray. Returns True if we started it.
+
+    The cluster is ``ray_address`` (``sdsweep run --address``), else ``RAY_ADDRESS`` (set by
+    ``ray job submit``). It is checked first (:func:`check_cluster_reachable`), so a wrong or dead
+    address fails within seconds instead of Ray retrying its GCS connection forever. Without
+    either, a local Ray is always *started* (``address="local"``): plain ``ray.init()`` would join
+    whatever cluster Ray's address file in /tmp/ray names, a dead one included.
+    """
     if ray.is_initialized():
         return False
-    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        check_cluster_reachable(address)
         # On a cluster the job's own runtime env (ray job submit) applies; adding ours would make
         # Ray refuse to merge any key both set (cluster.yaml sets the node environment).
-        ray.init(address=cfg.ray_address)
+        ray.init(address=address)
         return False
-    ray.init(include_dashboard=False, runtime_env={"env_vars": trial_env()})
+    ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": trial_env()})
     return True
+
+
+CONNECT_TIMEOUT_S = 5.0  # a live GCS accepts a TCP connection at once; Ray's own retry loop never ends
+
+
+def check_cluster_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise :class:`SweepError` naming ``address`` and the fix unless a Ray cluster answers there:
+    ``host:port`` (the head's GCS), ``ray://host:port`` (Ray Client) or ``auto`` (the cluster Ray's
+    address file names)."""
+    import socket
+
+    from ray._private.utils import read_ray_address
+
+    target = read_ray_address() if address == "auto" else address
+    fix = ("start it (`ray start --head`, or `ray up cluster.yaml`), correct the address, or run without "
+           "--address / ray_address / RAY_ADDRESS to let sdsweep start a local Ray")
+    if not target:
+        raise SweepError(f"ray_address 'auto': no running Ray cluster found on this machine. Fix: {fix}")
+    host, _, port = target.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise SweepError(f"ray_address {address!r}: not host:port or ray://host:port. Fix: use the address "
+                         "`ray start --head` printed (e.g. 10.0.0.5:6379)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as err:
+        named = f"{address!r}" + (f" (Ray's address file names {target})" if address == "auto" else "")
+        raise SweepError(f"ray_address {named}: no Ray cluster answers at {host}:{port} ({err}). Fix: {fix}") from None
 
 
 BASELINE_DIR = "baseline"
@@ -302,15 +339,18 @@ def _confirm(cfg: SweepConfig, run_dir: Path) -> None:
               f"results are complete; rerun it with `sdsweep confirm {run_dir}`", file=sys.stderr)
 
 
-def resume_sweep(run_dir: Path) -> SweepRun:
+def resume_sweep(run_dir: Path, address: str | None = None) -> SweepRun:
     """Continue an interrupted sweep: finished trials stay, running ones continue from their last
-    checkpoint, and the searcher's state (Optuna study) is restored so no proposal repeats."""
+    checkpoint, and the searcher's state (Optuna study) is restored so no proposal repeats.
+    ``address``: the Ray cluster to continue on (default: the sweep's ``ray_address``)."""
     run_dir = Path(run_dir).resolve()
     state_file = run_dir / SWEEP_STATE
     if not state_file.is_file() or not tune.Tuner.can_restore(str(run_dir)):
         raise SweepError(f"{run_dir}: not a resumable sdsweep run (no {SWEEP_STATE} or Tune state)")
     state = json.loads(state_file.read_text())
     cfg = SweepConfig.model_validate(state["config"])
+    if address is not None:
+        cfg = cfg.model_copy(update={"ray_address": address})
     _prepare(cfg)
     started = ensure_ray(cfg)
     try:
