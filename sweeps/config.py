@@ -173,10 +173,31 @@ class EvaluationSettings(Frozen):
 
 
 class ResourceSettings(Frozen):
-    """What one trial asks Ray for (fractional GPUs share a GPU between trials)."""
+    """What one trial asks Ray for (fractional GPUs share a GPU between trials).
+
+    ``custom``: Ray custom resources a trial (and the sweep's cache, baseline and confirmation
+    tasks) also needs, e.g. ``{a100: 1}`` where nodes were started with ``--resources '{"a100": 4}'``:
+    pins the work to the nodes that have them.
+    """
 
     cpu: float = Field(1.0, gt=0)
     gpu: float = Field(0.0, ge=0)
+    custom: dict[str, float] = {}
+
+    @field_validator("custom")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: x for k, x in v.items() if x <= 0 or k in ("CPU", "GPU", "memory")}
+        if bad:
+            raise ValueError(f"custom resources {bad}: each must be a custom resource name with an amount > 0 "
+                             "(CPU and GPU are resources.cpu / resources.gpu)")
+        return v
+
+    def task_options(self) -> dict[str, Any]:
+        """Ray task options for the sweep's own tasks (cache build, baseline, confirmation): a
+        trial's CPUs and custom resources, and a whole GPU when trials use one."""
+        return {"num_cpus": self.cpu, "num_gpus": 1 if self.gpu > 0 else 0,
+                **({"resources": dict(self.custom)} if self.custom else {})}
 
 
 class SweepConfig(Frozen):

@@ -198,7 +198,7 @@ def confirm_sweep(cfg: SweepConfig, run_dir: Path) -> dict[str, Any] | None:
         item["prediction_type"] = _prediction_type(Path(item["checkpoint"]))
     models = [*picked, {"label": BASELINE, "checkpoint": None, "method": None}]
     res = cfg.resources
-    scored = ray.get(confirm_task.options(num_cpus=res.cpu, num_gpus=1 if res.gpu > 0 else 0).remote(
+    scored = ray.get(confirm_task.options(**res.task_options()).remote(
         cfg.model_dump(mode="json"), models))
     out_dir = Path(run_dir) / CONFIRM_DIR
     for label, rec in scored.items():

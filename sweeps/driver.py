@@ -250,8 +250,8 @@ def build_cache(cfg: SweepConfig, baseline: bool = False,
     """Run the cache build (and the baseline) as a Ray task; return ([training ref, validation
     ref, extra ref], summary). See ``build_cache_task`` for ``expect``."""
     res = cfg.resources
-    data_ref, val_ref, extra_ref, summary_ref = build_cache_task.options(
-        num_cpus=res.cpu, num_gpus=1 if res.gpu > 0 else 0).remote(cfg.model_dump(mode="json"), baseline, expect)
+    data_ref, val_ref, extra_ref, summary_ref = build_cache_task.options(**res.task_options()).remote(
+        cfg.model_dump(mode="json"), baseline, expect)
     try:
         summary = ray.get(summary_ref)
     except ray.exceptions.RayTaskError as err:  # surface the cause (bad dataset, model) as itself
@@ -273,7 +273,7 @@ def _save_baseline(run_dir: Path, baseline: dict[str, Any]) -> dict[str, Any]:
 def _trainable(cfg: SweepConfig, data_refs: list[Any]) -> Any:
     # The refs travel inside a list so Ray hands trials the references, not driver-side copies.
     fn = tune.with_parameters(run_trial, sweep=cfg.model_dump(mode="json"), cache=list(data_refs))
-    return tune.with_resources(fn, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
+    return tune.with_resources(fn, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu, **cfg.resources.custom})
 
 
 def _tuner(cfg: SweepConfig, run_dir: Path, trainable: Any, run_id: str) -> tune.Tuner:

@@ -1,17 +1,18 @@
 """DreamBooth: fine-tune the whole UNet (optionally the text encoder) on the instance images.
 
-Built so far (issue 11): full fine-tuning on the shared loop, prior preservation on class images
-(drawn once by the base model, or the user's folder; ``trainers/class_images.py``), the base model
-restored for the next trial on a reused worker, exports in the diffusers layout and as one
-original-layout single file, an EMA of the UNet (evaluated and exported when on), 8-bit AdamW
-refused loudly where it cannot run. Not built yet: the checkpoint-size design for SD 1.5, the
-toy-world demo and its ground-truth measurements (docs/METHODS.md, "DreamBooth").
+Full fine-tuning on the shared loop, prior preservation on class images (drawn once by the base
+model, or the user's folder; ``trainers/class_images.py``), the base model restored for the next
+trial on a reused worker, exports in the diffusers layout and as one original-layout single file,
+an EMA of the UNet (evaluated and exported when on), 8-bit AdamW refused loudly where it cannot run
+(docs/METHODS.md, "DreamBooth"; measurements: docs/BENCHMARKS.md §7).
 
 **Reused workers.** A trial changes every UNet weight of the worker's shared base model, so at
 setup the trained modules' state is copied to the CPU (fp32, before anything changes) and
 ``restore_base_model`` copies it back into the same Parameter objects; after a trial that raised
 too (the shared loop calls teardown). Cost per trial: one copy out and one copy back of the
-trained modules (SD 1.5's UNet: 3.4 GB each way, host memory bandwidth; not yet measured).
+trained modules; SD 1.5's UNet (3.44 GB) on the 2-core dev CPU: restore 0.21 s (memcpy speed),
+snapshot 0.6 s (3.1-3.9 s on a worker's first trial: fresh pages), against 7.8-8.3 s for
+reloading the UNet from disk (docs/BENCHMARKS.md §7.4); plus 3.4 GB of host RAM per worker.
 
 **Prior preservation.** Each micro-batch draws ``train_batch_size`` instance and as many class
 examples (their own seeded order), runs them through the UNet in one forward pass (the reference
