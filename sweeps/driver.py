@@ -23,6 +23,7 @@ from ray.tune.search.optuna import OptunaSearch
 from search_spaces import make_sampler, make_storage
 from sweeps.config import SweepConfig, trial_run_config
 from sweeps.confirm import confirm_sweep
+from sweeps.console import QUIET_TRIAL_ERRORS, FailureLines
 from sweeps.results import SWEEP_STATE, SweepError
 from sweeps.schedulers import make_scheduler
 from sweeps.tracking import make_callbacks, offline_sync_command, tensorboard_callbacks
@@ -288,7 +289,7 @@ def _tuner(cfg: SweepConfig, run_dir: Path, trainable: Any, run_id: str) -> tune
                                                 checkpoint_score_order=cfg.mode),
         failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
         callbacks=[*make_callbacks(cfg.tracking, run_dir=run_dir, sweep_name=cfg.name, run_id=run_id),
-                   *tensorboard_callbacks(), KeepResumeStateInNewest()],
+                   *tensorboard_callbacks(), KeepResumeStateInNewest(), FailureLines(cfg.max_failures)],
         verbose=1)
     return tune.Tuner(trainable, tune_config=tune_cfg, run_config=run_cfg)
 
@@ -297,6 +298,7 @@ def _prepare(cfg: SweepConfig) -> None:
     # Errored trials end with a result that deliberately carries no metric (sweeps/trial.py); the
     # sweep config already guarantees the metric exists, so Tune's strict check is redundant.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    os.environ.update(QUIET_TRIAL_ERRORS)  # one line per lost worker instead (sweeps/console.py)
     preflight(cfg.base.data, require_captions=True)  # every bad file, before Ray or any GPU
 
 

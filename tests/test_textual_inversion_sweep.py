@@ -73,7 +73,7 @@ def test_the_export_loads_in_diffusers_in_both_layouts_and_draws_the_same(ti_run
     best = json.loads((best_dir / "best.json").read_text())
     assert best["files"] == ["learned_embeds.safetensors", "sks-shape.safetensors"]
     # The trial reported what its checkpoint ships: the embedding file, bytes for bytes.
-    assert best["metrics_at_best"]["artifact_bytes"] == (best_dir / "learned_embeds.safetensors").stat().st_size
+    assert best["cost"]["artifact_bytes"] == (best_dir / "learned_embeds.safetensors").stat().st_size
     with safe_open(str(best_dir / "sks-shape.safetensors"), "pt") as f:
         assert list(f.keys()) == ["emb_params"]
         provenance = json.loads(f.metadata()["sdsweep_best"])

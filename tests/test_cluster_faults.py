@@ -1,0 +1,189 @@
+"""Sweeps on a real multi-node Ray cluster started on this machine (tests/ray_cluster.py: a head
+without CPUs and worker nodes, each its own `ray start`), and what happens when parts of it die:
+
+* a worker node SIGKILLed while its trial is between two checkpoints, never to come back: the
+  trial resumes from its last checkpoint on the other node and finishes with every step, its W&B
+  run logs every step exactly once, the Optuna study still has one trial per requested sample,
+  and the sweep finishes on the remaining node;
+* the driver SIGKILLed while trials run on the worker nodes: `sdsweep resume RUN_DIR --address`
+  finishes the sweep without rerunning finished trials or repeating steps.
+
+Only the Ray processes these tests started are ever stopped (by their session id). Slow (~4 min).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ray_cluster import NODE_RESOURCE, LocalCluster, cluster_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, EVERY = 120, 20
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalCluster(workers=2) as c:
+        yield c
+
+
+def _sweep_file(tmp_path: Path, num_samples: int = 3) -> Path:
+    cfg: dict[str, Any] = {
+        "name": "cluster",
+        "base": {"model": "builtin:tiny-sd", "data": {"path": "builtin:demo", "resolution": 64},
+                 "train": {"max_train_steps": STEPS, "train_batch_size": 2}},
+        # A continuous axis: a proposal repeated after a failure would show as a duplicate value.
+        "search": {"spaces": [{"method": "lora", "params": {
+            "train.learning_rate": {"type": "float", "low": 1.0e-4, "high": 3.0e-3, "log": True,
+                                    "default": 1.0e-3}}}],
+            "sampler": {"type": "tpe", "seed": 0, "n_startup_trials": 2}, "num_samples": num_samples,
+            "max_concurrent_trials": 2, "warm_start": True,
+            "storage": f"sqlite:///{tmp_path / 'study.db'}"},
+        "scheduler": {"type": "none"},
+        "evaluation": {"every": EVERY, "metric": "fixed_train_loss"},
+        # Every trial (and the cache task) needs a worker node's custom resource: none run on the head.
+        "resources": {"cpu": 1, "gpu": 0, "custom": {NODE_RESOURCE: 1}},
+        "checkpoints_to_keep": 10,
+        "max_failures": 2,
+        "storage_path": str(tmp_path / "runs"),
+        "tracking": {"wandb": True, "mode": "offline", "project": "sdsweep-test"},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _rows(trial_dir: Path) -> list[dict[str, Any]]:
+    path = trial_dir / "result.json"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+
+
+def _trials(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.glob("run_trial_*") if p.is_dir()) if run_dir.exists() else []
+
+
+def _driver(args: list[str], log: Path) -> subprocess.Popen:
+    with log.open("w") as out:  # a file, not a pipe: a full pipe would block the driver
+        return subprocess.Popen([sys.executable, "-m", "sweeps.cli", *args], cwd=REPO, env=cluster_env(),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for(proc: subprocess.Popen, run_dir: Path, ready: Any, what: str, timeout: float = 600) -> Any:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        time.sleep(0.3)
+        found = ready({t: _rows(t) for t in _trials(run_dir)})
+        if found:
+            return found
+        assert proc.poll() is None, f"the sweep ended before {what}"
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _study_trials(tmp_path: Path) -> list[Any]:
+    import optuna
+
+    summaries = optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'study.db'}")
+    assert len(summaries) == 1
+    return optuna.load_study(study_name=summaries[0].study_name,
+                             storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+
+
+def _wandb_steps(run_dir: Path, trial_dir: Path) -> list[int]:
+    """Every `step` the trial's W&B run logged, over all its offline segments, in order."""
+    from sweeps.tracking import read_offline_run, wandb_run_id
+
+    trial_id = json.loads((trial_dir / "result.json").read_text().splitlines()[0])["trial_id"]
+    run_id = wandb_run_id(run_dir.name, trial_id)
+    segments = sorted(p.parent for p in (run_dir / "wandb").glob(f"offline-run-*/run-{run_id}.wandb"))
+    assert segments, f"no W&B run for {trial_id}"
+    return [int(h["step"]) for seg in segments for h in read_offline_run(seg).history if "step" in h]
+
+
+def test_a_worker_node_killed_mid_trial_the_trial_resumes_on_another_node(cluster, tmp_path):
+    run_dir = tmp_path / "runs" / "node-kill"
+    log = tmp_path / "driver.log"
+    proc = _driver(["run", str(_sweep_file(tmp_path)), "--address", cluster.address, "--run-dir", str(run_dir)], log)
+    try:
+        def victim_ready(trials: dict[Path, list[dict[str, Any]]]) -> tuple[Path, int] | None:
+            for t, rows in trials.items():
+                if rows and rows[-1].get("trial_status") == "running" and rows[-1]["step"] >= EVERY:
+                    node = cluster.node_of(int(rows[-1]["pid"]))
+                    if node is not None:
+                        return t, node
+            return None
+
+        victim, node = _wait_for(proc, run_dir, victim_ready, "a trial had a checkpoint on a worker node")
+        steps_before = [r["step"] for r in _rows(victim)]
+        killed_at = time.time()
+        cluster.kill_worker(node)  # the raylet and the trial's process; this node never comes back
+        assert proc.wait(timeout=900) == 0, log.read_text()[-5000:]
+        recovered_s = time.time() - killed_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    rows = _rows(victim)
+    steps = [r["step"] for r in rows]
+    assert steps[: len(steps_before)] == steps_before, "history before the node died was rewritten"
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS, f"not resumed from its checkpoint: {steps}"
+    assert len([r for r in rows[1:] if r.get("iterations_since_restore") == 1]) == 1, "not restored exactly once"
+    assert _wandb_steps(run_dir, victim) == steps, "W&B logged a step twice or missed one"
+    # The node loss reads as one line, not Ray's traceback (the traceback stays in error.txt).
+    text = log.read_text()
+    trial_id = rows[0]["trial_id"]
+    said = [ln for ln in text.splitlines() if ln.startswith(f"trial {trial_id}:")]
+    assert len(said) == 1 and f"requeued from its checkpoint at step {steps_before[-1]}" in said[0], said
+    assert "its worker died" in said[0] and "Traceback" not in text, text[-3000:]
+
+    from sweeps.results import leaderboard
+
+    board, _ = leaderboard(run_dir)
+    assert [r.status for r in board] == ["completed"] * 3
+    study = _study_trials(tmp_path)
+    assert len(study) == 3 and all(t.state.name == "COMPLETE" for t in study), [t.state for t in study]
+    lrs = [t.params["train.learning_rate"] for t in study]
+    assert len(set(lrs)) == 3, "a proposal was repeated"
+    best = json.loads((run_dir / "best" / "best.json").read_text())
+    assert best["trial_id"] == board[0].trial_id
+    print(f"\nnode {node} killed at step {steps_before[-1]} of {trial_id}; sweep done {recovered_s:.0f} s later: {said[0]}")
+
+
+def test_the_driver_killed_while_trials_run_on_worker_nodes_then_resume(cluster, tmp_path):
+    while cluster.alive_nodes() < 3:  # the previous test's node never came back: add one
+        cluster.add_worker()
+    run_dir = tmp_path / "runs" / "driver-kill"
+    proc = _driver(["run", str(_sweep_file(tmp_path, num_samples=4)), "--address", cluster.address,
+                    "--run-dir", str(run_dir)], tmp_path / "driver.log")
+
+    def midway(trials: dict[Path, list[dict[str, Any]]]) -> dict[Path, list[int]] | None:
+        running = [t for t, rows in trials.items() if rows and rows[-1].get("trial_status") == "running"
+                   and rows[-1]["step"] >= EVERY and cluster.node_of(int(rows[-1]["pid"])) is not None]
+        return {t: [r["step"] for r in trials[t]] for t in trials} if running else None
+
+    try:
+        before = _wait_for(proc, run_dir, midway, "a trial was running on a worker node")
+        proc.send_signal(signal.SIGKILL)  # the driver only; the cluster stays up
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    resume = subprocess.run([sys.executable, "-m", "sweeps.cli", "resume", str(run_dir), "--address", cluster.address],
+                            cwd=REPO, env=cluster_env(), capture_output=True, text=True, timeout=900)
+    assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
+    after = {t: [r["step"] for r in _rows(t)] for t in _trials(run_dir)}
+    assert len(after) == 4, sorted(t.name for t in after)
+    for t, steps in after.items():
+        assert steps == sorted(set(steps)) and steps[-1] == STEPS, f"{t.name}: {steps}"
+        assert steps[: len(before.get(t, []))] == before.get(t, []), f"{t.name} restarted from scratch"
+    study = _study_trials(tmp_path)
+    assert len(study) == 4 and all(t.state.name == "COMPLETE" for t in study), [t.state for t in study]
