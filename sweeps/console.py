@@ -25,13 +25,22 @@ def _where(trial: Any) -> str:
     return f" on node {node} (pid {pid})" if node else ""
 
 
+_WORKER_LOST = ("ActorUnavailableError", "ActorDiedError", "RayActorError", "NodeDiedError", "OwnerDiedError",
+                "WorkerCrashedError")
+
+
 def _cause(trial: Any) -> str:
+    """The trial's latest failure in words, from the exception Tune pickled beside its error.txt
+    (the text alone does not name the exception's class)."""
+    import cloudpickle
+
     try:
-        err = trial.get_error()
-    except Exception:  # noqa: BLE001 - a missing or unreadable error file must not stop the sweep
-        err = None
-    name = type(getattr(err, "cause", None) or err).__name__ if err is not None else "an error"
-    if name in ("ActorUnavailableError", "ActorDiedError", "RayActorError", "NodeDiedError", "OwnerDiedError"):
+        with open(trial.pickled_error_file, "rb") as f:
+            err = cloudpickle.load(f)
+        name = type(err).__name__
+    except Exception:  # noqa: BLE001 - a missing or unreadable file must not stop the sweep
+        name = "see error.txt"
+    if name in _WORKER_LOST:
         return f"its worker died ({name}: the node or the process was lost)"
     return f"it failed outside the trial's code ({name})"
 

@@ -201,6 +201,11 @@ def ensure_ray(cfg: SweepConfig) -> bool:
     address fails within seconds instead of Ray retrying its GCS connection forever. Without
     either, a local Ray is always *started* (``address="local"``): plain ``ray.init()`` would join
     whatever cluster Ray's address file in /tmp/ray names, a dead one included.
+
+    Worker and raylet output is not forwarded to the driver's console (``log_to_driver=False``):
+    trials report through Tune, their failures come back as results or one line each
+    (sweeps/console.py), and a dying node's raylet would otherwise dump its state there (~40-100
+    lines). It stays in each node's Ray session logs (``/tmp/ray/session_latest/logs``).
     """
     if ray.is_initialized():
         return False
@@ -209,9 +214,9 @@ def ensure_ray(cfg: SweepConfig) -> bool:
         check_cluster_reachable(address)
         # On a cluster the job's own runtime env (ray job submit) applies; adding ours would make
         # Ray refuse to merge any key both set (cluster.yaml sets the node environment).
-        ray.init(address=address)
+        ray.init(address=address, log_to_driver=False)
         return False
-    ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": trial_env()})
+    ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": trial_env()}, log_to_driver=False)
     return True
 
 

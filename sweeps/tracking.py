@@ -211,7 +211,23 @@ class WandbTrialCallback(tune.Callback):
         if known:
             self._last_step[trial.trial_id] = max(known)
         self._runs[trial.trial_id] = run
+        self._backfill(trial, run)
         return run
+
+    def _backfill(self, trial: Trial, run: Any) -> None:
+        """Log the steps the trial reported (its ``result.json``) that no segment of its W&B run
+        holds. An offline segment whose writer was killed with the driver (SIGKILL) loses what it
+        had not flushed; on resume the trial continues from its checkpoint, so without this its
+        W&B run would have a gap before that step."""
+        from sweeps.results import once_per_step
+
+        path = Path(str(trial.path)) / "result.json"
+        if not path.is_file():
+            return
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        for row in once_per_step(rows):
+            if STEP_KEY in row and row.get("trial_status") != "error":
+                self._log(trial, run, row)
 
     def _segments(self, run_id: str) -> list[Path]:
         if self.mode != "offline" or not self.wandb_dir.is_dir():
@@ -241,6 +257,10 @@ class WandbTrialCallback(tune.Callback):
             run.summary["error"] = f"{result.get('error_type')}: {result.get('error')}"
             self._errored.add(trial.trial_id)
             return
+        self._log(trial, run, result)
+
+    def _log(self, trial: Trial, run: Any, result: dict[str, Any]) -> None:
+        """Log one evaluation's result at its training step, unless that step is logged already."""
         step = _result_step(trial, result)
         last = self._last_step.get(trial.trial_id)
         if last is not None and step <= last:
