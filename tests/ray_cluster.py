@@ -58,11 +58,17 @@ class LocalCluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _start(self, args: list[str], log: str) -> subprocess.Popen:
+    def _start(self, args: list[str], log: str, hide: Path | None = None) -> subprocess.Popen:
+        cmd = ["ray", "start", "--block", "--node-ip-address=127.0.0.1", f"--object-store-memory={self.store}", *args]
+        if hide is not None:
+            # A node on a filesystem of its own: in a private mount namespace, `hide` is an empty
+            # tmpfs, so nothing the driver writes under it is visible there (as on a second machine).
+            hide.mkdir(parents=True, exist_ok=True)
+            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   f'mount -t tmpfs tmpfs "{hide}" && exec "$0" "$@"', *cmd]
         with (self.root / log).open("w") as out:
-            return subprocess.Popen(["ray", "start", "--block", "--node-ip-address=127.0.0.1",
-                                     f"--object-store-memory={self.store}", *args],
-                                    stdout=out, stderr=subprocess.STDOUT, env=cluster_env(), start_new_session=True)
+            return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=cluster_env(),
+                                    start_new_session=True)
 
     def start(self) -> "LocalCluster":
         self.head = self._start(["--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=false",
@@ -72,11 +78,12 @@ class LocalCluster:
             self.add_worker()
         return self
 
-    def add_worker(self) -> int:
-        """Start one more worker node; returns its index in ``self.workers``."""
+    def add_worker(self, hide: Path | None = None) -> int:
+        """Start one more worker node (one that cannot see ``hide``'s contents, if given); returns
+        its index in ``self.workers``."""
         i = len(self.workers)
         self.workers.append(self._start([f"--address={self.address}", f"--num-cpus={self.cpus}",
-                                         f"--resources={json.dumps({NODE_RESOURCE: 1})}"], f"worker{i}.log"))
+                                         f"--resources={json.dumps({NODE_RESOURCE: 1})}"], f"worker{i}.log", hide))
         self._wait_for(1 + len([w for w in self.workers if w.poll() is None]))
         return i
 

@@ -6,7 +6,9 @@ without CPUs and worker nodes, each its own `ray start`), and what happens when 
   run logs every step exactly once, the Optuna study still has one trial per requested sample,
   and the sweep finishes on the remaining node;
 * the driver SIGKILLed while trials run on the worker nodes: `sdsweep resume RUN_DIR --address`
-  finishes the sweep without rerunning finished trials or repeating steps.
+  finishes the sweep without rerunning finished trials or repeating steps;
+* a node that cannot see the storage (a worker in a mount namespace of its own): the sweep is
+  refused before any work, naming storage_path and the node.
 
 Only the Ray processes these tests started are ever stopped (by their session id). Slow (~4 min).
 """
@@ -203,3 +205,22 @@ def test_the_driver_killed_while_trials_run_on_worker_nodes_then_resume(cluster,
     assert [r.status for r in leaderboard(run_dir)[0]] == ["completed"] * 4
     study = _study_trials(tmp_path)
     assert len(study) == 4 and all(t.state.name == "COMPLETE" for t in study), [t.state for t in study]
+
+
+def test_storage_a_node_cannot_see_is_refused_before_any_work(cluster, tmp_path):
+    storage = tmp_path / "node-local"
+    blind = cluster.add_worker(hide=storage)  # this node sees an empty tmpfs at that path
+    try:
+        path = _sweep_file(tmp_path)
+        cfg = yaml.safe_load(path.read_text())
+        cfg["storage_path"] = str(storage)
+        path.write_text(yaml.safe_dump(cfg))
+        started = time.time()
+        proc = subprocess.run([sys.executable, "-m", "sweeps.cli", "run", str(path), "--address", cluster.address],
+                              cwd=REPO, env=cluster_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0, proc.stdout[-2000:]
+        assert "storage_path: " in proc.stderr and "is not shared storage: 1 of" in proc.stderr, proc.stderr[-3000:]
+        assert not any(storage.glob("cluster-*/run_trial_*")), "trials ran before the check"
+        print(f"\nrefused in {time.time() - started:.0f} s: {proc.stderr.strip().splitlines()[-1][:200]}")
+    finally:
+        cluster.kill_worker(blind)
