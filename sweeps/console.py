@@ -69,3 +69,27 @@ class FailureLines(Callback):
         step = (trial.last_result or {}).get("step", 0)
         print(f"trial {trial.trial_id}: {_cause(trial)}{_where(trial)} at step {step}; no retries left "
               f"(max_failures {self.max_failures}); traceback: {trial.error_file}", file=sys.stderr, flush=True)
+
+
+def condense_ray_notices() -> None:
+    """Keep only the first line of each cluster notice Ray prints on the driver.
+
+    Ray's driver prints the GCS's error notices (a node marked dead, a raylet terminated) whatever
+    ``log_to_driver`` says, and a terminated raylet's notice carries the last ~40 lines of its log.
+    The first line says what happened; the rest stays in that node's Ray logs. Ray calls the
+    module-level ``print_to_stdstream`` of ``ray._private.worker`` for them (tagged pid "raylet"),
+    so that name is wrapped (Ray is pinned; without the function this is a no-op).
+    """
+    import ray._private.worker as ray_worker
+
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "sdsweep_condensed", False):
+        return
+
+    def condensed(data: dict[str, Any], ignore_prefix: bool) -> Any:
+        if data.get("pid") == "raylet":
+            data = {**data, "lines": [str(line).splitlines()[0] if str(line) else line for line in data["lines"]]}
+        return original(data, ignore_prefix)
+
+    condensed.sdsweep_condensed = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = condensed

@@ -23,7 +23,7 @@ from ray.tune.search.optuna import OptunaSearch
 from search_spaces import make_sampler, make_storage
 from sweeps.config import SweepConfig, trial_run_config
 from sweeps.confirm import confirm_sweep
-from sweeps.console import QUIET_TRIAL_ERRORS, FailureLines
+from sweeps.console import QUIET_TRIAL_ERRORS, FailureLines, condense_ray_notices
 from sweeps.results import SWEEP_STATE, SweepError
 from sweeps.schedulers import make_scheduler
 from sweeps.shared_storage import check_shared_storage, storage_roots
@@ -212,6 +212,7 @@ def ensure_ray(cfg: SweepConfig) -> bool:
     """
     if ray.is_initialized():
         return False
+    condense_ray_notices()
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
         check_cluster_reachable(address)

@@ -89,9 +89,17 @@ class LocalCluster:
 
     def alive_nodes(self) -> int:
         """How many nodes the GCS calls alive (asked from a short-lived driver process)."""
+        try:  # a driver joining a GCS that is not up yet would retry for a long time
+            socket.create_connection(("127.0.0.1", self.port), timeout=2).close()
+        except OSError:
+            return 0
         code = (f"import ray; ray.init(address={self.address!r}, logging_level='ERROR'); "
                 "print('ALIVE', sum(n['Alive'] for n in ray.nodes()))")
-        proc = subprocess.run(["python3", "-c", code], capture_output=True, text=True, env=cluster_env(), timeout=60)
+        try:
+            proc = subprocess.run(["python3", "-c", code], capture_output=True, text=True, env=cluster_env(),
+                                  timeout=60)
+        except subprocess.TimeoutExpired:
+            return 0
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ALIVE")]
         return int(lines[-1].split()[1]) if lines else 0
 

@@ -146,10 +146,10 @@ def test_a_worker_node_killed_mid_trial_the_trial_resumes_on_another_node(cluste
     said = [ln for ln in text.splitlines() if ln.startswith(f"trial {trial_id}:")]
     assert len(said) == 1 and f"requeued from its checkpoint at step {steps_before[-1]}" in said[0], said
     assert "its worker died" in said[0] and "Traceback" not in text, text[-3000:]
-    # Besides it only the GCS's own notice that the node was marked dead (Ray prints it on every
-    # driver, whatever log_to_driver says): not the dead raylet's ~40-line state dump.
+    # Besides it only the first line of Ray's own notices (the node marked dead, its raylet
+    # terminated), which every driver prints: not the dead raylet's ~40-line log dump.
     raylet = [ln for ln in text.splitlines() if "(raylet)" in ln]
-    assert len(raylet) <= 1 and all("has been marked dead" in ln for ln in raylet), raylet
+    assert len(raylet) <= 2 and not any(".cc:" in ln for ln in raylet), raylet
 
     from sweeps.results import leaderboard
 
