@@ -69,6 +69,8 @@ from ray.tune.utils import flatten_dict
 from wandb.sdk import wandb_setup
 from wandb.sdk.lib import wbauth
 
+from sweeps.rows import once_per_step
+
 logger = logging.getLogger(__name__)
 
 Mode = Literal["online", "offline", "disabled"]
@@ -219,8 +221,6 @@ class WandbTrialCallback(tune.Callback):
         holds. An offline segment whose writer was killed with the driver (SIGKILL) loses what it
         had not flushed; on resume the trial continues from its checkpoint, so without this its
         W&B run would have a gap before that step."""
-        from sweeps.results import once_per_step
-
         path = Path(str(trial.path)) / "result.json"
         if not path.is_file():
             return

@@ -187,7 +187,8 @@ def test_the_driver_killed_while_trials_run_on_worker_nodes_then_resume(cluster,
     resume = subprocess.run([sys.executable, "-m", "sweeps.cli", "resume", str(run_dir), "--address", cluster.address],
                             cwd=REPO, env=cluster_env(), capture_output=True, text=True, timeout=900)
     assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
-    from sweeps.results import leaderboard, once_per_step
+    from sweeps.results import leaderboard
+    from sweeps.rows import once_per_step
 
     after = {t: _rows(t) for t in _trials(run_dir)}
     assert len(after) == 4, sorted(t.name for t in after)
