@@ -318,6 +318,7 @@ def run_sweep(cfg: SweepConfig, *, sweep_file: str | None = None, run_dir: Path 
     if run_dir.exists() and any(run_dir.iterdir()):
         raise SweepError(f"{run_dir} already holds a sweep; use `sdsweep resume {run_dir}` or another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
+    _leave_job_package(run_dir)
     started = ensure_ray(cfg)
     try:
         check_shared_storage(storage_roots(cfg, latent_cache_root(cfg.base) or cache_root() / "latents"))
@@ -351,6 +352,15 @@ def _confirm(cfg: SweepConfig, run_dir: Path) -> None:
               f"results are complete; rerun it with `sdsweep confirm {run_dir}`", file=sys.stderr)
 
 
+def _leave_job_package(run_dir: Path) -> None:
+    """Under ``ray job submit --working-dir``, the driver's current directory is the uploaded
+    package in the head's runtime-env cache, which Ray deleted while the sweep ran (seen on a
+    local cluster whose head runs no workers; ``wandb.init``'s ``os.getcwd()`` then failed).
+    Every path of the sweep is absolute by now, so the driver moves to its run directory."""
+    if "runtime_resources" in Path.cwd().parts:
+        os.chdir(run_dir)
+
+
 def resume_sweep(run_dir: Path, address: str | None = None) -> SweepRun:
     """Continue an interrupted sweep: finished trials stay, running ones continue from their last
     checkpoint, and the searcher's state (Optuna study) is restored so no proposal repeats.
@@ -364,6 +374,7 @@ def resume_sweep(run_dir: Path, address: str | None = None) -> SweepRun:
     if address is not None:
         cfg = cfg.model_copy(update={"ray_address": address})
     _prepare(cfg)
+    _leave_job_package(run_dir)
     started = ensure_ray(cfg)
     try:
         check_shared_storage(storage_roots(cfg, latent_cache_root(cfg.base) or cache_root() / "latents"))

@@ -22,7 +22,7 @@ from typing import Any
 
 
 from sweeps.constants import ERROR_FILE
-from sweeps.rows import once_per_step
+from sweeps.rows import trial_rows
 from trainers.tensor_files import atomic_write_text
 from trainers import get_trainer_class
 
@@ -83,10 +83,7 @@ def read_confirmation(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _results(trial_dir: Path) -> list[dict[str, Any]]:
-    path = trial_dir / "result.json"
-    if not path.is_file():
-        return []
-    return once_per_step([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+    return trial_rows(trial_dir)
 
 
 def _numeric(r: dict[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,23 @@
-"""A trial's reported rows as the readers use them (no imports of Ray or the rest of sweeps/)."""
+"""A trial's reported rows as the readers use them (no imports of Ray or the rest of sweeps/).
+
+Two files hold them, both in the trial's directory of the run: Tune's ``result.json`` (written by
+the driver, with Tune's own keys such as ``time_total_s``) and sdsweep's own
+``sdsweep_results.jsonl`` (:data:`OWN_ROWS`, appended by the trial itself, on whatever node it
+runs, before each report). Tune's file can lose a row: the driver writes it into a staging
+directory and copies it to the run directory every few seconds, and when a trial restarts (its
+node died) Tune first copies the run directory's older copy back over the staging one, dropping
+the rows reported since (seen: the report of step 40, just before the node was killed). The
+trial's own file is written straight into the run directory, so the readers fill such gaps from
+it.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+OWN_ROWS = "sdsweep_results.jsonl"
 
 
 def once_per_step(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -22,3 +37,27 @@ def once_per_step(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 out.pop()
         out.append(row)
     return out
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill: the rows before it stand
+            continue
+    return rows
+
+
+def trial_rows(trial_dir: Path) -> list[dict[str, Any]]:
+    """Every evaluation a trial reported, each step once, in step order: Tune's ``result.json``
+    rows, with steps that only the trial's own ``sdsweep_results.jsonl`` holds filled in."""
+    tune_rows = once_per_step(_read_jsonl(Path(trial_dir) / "result.json"))
+    have = {r.get("step") for r in tune_rows}
+    missing = [r for r in once_per_step(_read_jsonl(Path(trial_dir) / OWN_ROWS)) if r.get("step") not in have]
+    if not missing:
+        return tune_rows
+    merged = tune_rows + missing
+    return sorted(merged, key=lambda r: (r.get("step") is None, r.get("step") or 0))

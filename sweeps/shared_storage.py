@@ -39,6 +39,12 @@ def check_shared_storage(roots: dict[str, str], timeout: float = 60.0) -> None:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) < 2:
         return
+    # The driver's own node sees what the driver wrote. Not checking it also keeps a worker off
+    # the head: under `ray job submit`, a worker started there with the job's runtime env and gone
+    # again lets the head's runtime-env agent delete the uploaded working directory -- the driver's
+    # current directory (seen: wandb.init's os.getcwd() then failed).
+    here = ray.get_runtime_context().get_node_id()
+    nodes = [n for n in nodes if n["NodeID"] != here]
     for key, root in roots.items():
         directory = Path(root)
         directory.mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,7 @@ from ray.tune.utils import flatten_dict
 from wandb.sdk import wandb_setup
 from wandb.sdk.lib import wbauth
 
-from sweeps.rows import once_per_step
+from sweeps.rows import trial_rows
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +204,10 @@ class WandbTrialCallback(tune.Callback):
             config=dict(trial.config), tags=list(self.tags), dir=str(self.run_dir),
             mode=self.mode, resume="allow", reinit="create_new",
             # The driver's console and system stats are not the trial's: keep them out.
-            settings=wandb.Settings(console="off", x_disable_stats=True, quiet=True),
+            settings=wandb.Settings(console="off", x_disable_stats=True, quiet=True,
+                                    # not os.getcwd(): under `ray job submit` the driver's working
+                                    # directory (the uploaded package) can be gone by now
+                                    root_dir=str(self.run_dir)),
         )
         run.define_metric(STEP_KEY)
         run.define_metric("*", step_metric=STEP_KEY)
@@ -221,11 +224,10 @@ class WandbTrialCallback(tune.Callback):
         holds. An offline segment whose writer was killed with the driver (SIGKILL) loses what it
         had not flushed; on resume the trial continues from its checkpoint, so without this its
         W&B run would have a gap before that step."""
-        path = Path(str(trial.path)) / "result.json"
-        if not path.is_file():
+        trial_dir = getattr(trial, "path", None)  # a Trial without storage yet has nothing to backfill
+        if not trial_dir:
             return
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        for row in once_per_step(rows):
+        for row in trial_rows(Path(str(trial_dir))):
             if STEP_KEY in row and row.get("trial_status") != "error":
                 self._log(trial, run, row)
 

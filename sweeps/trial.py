@@ -31,6 +31,7 @@ from ray import tune
 from sweeps.config import SweepConfig, trial_run_config
 from trainers import devices
 from sweeps.constants import ERROR_FILE, QUIET_ENV
+from sweeps.rows import OWN_ROWS
 from trainers.evaluate import GRID_FILE, Evaluator, load_references, write_samples
 from trainers.checkpoints import STATE_JSON, STATE_TENSORS
 from trainers.latents import CachedDataset
@@ -241,6 +242,16 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: list[Any]
         raise WorkerReplaced("a CUDA error left this worker's CUDA context unusable; Ray replaces the worker")
 
 
+def _append_own_row(trial_dir: Path, metrics: dict[str, Any]) -> None:
+    """Append this report to the trial's own ``sdsweep_results.jsonl`` and flush it to disk."""
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    with (trial_dir / OWN_ROWS).open("a") as f:
+        f.write(json.dumps({"trial_id": tune.get_context().get_trial_id(), "pid": os.getpid(), **metrics},
+                           default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _already_failed_on_device(trial_dir: Path) -> bool:
     """On Ray's retry of a trial whose worker was replaced: re-report its error, do not train."""
     path = trial_dir / ERROR_FILE
@@ -293,6 +304,7 @@ def _train_and_report(trainer: Any, cfg: SweepConfig, evaluator: Evaluator | Non
             # What the method ships (its weight files; not the resume state): budgets compare by it.
             metrics["artifact_bytes"] = sum(f.stat().st_size for f in Path(tmp).rglob("*")  # DreamBooth: unet/
                                             if f.is_file() and f.name not in RESUME_STATE)
+            _append_own_row(trial_dir, metrics)  # straight to the run directory (sweeps/rows.py)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 

@@ -46,8 +46,11 @@ def _free_port() -> int:
 class LocalCluster:
     """``with LocalCluster(workers=2) as c:`` -- ``c.address`` for ``sdsweep run --address``."""
 
-    def __init__(self, workers: int = 2, cpus_per_worker: int = 1, object_store_mb: int = 300) -> None:
+    def __init__(self, workers: int = 2, cpus_per_worker: int = 1, object_store_mb: int = 300,
+                 dashboard: bool = False) -> None:
         self.workers_wanted, self.cpus, self.store = workers, cpus_per_worker, object_store_mb * 2 ** 20
+        # The dashboard (needs ray[default]) serves `ray job submit`.
+        self.dashboard_port = _free_port() if dashboard else None
         # Short: Ray's Unix sockets live under it, and a socket path has a ~107-character limit.
         self.root = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))
         self.port = _free_port()
@@ -57,6 +60,11 @@ class LocalCluster:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        assert self.dashboard_port is not None, "started without the dashboard"
+        return f"http://127.0.0.1:{self.dashboard_port}"
 
     def _start(self, args: list[str], log: str, hide: Path | None = None) -> subprocess.Popen:
         cmd = ["ray", "start", "--block", "--node-ip-address=127.0.0.1", f"--object-store-memory={self.store}", *args]
@@ -71,7 +79,9 @@ class LocalCluster:
                                     start_new_session=True)
 
     def start(self) -> "LocalCluster":
-        self.head = self._start(["--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=false",
+        dash = (["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
+                if self.dashboard_port else ["--include-dashboard=false"])
+        self.head = self._start(["--head", f"--port={self.port}", "--num-cpus=0", *dash,
                                  f"--temp-dir={self.root / 'ray'}"], "head.log")
         self._wait_for(1)
         for i in range(self.workers_wanted):

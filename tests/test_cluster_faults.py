@@ -7,6 +7,7 @@ without CPUs and worker nodes, each its own `ray start`), and what happens when 
   and the sweep finishes on the remaining node;
 * the driver SIGKILLed while trials run on the worker nodes: `sdsweep resume RUN_DIR --address`
   finishes the sweep without rerunning finished trials or repeating steps;
+* `ray job submit --working-dir . -- sdsweep run ...` (the README's cluster workflow) runs a sweep;
 * a node that cannot see the storage (a worker in a mount namespace of its own): the sweep is
   refused before any work, naming storage_path and the node.
 
@@ -36,7 +37,7 @@ STEPS, EVERY = 200, 20  # ~10 s a trial: windows wide enough to kill between che
 
 @pytest.fixture(scope="module")
 def cluster():
-    with LocalCluster(workers=2) as c:
+    with LocalCluster(workers=2, dashboard=True) as c:
         yield c
 
 
@@ -67,6 +68,15 @@ def _sweep_file(tmp_path: Path, num_samples: int = 3) -> Path:
 
 
 def _rows(trial_dir: Path) -> list[dict[str, Any]]:
+    """The trial's reports as sdsweep's readers see them (result.json, gaps filled from the
+    trial's own sdsweep_results.jsonl; sweeps/rows.py)."""
+    from sweeps.rows import trial_rows
+
+    return trial_rows(trial_dir)
+
+
+def _raw_rows(trial_dir: Path) -> list[dict[str, Any]]:
+    """Every row of Tune's result.json as written (a step retrained after a resume appears twice)."""
     path = trial_dir / "result.json"
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
 
@@ -188,18 +198,19 @@ def test_the_driver_killed_while_trials_run_on_worker_nodes_then_resume(cluster,
                             cwd=REPO, env=cluster_env(), capture_output=True, text=True, timeout=900)
     assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
     from sweeps.results import leaderboard
-    from sweeps.rows import once_per_step
+    from sweeps.rows import OWN_ROWS
 
-    after = {t: _rows(t) for t in _trials(run_dir)}
-    assert len(after) == 4, sorted(t.name for t in after)
-    for t, rows in after.items():
-        steps = [r["step"] for r in once_per_step(rows)]
-        assert steps == list(range(EVERY, STEPS + 1, EVERY)), f"{t.name}: {[r['step'] for r in rows]}"
-        assert [r["step"] for r in rows][: len(before.get(t, []))] == before.get(t, []), f"{t.name} restarted"
+    trials = _trials(run_dir)
+    assert len(trials) == 4, sorted(t.name for t in trials)
+    for t in trials:
+        steps = [r["step"] for r in _rows(t)]
+        assert steps == list(range(EVERY, STEPS + 1, EVERY)), f"{t.name}: {steps}"
+        assert steps[: len(before.get(t, []))] == before.get(t, []), f"{t.name} restarted"
         # A step reported twice (resumed from the checkpoint Tune's experiment state had recorded,
-        # older than the newest) was retrained bit-exactly: the same losses.
+        # older than the newest) was retrained bit-exactly: the same losses, in both files.
         by_step: dict[int, list[float]] = {}
-        for r in rows:
+        own = [json.loads(ln) for ln in (t / OWN_ROWS).read_text().splitlines()]
+        for r in [*_raw_rows(t), *own]:
             by_step.setdefault(r["step"], []).append(r["fixed_train_loss"])
         assert all(len(set(v)) == 1 for v in by_step.values()), by_step
         assert _wandb_steps(run_dir, t) == steps, "W&B logged a step twice or missed one"
@@ -225,3 +236,61 @@ def test_storage_a_node_cannot_see_is_refused_before_any_work(cluster, tmp_path)
         print(f"\nrefused in {time.time() - started:.0f} s: {proc.stderr.strip().splitlines()[-1][:200]}")
     finally:
         cluster.kill_worker(blind)
+
+
+def test_ray_job_submit_runs_a_sweep_from_the_working_directory(cluster, tmp_path):
+    while cluster.alive_nodes() < 3:
+        cluster.add_worker()
+    run_dir = tmp_path / "runs" / "job"
+    cmd = ["ray", "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(REPO), "--",
+           "sdsweep", "run", str(_sweep_file(tmp_path, num_samples=2)), "--run-dir", str(run_dir)]
+    proc = subprocess.run(cmd, cwd=REPO, env=cluster_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "succeeded" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+    from sweeps.results import leaderboard
+
+    assert [r.status for r in leaderboard(run_dir)[0]] == ["completed"] * 2
+    assert (run_dir / "best" / "best.json").is_file()
+
+
+CONCURRENT_BUILD = """
+import json, sys, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+@ray.remote(num_cpus=1, resources={"%(res)s": 1})
+def build(root):
+    import torch
+    from trainers.data import DataConfig, preflight
+    from trainers.latents import build_latent_cache
+    from trainers.models import load_base_model
+    torch.set_num_threads(1)
+    cfg = DataConfig(path="builtin:demo", resolution=64, random_flip=True)
+    data = build_latent_cache(preflight(cfg), cfg, load_base_model("builtin:tiny-sd"), root=root)
+    return {"key": data.key, "encoded": data.report.images_encoded, "reused": data.report.entries_reused,
+            "sum": float(data.mean.double().sum()), "node": ray.get_runtime_context().get_node_id()}
+
+ray.init(address=sys.argv[1], logging_level="ERROR")
+root = sys.argv[2]
+nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("%(res)s")][:2]
+pinned = lambda n: build.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
+first = ray.get([pinned(n).remote(root) for n in nodes])   # two nodes build the same cache at once
+again = ray.get(pinned(nodes[1]).remote(root))             # a later sweep, from either node
+print("RESULT", json.dumps({"first": first, "again": again}))
+"""
+
+
+def test_two_nodes_building_one_cache_at_once_agree_and_a_later_build_reuses_it(cluster, tmp_path):
+    while cluster.alive_nodes() < 3:
+        cluster.add_worker()
+    script = tmp_path / "build.py"
+    script.write_text(CONCURRENT_BUILD % {"res": NODE_RESOURCE})
+    root = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, str(script), cluster.address, str(root)], cwd=REPO, env=cluster_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    a, b = out["first"]
+    assert a["node"] != b["node"] and a["key"] == b["key"] and a["sum"] == b["sum"]
+    assert out["again"]["encoded"] == 0 and out["again"]["reused"] > 0 and out["again"]["sum"] == a["sum"]
+    entries = list((root / "entries").rglob("*.safetensors"))
+    assert len(entries) == out["again"]["reused"], "a concurrent build left duplicate or partial entries"
+    assert not [p for p in (root / "entries").rglob("*") if p.name.startswith(".")], "temporary files left behind"
