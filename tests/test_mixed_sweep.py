@@ -122,3 +122,26 @@ def test_the_winner_and_each_methods_best_export_in_their_methods_format_and_loa
         assert np.abs(_draw(pipe) - base).max() > 8, f"{method}'s export changes nothing a user sees"
     with pytest.raises(ValueError, match="no trial of that method"):
         export_best(run_dir, tmp_path / "none", method="no_such_method")
+
+
+def test_sdsweep_best_method_on_the_command_line_exports_that_methods_best(mixed_run, tmp_path):
+    import subprocess
+    import sys
+
+    from sweeps.results import best_per_method, leaderboard
+
+    run_dir, _ = mixed_run
+    row = best_per_method(leaderboard(run_dir)[0])["textual_inversion"]
+    dest = tmp_path / "ti"
+    proc = subprocess.run([sys.executable, "-m", "sweeps.cli", "best", str(run_dir), "--method", "textual_inversion",
+                           "--export", str(dest)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shown = json.loads(proc.stdout)
+    assert shown["method"] == "textual_inversion" and shown["trial_id"] == row.trial_id
+    assert shown["cost"]["artifact_bytes"] == (dest / "learned_embeds.safetensors").stat().st_size
+    assert "textual_inversion trial" in shown["why"]
+    bad = subprocess.run([sys.executable, "-m", "sweeps.cli", "best", str(run_dir), "--method", "dreamboth",
+                          "--export", str(tmp_path / "x")], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert bad.returncode != 0 and "no trial of that method" in bad.stderr and "dreambooth" in bad.stderr
