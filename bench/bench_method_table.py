@@ -64,6 +64,7 @@ def run_arm(run_dir: Path, params: dict[str, Any], seed: int) -> dict[str, Any]:
 
     from sweeps.config import SweepConfig, trial_run_config
     from sweeps.results import read_state
+    from sweeps.trial import RESUME_STATE
     from trainers import get_trainer_class
     from trainers.evaluate import Evaluator, load_references
     from trainers.models import load_base_model
@@ -81,8 +82,8 @@ def run_arm(run_dir: Path, params: dict[str, Any], seed: int) -> dict[str, Any]:
         try:
             trainer.train()
             ckpt = trainer.save_checkpoint(Path(tmp) / "ckpt")
-            artifact = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()
-                           and not f.name.startswith("trainer_state"))
+            # What the method ships, counted as a sweep's trial counts it (sweeps/trial.py).
+            artifact = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file() and f.name not in RESUME_STATE)
             ev_cfg = cfg.evaluation.heldout_evaluator()
             evaluator = Evaluator(ev_cfg, load_references(ev_cfg, cfg.base.data), device="cpu")
             with trainer.evaluation_model() as sampled:

@@ -59,9 +59,6 @@ class SearchSettings(Frozen):
         return v
 
 
-TIME_ATTRS = ("step", "images_seen", "trainer_s")  # what a scheduler's rungs are measured in
-
-
 class SchedulerSettings(Frozen):
     """Early stopping of weak trials.
 

@@ -30,8 +30,6 @@ from sweeps.shared_storage import check_shared_storage, storage_roots
 from sweeps.tracking import make_callbacks, offline_sync_command, tensorboard_callbacks
 from sweeps.trial import KeepResumeStateInNewest, run_trial, trial_env
 from trainers.data import preflight
-from trainers.paths import cache_root
-from trainers.run import latent_cache_root
 from trainers.tensor_files import atomic_write_text
 
 
@@ -321,7 +319,7 @@ def run_sweep(cfg: SweepConfig, *, sweep_file: str | None = None, run_dir: Path 
     _leave_job_package(run_dir)
     started = ensure_ray(cfg)
     try:
-        check_shared_storage(storage_roots(cfg, latent_cache_root(cfg.base) or cache_root() / "latents"))
+        check_shared_storage(storage_roots(cfg))
         data_refs, summary = build_cache(cfg, baseline=cfg.evaluation.images is not None)
         report = {**summary["report"], "extra": summary["extra"]}
         state = {"run_id": run_dir.name, "sweep_file": sweep_file, "config": cfg.model_dump(mode="json"),
@@ -377,7 +375,7 @@ def resume_sweep(run_dir: Path, address: str | None = None) -> SweepRun:
     _leave_job_package(run_dir)
     started = ensure_ray(cfg)
     try:
-        check_shared_storage(storage_roots(cfg, latent_cache_root(cfg.base) or cache_root() / "latents"))
+        check_shared_storage(storage_roots(cfg))
         need_baseline = cfg.evaluation.images is not None and "baseline" not in state
         # The keys are checked inside the task before anything is encoded or scored.
         expect = (state["cache_key"], state.get("validation_key"))

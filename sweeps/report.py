@@ -12,7 +12,6 @@ trial's per-prompt scores. All text goes through :func:`html.escape`.
 from __future__ import annotations
 
 import datetime
-import html
 import json
 import math
 import shutil
@@ -26,7 +25,7 @@ from PIL import Image
 from sweeps.config import natural_mode
 from sweeps.results import (COST_HEAD, TrialRow, baseline_scores, best_per_method, find_checkpoint, format_cost,
                             image_metrics, leaderboard, metric_and_mode, pareto_front, read_confirmation)
-from sweeps.charts import line_chart, scatter_chart, spend_front
+from sweeps.charts import esc as _e, line_chart, scatter_chart, spend_front
 from trainers.tensor_files import atomic_write_text
 
 REPORT_DIR = "report"
@@ -89,10 +88,6 @@ def render_report(run_dir: Path, rows: list[TrialRow], state: dict[str, Any], ou
             f'<meta name="viewport" content="width=device-width,initial-scale=1">'
             f"<title>{_e(name)} · sdsweep report</title><style>{CSS}</style></head>\n<body>\n"
             + "\n".join(b for b in body if b) + f"\n<script>{SCRIPT}</script>\n</body></html>\n")
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
 
 
 def _num(value: Any, digits: int = 4) -> str:

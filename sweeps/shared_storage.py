@@ -66,6 +66,8 @@ def check_shared_storage(roots: dict[str, str], timeout: float = 60.0) -> None:
                 "(NFS, a cluster filesystem)")
 
 
-def storage_roots(cfg: Any, cache_root: Path) -> dict[str, str]:
+def storage_roots(cfg: Any) -> dict[str, str]:
     """The directories a sweep's nodes share: the run storage and the latent cache."""
-    return {"storage_path": str(cfg.storage_path), "base.cache_dir (or SDSWEEP_CACHE)": str(cache_root)}
+    from trainers.run import latent_cache_root
+
+    return {"storage_path": str(cfg.storage_path), "base.cache_dir (or SDSWEEP_CACHE)": str(latent_cache_root(cfg.base))}

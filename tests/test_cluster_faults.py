@@ -148,7 +148,8 @@ def test_a_worker_node_killed_mid_trial_the_trial_resumes_on_another_node(cluste
     steps = [r["step"] for r in rows]
     assert steps[: len(steps_before)] == steps_before, "history before the node died was rewritten"
     assert steps == sorted(set(steps)) and steps[-1] == STEPS, f"not resumed from its checkpoint: {steps}"
-    assert len([r for r in rows[1:] if r.get("iterations_since_restore") == 1]) == 1, "not restored exactly once"
+    # Tune's record of the failure (its result.json rows can be lost around the restart, so not those).
+    assert (victim / "error.txt").read_text().count("Failure # ") == 1, "not restored exactly once"
     assert _wandb_steps(run_dir, victim) == steps, "W&B logged a step twice or missed one"
     # The node loss reads as one line, not Ray's traceback (the traceback stays in error.txt).
     text = log.read_text()

@@ -53,7 +53,7 @@ def test_each_trial_reports_what_it_spent_and_the_leaderboard_shows_it(mixed_run
     from sweeps.results import COST_HEAD, leaderboard
 
     run_dir, stdout = mixed_run
-    rows, state = leaderboard(run_dir)
+    rows, _ = leaderboard(run_dir)
     for r in rows:
         assert r.cost["trainer_s"] > 0 and r.cost["peak_memory_mb"] > 0 and r.cost["artifact_bytes"] > 0, r.cost
         # images seen: examples through the UNet; DreamBooth's prior puts a class example beside each
@@ -62,7 +62,12 @@ def test_each_trial_reports_what_it_spent_and_the_leaderboard_shows_it(mixed_run
     sizes = {r.method: r.cost["artifact_bytes"] for r in rows}
     assert sizes["textual_inversion"] < sizes["lora"] < sizes["dreambooth"]  # a few rows < adapters < a UNet
     assert all(h in stdout for h in COST_HEAD) and "best per method" in stdout
-    assert state["config"]["scheduler"]["time_attr"] == "auto"
+    # The scheduler's clock (trainer seconds here, methods mix) is in every evaluation's report and
+    # grows with the steps: ASHA silently lets a trial run on when its time_attr is missing.
+    assert load_sweep(DEMO).time_attr == "trainer_s"
+    for r in rows:
+        clock = [h["trainer_s"] for h in r.history if "composite" in h]
+        assert len(clock) == len([h for h in r.history if "composite" in h]) and clock == sorted(set(clock)), r.history
     report = (run_dir / "report" / "index.html").read_text()
     assert 'id="methods"' in report and 'id="spend-chart"' in report
 

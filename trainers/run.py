@@ -19,6 +19,7 @@ from trainers.devices import run_device
 from trainers.latents import CachedDataset, build_latent_cache
 from trainers.tensor_files import atomic_write_text
 from trainers.models import load_base_model
+from trainers.paths import cache_root
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -86,9 +87,10 @@ def prepare_validation(cfg: RunConfig, model, *, cache_text: bool,
                               device=run_device(cfg.train.device))
 
 
-def latent_cache_root(cfg: RunConfig) -> Path | None:
-    """Where this run's latent cache lives: ``cache_dir/latents``, or the default root."""
-    return Path(cfg.cache_dir) / "latents" if cfg.cache_dir else None
+def latent_cache_root(cfg: RunConfig) -> Path:
+    """Where this run's latent cache lives: ``cache_dir/latents``, else the default root's
+    (``$SDSWEEP_CACHE`` or ``~/.cache/sdsweep``, ``trainers.paths.cache_root``)."""
+    return Path(cfg.cache_dir) / "latents" if cfg.cache_dir else cache_root() / "latents"
 
 
 def make_trainer(cfg: RunConfig, model, data: CachedDataset, validation: CachedDataset | None = None,
