@@ -159,8 +159,10 @@ def test_a_worker_node_killed_mid_trial_the_trial_resumes_on_another_node(cluste
     assert "its worker died" in said[0] and "Traceback" not in text, text[-3000:]
     # Besides it only the first line of Ray's own notices (the node marked dead, its raylet
     # terminated), which every driver prints: not the dead raylet's ~40-line log dump.
+    # (Ray sends some notices more than once: 2 or 3 such lines were seen, never a dump line.)
     raylet = [ln for ln in text.splitlines() if "(raylet)" in ln]
-    assert len(raylet) <= 2 and not any(".cc:" in ln for ln in raylet), raylet
+    headlines = ("has been marked dead", "Raylet is terminated")
+    assert all(any(h in ln for h in headlines) for ln in raylet) and len(raylet) <= 4, raylet
 
     from sweeps.results import leaderboard
 
