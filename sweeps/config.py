@@ -19,26 +19,7 @@ from search_spaces import SamplerSettings, SearchSpace, build_search_space, load
 from sweeps.tracking import TrackingSettings
 from trainers.config import METHOD_SECTIONS, ConfigError, Frozen, RunConfig, read_yaml, validate_mapping
 from trainers.evaluate import EvaluatorConfig
-from trainers.metrics import COMPOSITE, METRICS
-
-# What every trial reports at each evaluation, with its natural direction; with
-# ``evaluation.images`` set, trials also report each image metric and ``composite`` (all "max").
-REPORTED_METRICS = {
-    "fixed_train_loss": "min",
-    "val_loss": "min",  # only with held-out images (base.data.validation_split / validation_path)
-    "train_loss": "min",
-    "steps_per_s": "max",
-    "samples_per_s": "max",
-}
-
-
-def natural_mode(metric: str) -> str:
-    """The direction in which ``metric`` improves."""
-    if metric in REPORTED_METRICS:
-        return REPORTED_METRICS[metric]
-    if metric == COMPOSITE or (metric in METRICS and METRICS[metric].higher_is_better):
-        return "max"
-    return "min"
+from trainers.metric_modes import COMPOSITE, REPORTED_METRICS, natural_mode  # noqa: F401 (re-exported)
 
 
 class SearchSettings(Frozen):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,39 @@ def test_reading_results_does_not_import_the_trial_worker_or_ray() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def _trainers_modules() -> list[str]:
+    return sorted(m for m in _module_files() if m.startswith("trainers") and not m.endswith("__main__"))
+
+
+def test_importing_any_trainers_module_prints_no_library_notice() -> None:
+    """transformers without torchvision logs a CLIPImageProcessor / SiglipImageProcessor fallback notice
+    when diffusers' pipelines look the names up; trainers/__init__.py drops exactly that notice."""
+    modules = _trainers_modules()
+    assert "trainers.lora" in modules and "trainers.toyworld" in modules
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRANSFORMERS_", "DIFFUSERS_"))}
+    out = subprocess.run([sys.executable, "-c", "import " + ", ".join(modules)], cwd=REPO, capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr == "", out.stderr[-3000:]
+
+
+def test_the_notice_filter_drops_only_the_torchvision_fallback_and_only_at_default_verbosity() -> None:
+    code = """import logging, trainers
+from transformers.utils import logging as hf_logging
+log = logging.getLogger("transformers.utils.import_utils")
+log.warning("`FooImageProcessor` requires torchvision (not installed); falling back to `FooImageProcessorPil` for "
+            "backward compatibility. Install torchvision to use the default backend")
+log.warning("something else entirely")
+hf_logging.set_verbosity_info()
+log.warning("`BarImageProcessor` requires torchvision (not installed); falling back to `BarImageProcessorPil` for "
+            "backward compatibility.")
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFORMERS_")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "FooImageProcessor" not in out.stderr  # the known notice, at transformers' default verbosity
+    assert "something else entirely" in out.stderr  # any other warning still shows
+    assert "BarImageProcessor" in out.stderr  # TRANSFORMERS_VERBOSITY=info (here: set_verbosity_info) shows it
+

@@ -31,6 +31,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, compute_snr
 
 from trainers.config import TrainConfig
+from trainers.errors import NonFiniteLossError as NonFiniteLossError  # re-exported (defined light)
 from trainers.devices import make_accelerator, place, resolve_mixed_precision, run_placement  # noqa: F401 (re-exported)
 from trainers.checkpoints import read_trainer_state, write_trainer_state
 from trainers.latents import CachedDataset, tokenize
@@ -38,10 +39,6 @@ from trainers.tensor_files import atomic_directory
 
 # Large odd multipliers keep the (seed, counter) -> generator-seed map collision-free in practice.
 _STEP_MIX, _EPOCH_MIX = 1_000_003, 7_919
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; nothing from that step was applied or saved."""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainers.data import DataConfig
+from trainers.errors import ConfigError as ConfigError  # re-exported (defined light for the CLI)
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -36,10 +37,6 @@ YamlLoader.add_implicit_resolver(
 def yaml_load(text: str) -> Any:
     """Parse YAML with :class:`YamlLoader` (safe, YAML 1.2 floats)."""
     return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
-
-
-class ConfigError(ValueError):
-    """A config file or mapping that cannot be used; the message names the file, key and fix."""
 
 
 class Frozen(BaseModel):

@@ -43,6 +43,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from trainers.errors import DatasetError as DatasetError, Problem as Problem  # re-exported (defined light)
 from trainers.paths import cache_root, materialize_dir
 
 # Extension -> the format PIL must detect in the bytes (a mismatch is a lying extension).
@@ -104,29 +105,6 @@ class DataConfig(BaseModel):
                 "remove it or set caption_source to 'instance' or 'auto'"
             )
         return self
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a dataset: the file (or folder) at fault, what is wrong and the fix."""
-
-    path: str
-    reason: str
-
-
-class DatasetError(ValueError):
-    """Every problem found in one dataset folder; ``str()`` lists them one per line."""
-
-    def __init__(self, folder: str | Path, problems: list[Problem]) -> None:
-        # Both go to args so the error pickles (it crosses process boundaries under Ray).
-        super().__init__(str(folder), list(problems))
-        self.folder = str(folder)
-        self.problems = list(problems)
-
-    def __str__(self) -> str:
-        lines = [f"dataset {self.folder}: {len(self.problems)} problem(s):"]
-        lines += [f"  {p.path}: {p.reason}" for p in self.problems]
-        return "\n".join(lines)
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,19 @@ import shutil
 import stat
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:
+    import torch
+
+# torch and safetensors are imported by the two tensor writers that need them: the text and
+# directory helpers here serve `sdsweep results`/`report`, which must not pay for a torch import.
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over names, dtypes, shapes and raw bytes, in name order."""
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach()
@@ -87,6 +92,13 @@ def atomic_directory(path: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def save_file(tensors: dict[str, torch.Tensor], filename: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' ``save_file``, imported on first use (a module-level name, so tests can wrap it)."""
+    from safetensors.torch import save_file as write
+
+    write(tensors, filename, metadata=metadata)
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
