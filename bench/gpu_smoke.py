@@ -287,20 +287,36 @@ def run_sweep_smoke(expect: Expect, gpu: float, steps: int, device: str | None =
             failures.append(str(err))
         print(f"sweep wall {wall:.1f} s; cache build {state['cache_builds'][0]}; "
               f"baseline eval {state['baseline']['eval_s']:.2f} s at {state['baseline']['placement']}")
-        print(f"{'trial':<14}{'status':<11}{'steps/s':>9}{'samples/s':>11}{'eval s':>8}{'peak MB':>9}  checks")
+        print(f"{'trial':<14}{'status':<11}{'steps/s':>9}{'samples/s':>11}{'eval s':>8}{'peak MB':>9}"
+              f"{'est. MB':>9}  checks")
         for result in run.results:
             m, path = result.metrics or {}, Path(result.path)
+            estimate = _estimated_mb(cfg, result.config or {})
             errors = json.loads((path / "sdsweep_error.json").read_text()) if (path / "sdsweep_error.json").is_file() else None
             checks = json.loads((path / CHECKS_FILE).read_text()) if (path / CHECKS_FILE).is_file() else []
             print(f"{m.get('trial_id', path.name)[:13]:<14}{m.get('trial_status', '?'):<11}"
                   f"{m.get('steps_per_s', float('nan')):>9.2f}{m.get('samples_per_s', float('nan')):>11.1f}"
-                  f"{m.get('eval_s', float('nan')):>8.2f}{m.get('peak_memory_mb', float('nan')):>9.0f}  "
-                  f"{len(checks)} evaluations checked")
+                  f"{m.get('eval_s', float('nan')):>8.2f}{m.get('peak_memory_mb', float('nan')):>9.0f}"
+                  f"{estimate:>9.0f}  {len(checks)} evaluations checked")
             if errors:
                 failures.append(f"trial {path.name}: {errors['error_type']}: {errors['error']}")
             elif not checks:
                 failures.append(f"trial {path.name}: no evaluation was checked")
     return _verdict(failures)
+
+
+def _estimated_mb(cfg: Any, config: dict[str, Any]) -> float:
+    """The memory estimate's allocator part (trainers/memory.py) for a trial's hyperparameters: what
+    its measured ``peak_memory_mb`` (torch.cuda.max_memory_allocated) compares with."""
+    from sweeps.config import trial_run_config
+    from sweeps.plan import scoring_models_bytes
+    from trainers.memory import Architecture, estimate_trial_memory, trial_shape
+
+    run_cfg = trial_run_config(cfg, cfg.search_space().flat_params(config))
+    gen = cfg.evaluation.images.generation if cfg.evaluation.images else None
+    shape = trial_shape(run_cfg, "cuda", min(gen.batch_size, len(gen.prompts) * len(gen.seeds)) if gen else 1)
+    scoring = scoring_models_bytes(cfg)[0]
+    return estimate_trial_memory(Architecture.from_spec(cfg.base.model), shape, scoring).allocated_bytes / 2**20
 
 
 def cpu_dry_run(steps: int = 2, method: str = "lora") -> int:

@@ -115,6 +115,15 @@ class SearchSpace:
                 return max(numbers) if numbers else None
         return None
 
+    def candidates(self, method: str) -> dict[str, list[Any]]:
+        """Every key ``method``'s space searches, with the values that bound it: a range's ``low``
+        and ``high``, a categorical's choices. For worst-case planning (``sdsweep plan``)."""
+        out: dict[str, list[Any]] = {}
+        for p in self._entries_of(method):
+            spec = p.spec
+            out[p.key] = [spec.low, spec.high] if hasattr(spec, "high") else list(getattr(spec, "choices", ()))
+        return out
+
     def optuna_names(self, method: str) -> dict[str, str]:
         """For one method: plain key -> the Optuna parameter name it is suggested under."""
         return {p.key: p.optuna_name for p in self._entries_of(method)}

@@ -161,6 +161,9 @@ class ResourceSettings(Frozen):
     cpu: float = Field(1.0, gt=0)
     gpu: float = Field(0.0, ge=0)
     custom: dict[str, float] = {}
+    # The memory of one GPU of the cluster, for checking a fractional-GPU packing before the sweep
+    # starts (sweeps/plan.py); default: probed from a GPU the cluster gives the sweep.
+    gpu_memory_gib: float | None = Field(None, gt=0)
 
     @field_validator("custom")
     @classmethod

@@ -12,10 +12,12 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
 import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
@@ -24,10 +26,11 @@ from search_spaces import make_sampler, make_storage
 from sweeps.config import SweepConfig, trial_run_config
 from sweeps.confirm import confirm_sweep
 from sweeps.console import QUIET_TRIAL_ERRORS, FailureLines, condense_ray_notices
+from sweeps.live import LiveConsole
 from sweeps.results import SWEEP_STATE, SweepError
 from sweeps.schedulers import make_scheduler
 from sweeps.shared_storage import check_shared_storage, storage_roots
-from sweeps.tracking import make_callbacks, offline_sync_command, tensorboard_callbacks
+from sweeps.tracking import log_sweep_run, make_callbacks, offline_sync_command, tensorboard_callbacks
 from sweeps.trial import KeepResumeStateInNewest, run_trial, trial_env
 from trainers.data import preflight
 from trainers.tensor_files import atomic_write_text
@@ -59,6 +62,21 @@ class SweepOptunaSearch(OptunaSearch):
         state.setdefault("_rank", (state.get("_metric"), state.get("_mode")))
         self.__dict__.update(state)
 
+    def _setup_study(self, mode: Any) -> None:
+        # The objectives by their sdsweep names, so optuna-dashboard and the leaderboard agree
+        # (without names the dashboard says "Objective 0").
+        super()._setup_study(mode)
+        names = self.metric if isinstance(self.metric, list) else [self.metric]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self._ot_study.set_metric_names(list(names))
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        if trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr("sdsweep_trial_id", trial_id)
+        return config
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         metric, mode = self._rank
         value = result.get(metric)
@@ -73,17 +91,81 @@ class SweepOptunaSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         best = self._best.pop(trial_id, None)
-        if error or (result or {}).get("trial_status") == "error":
+        status = "error" if error or (result or {}).get("trial_status") == "error" else \
+            "completed" if (result or {}).get("trial_status") == "completed" else "stopped"
+        self._label(trial_id, status, best)
+        if status == "error":
             super().on_trial_complete(trial_id, result=None, error=True)
         elif (result or {}).get("trial_status") != "completed" or best is None:
             super().on_trial_complete(trial_id, result=None, error=False)  # no value: PRUNED
         else:
             super().on_trial_complete(trial_id, result=best, error=False)
 
+    def _label(self, trial_id: str, status: str, best: dict | None) -> None:
+        """What the leaderboard says of the trial, as Optuna user attributes (optuna-dashboard
+        shows them): its status (completed, stopped early, error), best step and best value."""
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials:
+            return
+        ot_trial.set_user_attr("sdsweep_trial_id", trial_id)
+        ot_trial.set_user_attr("sdsweep_status", status)
+        if best is not None:
+            ot_trial.set_user_attr("sdsweep_best_step", int(best.get("step", 0)))
+            ot_trial.set_user_attr(f"sdsweep_best_{self._rank[0]}", float(best[self._rank[0]]))
 
-@ray.remote(num_returns=4)
+
+PROGRESS_EVERY_S = 0.5  # the cache task sends at most this often a progress report per kind
+
+
+@ray.remote(num_returns="streaming")
 def build_cache_task(sweep: dict[str, Any], baseline: bool,
-                     expect: tuple[str, str | None] | None = None) -> tuple[Any, Any, Any, dict[str, Any]]:
+                     expect: tuple[str, str | None] | None = None) -> Any:
+    """:func:`build_cache_work` in a thread, as a streaming generator: first progress reports
+    (``{"progress": (stage, done, total)}``, at most every ``PROGRESS_EVERY_S`` per stage, and
+    each stage's last), then ``{"done": True}``, then the work's four results as four objects (the
+    datasets stay in the object store: the driver passes their references on unread)."""
+    import queue
+    import threading
+
+    from trainers import progress
+
+    reports: queue.Queue = queue.Queue()
+    out: dict[str, Any] = {}
+    phase = ["data"]
+    last: dict[str, float] = {}
+
+    def sink(kind: str, done: int, total: int) -> None:
+        stage = {"encode": "encode images", "class images": "class images"}.get(kind)
+        if kind == "generate" and phase[0] == "baseline":
+            stage = "baseline images"
+        now = time.monotonic()
+        if stage and (done >= total or now - last.get(stage, 0.0) >= PROGRESS_EVERY_S):
+            last[stage] = now
+            reports.put((stage, done, total))
+
+    def work() -> None:
+        try:
+            with progress.listening(sink):
+                out["value"] = build_cache_work(sweep, baseline, expect, phase)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the generator, where Ray sees it
+            out["error"] = err
+        finally:
+            reports.put(None)
+
+    thread = threading.Thread(target=work, name="sdsweep-cache-build", daemon=True)
+    thread.start()
+    while (item := reports.get()) is not None:
+        yield {"progress": item}
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    yield {"done": True}
+    for obj in out["value"]:  # (not `yield from`: Ray drives the generator with send())
+        yield obj
+
+
+def build_cache_work(sweep: dict[str, Any], baseline: bool, expect: tuple[str, str | None] | None = None,
+                     phase: list[str] | None = None) -> tuple[Any, Any, Any, dict[str, Any]]:
     """Build (or reuse from disk) the latent cache and each method's extra data (DreamBooth's
     class images) and, if asked, score the base model.
 
@@ -123,6 +205,8 @@ def build_cache_task(sweep: dict[str, Any], baseline: bool,
                "validation_key": validation.key if validation is not None else None,
                "validation_images": len(validation) if validation is not None else 0, "extra": extra_report}
     if baseline:
+        if phase is not None:
+            phase[0] = "baseline"  # the progress of generating is the baseline's now
         summary["baseline"] = _score_baseline(cfg, model)
     return data, validation, extra, summary
 
@@ -216,10 +300,19 @@ def ensure_ray(cfg: SweepConfig) -> bool:
         check_cluster_reachable(address)
         # On a cluster the job's own runtime env (ray job submit) applies; adding ours would make
         # Ray refuse to merge any key both set (cluster.yaml sets the node environment).
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, logging_level=_ray_log_level())
         return False
-    ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": trial_env()}, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": trial_env()}, log_to_driver=False,
+             logging_level=_ray_log_level())
     return True
+
+
+def _ray_log_level() -> int:
+    """Ray's driver-side log level: INFO with --verbose (Tune's classic output is off only without
+    it), WARNING otherwise ("Started a local Ray instance", Tune's "Wrote the latest version ...")."""
+    import logging
+
+    return logging.INFO if os.environ.get("RAY_AIR_NEW_OUTPUT", "1") != "0" else logging.WARNING
 
 
 CONNECT_TIMEOUT_S = 5.0  # a live GCS accepts a TCP connection at once; Ray's own retry loop never ends
@@ -253,14 +346,21 @@ def check_cluster_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) ->
 BASELINE_DIR = "baseline"
 
 
-def build_cache(cfg: SweepConfig, baseline: bool = False,
-                expect: tuple[str, str | None] | None = None) -> tuple[list[Any], dict[str, Any]]:
+def build_cache(cfg: SweepConfig, baseline: bool = False, expect: tuple[str, str | None] | None = None,
+                on_progress: Any = None) -> tuple[list[Any], dict[str, Any]]:
     """Run the cache build (and the baseline) as a Ray task; return ([training ref, validation
-    ref, extra ref], summary). See ``build_cache_task`` for ``expect``."""
+    ref, extra ref], summary). See ``build_cache_work`` for ``expect``. ``on_progress(stage, done,
+    total)`` hears the task's progress ("encode images", "class images", "baseline images")."""
     res = cfg.resources
-    data_ref, val_ref, extra_ref, summary_ref = build_cache_task.options(**res.task_options()).remote(
-        cfg.model_dump(mode="json"), baseline, expect)
+    stream = build_cache_task.options(**res.task_options()).remote(cfg.model_dump(mode="json"), baseline, expect)
     try:
+        for ref in stream:
+            item = ray.get(ref)
+            if "done" in item:
+                break
+            if on_progress is not None:
+                on_progress(*item["progress"])
+        data_ref, val_ref, extra_ref, summary_ref = [next(stream) for _ in range(4)]
         summary = ray.get(summary_ref)
     except ray.exceptions.RayTaskError as err:  # surface the cause (bad dataset, model) as itself
         raise err.as_instanceof_cause() from None
@@ -284,7 +384,7 @@ def _trainable(cfg: SweepConfig, data_refs: list[Any]) -> Any:
     return tune.with_resources(fn, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu, **cfg.resources.custom})
 
 
-def _tuner(cfg: SweepConfig, run_dir: Path, trainable: Any, run_id: str) -> tune.Tuner:
+def _tuner(cfg: SweepConfig, run_dir: Path, trainable: Any, run_id: str, console: Any = None) -> tune.Tuner:
     tune_cfg = tune.TuneConfig(
         metric=cfg.evaluation.metric, mode=cfg.mode, search_alg=make_search(cfg), scheduler=make_scheduler(cfg),
         num_samples=cfg.search.num_samples, max_concurrent_trials=cfg.search.max_concurrent_trials,
@@ -295,23 +395,88 @@ def _tuner(cfg: SweepConfig, run_dir: Path, trainable: Any, run_id: str) -> tune
                                                 checkpoint_score_attribute=cfg.evaluation.metric,
                                                 checkpoint_score_order=cfg.mode),
         failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-        callbacks=[*make_callbacks(cfg.tracking, run_dir=run_dir, sweep_name=cfg.name, run_id=run_id),
-                   *tensorboard_callbacks(), KeepResumeStateInNewest(), FailureLines(cfg.max_failures)],
-        verbose=1)
+        callbacks=[*make_callbacks(cfg.tracking, run_dir=run_dir, sweep_name=cfg.name, run_id=run_id,
+                                   metric=cfg.evaluation.metric, metric_mode=cfg.mode),
+                   *tensorboard_callbacks(), KeepResumeStateInNewest(), FailureLines(cfg.max_failures),
+                   *([console] if console is not None else [])],
+        verbose=0 if console is not None else 1)  # Ray Tune's own tables only with --verbose
     return tune.Tuner(trainable, tune_config=tune_cfg, run_config=run_cfg)
 
 
-def _prepare(cfg: SweepConfig) -> None:
+def _prepare(cfg: SweepConfig, verbose: bool = False) -> None:
     # Errored trials end with a result that deliberately carries no metric (sweeps/trial.py); the
     # sweep config already guarantees the metric exists, so Tune's strict check is redundant.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     os.environ.update(QUIET_TRIAL_ERRORS)  # one line per lost worker instead (sweeps/console.py)
     preflight(cfg.base.data, require_captions=True)  # every bad file, before Ray or any GPU
+    if not verbose:
+        # Tune's newer console output prints its experiment box and paths at any verbosity; its
+        # classic one prints nothing at verbose=0 (sdsweep's live view replaces both).
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        # Optuna's INFO lines ("A new study created"); Ray's are set by ensure_ray.
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def run_sweep(cfg: SweepConfig, *, sweep_file: str | None = None, run_dir: Path | None = None) -> SweepRun:
-    """Run a new sweep into ``run_dir`` (default ``storage_path/<name>-<timestamp>``)."""
-    _prepare(cfg)
+@ray.remote(num_cpus=0)
+def _gpu_memory_task() -> float:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
+GPU_PROBE_TIMEOUT_S = 120.0
+
+
+def check_gpu_packing(cfg: SweepConfig, after_ray: bool) -> None:
+    """Refuse a fractional-GPU packing that cannot fit (sweeps/plan.py), before any trial starts.
+
+    The GPU's memory is ``resources.gpu_memory_gib``, else (a local Ray) this machine's GPU: both
+    checked before Ray starts (``after_ray=False``). On a cluster it is probed once Ray is up
+    (``after_ray=True``) by a task holding the trials' GPU share; if no GPU is free within
+    ``GPU_PROBE_TIMEOUT_S`` the packing goes unchecked, with a note.
+    """
+    if cfg.resources.gpu <= 0:
+        return
+    from sweeps.plan import check_packing, local_gpu_memory_gib
+
+    on_cluster = bool(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+    memory = cfg.resources.gpu_memory_gib
+    if memory is None and not on_cluster:
+        memory = local_gpu_memory_gib()
+    if not after_ray:
+        if memory is not None:
+            _print_plan(check_packing(cfg, memory))
+        return
+    if memory is not None or not on_cluster:
+        return  # checked before Ray started, or a local Ray without a GPU (trials would never start)
+    res = cfg.resources
+    ref = _gpu_memory_task.options(num_gpus=min(res.gpu, 1.0), **({"resources": dict(res.custom)} if res.custom
+                                                                  else {})).remote()
+    ready, _ = ray.wait([ref], timeout=GPU_PROBE_TIMEOUT_S)
+    if not ready:
+        ray.cancel(ref, force=True)
+        print(f"note: no GPU answered within {GPU_PROBE_TIMEOUT_S:.0f} s, so the GPU packing is unchecked; set "
+              "resources.gpu_memory_gib to check it (`sdsweep plan SWEEP.yaml --gpu-memory GIB`)")
+        return
+    _print_plan(check_packing(cfg, ray.get(ref)))
+
+
+def _print_plan(plan: Any) -> None:
+    if plan is not None:
+        big = plan.largest
+        print(f"GPU plan: up to {plan.sharing} trial(s) per GPU x ~{big.estimate.total_gib:.1f} GiB "
+              f"({big.method}, worst case) <= {plan.gpu_memory_gib:.1f} GiB ({plan.memory_source})", flush=True)
+
+
+def run_sweep(cfg: SweepConfig, *, sweep_file: str | None = None, run_dir: Path | None = None,
+              verbose: bool = False) -> SweepRun:
+    """Run a new sweep into ``run_dir`` (default ``storage_path/<name>-<timestamp>``). The console
+    shows sdsweep's live view (sweeps/live.py), or Ray Tune's own tables with ``verbose``."""
+    _prepare(cfg, verbose)
+    console = None if verbose else LiveConsole(cfg)
+    check_gpu_packing(cfg, after_ray=False)
     run_dir = (run_dir or Path(cfg.storage_path) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     if run_dir.exists() and any(run_dir.iterdir()):
         raise SweepError(f"{run_dir} already holds a sweep; use `sdsweep resume {run_dir}` or another --run-dir")
@@ -320,7 +485,9 @@ def run_sweep(cfg: SweepConfig, *, sweep_file: str | None = None, run_dir: Path 
     started = ensure_ray(cfg)
     try:
         check_shared_storage(storage_roots(cfg))
-        data_refs, summary = build_cache(cfg, baseline=cfg.evaluation.images is not None)
+        check_gpu_packing(cfg, after_ray=True)
+        data_refs, summary = build_cache(cfg, baseline=cfg.evaluation.images is not None,
+                                         on_progress=console.progress if console else None)
         report = {**summary["report"], "extra": summary["extra"]}
         state = {"run_id": run_dir.name, "sweep_file": sweep_file, "config": cfg.model_dump(mode="json"),
                  "cache_key": summary["key"], "validation_key": summary["validation_key"],
@@ -329,12 +496,23 @@ def run_sweep(cfg: SweepConfig, *, sweep_file: str | None = None, run_dir: Path 
         if "baseline" in summary:
             state["baseline"] = _save_baseline(run_dir, summary["baseline"])
         write_sweep_state(run_dir, state)
-        results = _tuner(cfg, run_dir, _trainable(cfg, data_refs), run_dir.name).fit()
+        results = _tuner(cfg, run_dir, _trainable(cfg, data_refs), run_dir.name, console).fit()
         _confirm(cfg, run_dir)
+        _sweep_run(cfg, run_dir, run_dir.name)
     finally:
         if started:
             ray.shutdown()
     return SweepRun(run_dir, results, report, offline_sync_command(run_dir))
+
+
+def _sweep_run(cfg: SweepConfig, run_dir: Path, run_id: str) -> None:
+    """The sweep-level W&B run (leaderboard table, baseline images); its failure loses nothing."""
+    import sys
+
+    try:
+        log_sweep_run(cfg.tracking, run_dir=run_dir, sweep_name=cfg.name, run_id=run_id)
+    except Exception as err:  # noqa: BLE001 - the sweep's results are on disk whatever W&B does
+        print(f"warning: the sweep-level W&B run was not written ({type(err).__name__}: {err})", file=sys.stderr)
 
 
 def _confirm(cfg: SweepConfig, run_dir: Path) -> None:
@@ -359,7 +537,7 @@ def _leave_job_package(run_dir: Path) -> None:
         os.chdir(run_dir)
 
 
-def resume_sweep(run_dir: Path, address: str | None = None) -> SweepRun:
+def resume_sweep(run_dir: Path, address: str | None = None, verbose: bool = False) -> SweepRun:
     """Continue an interrupted sweep: finished trials stay, running ones continue from their last
     checkpoint, and the searcher's state (Optuna study) is restored so no proposal repeats.
     ``address``: the Ray cluster to continue on (default: the sweep's ``ray_address``)."""
@@ -371,15 +549,19 @@ def resume_sweep(run_dir: Path, address: str | None = None) -> SweepRun:
     cfg = SweepConfig.model_validate(state["config"])
     if address is not None:
         cfg = cfg.model_copy(update={"ray_address": address})
-    _prepare(cfg)
+    _prepare(cfg, verbose)
+    check_gpu_packing(cfg, after_ray=False)
     _leave_job_package(run_dir)
     started = ensure_ray(cfg)
     try:
         check_shared_storage(storage_roots(cfg))
+        check_gpu_packing(cfg, after_ray=True)
         need_baseline = cfg.evaluation.images is not None and "baseline" not in state
         # The keys are checked inside the task before anything is encoded or scored.
         expect = (state["cache_key"], state.get("validation_key"))
-        data_refs, summary = build_cache(cfg, baseline=need_baseline, expect=expect)
+        console = None if verbose else LiveConsole(cfg)  # the trials' view is the one the sweep started with
+        data_refs, summary = build_cache(cfg, baseline=need_baseline, expect=expect,
+                                         on_progress=console.progress if console else None)
         key = summary["key"]
         if key != state["cache_key"]:
             raise SweepError(f"{run_dir}: the dataset or base model changed since the sweep started "
@@ -396,6 +578,7 @@ def resume_sweep(run_dir: Path, address: str | None = None) -> SweepRun:
                                    resume_errored=False, restart_errored=False)
         results = tuner.fit()
         _confirm(cfg, run_dir)
+        _sweep_run(cfg, run_dir, state["run_id"])
     finally:
         if started:
             ray.shutdown()

@@ -55,7 +55,7 @@ import os
 import re
 import shlex
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from hashlib import sha1
 from pathlib import Path
 from typing import Any, Literal
@@ -164,7 +164,7 @@ class WandbTrialCallback(tune.Callback):
     """
 
     def __init__(self, *, mode: Mode, project: str, entity: str | None, tags: tuple[str, ...],
-                 run_dir: Path, group: str) -> None:
+                 run_dir: Path, group: str, metric: str | None = None, metric_mode: str = "max") -> None:
         if mode == "disabled":
             raise ValueError("WandbTrialCallback needs mode 'online' or 'offline'; "
                              "make_callbacks returns no callback for 'disabled'")
@@ -175,6 +175,16 @@ class WandbTrialCallback(tune.Callback):
         self._runs: dict[str, Any] = {}  # trial id -> wandb Run (not picklable)
         self._last_step: dict[str, int] = {}
         self._errored: set[str] = set()  # trials whose code raised (reported as trial_status error)
+        # What the leaderboard ranks by: each run's summary keeps its best value and step of it.
+        self.metric, self.metric_mode = metric, metric_mode
+        self._best: dict[str, tuple[float, int]] = {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A callback pickled by an sdsweep before runs kept their best (resume).
+        state.setdefault("metric", None)
+        state.setdefault("metric_mode", "max")
+        state.setdefault("_best", {})
+        self.__dict__.update(state)
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles callbacks into the experiment state (Tuner.restore unpickles them):
@@ -276,13 +286,36 @@ class WandbTrialCallback(tune.Callback):
             data[SAMPLES_KEY] = _samples_table(Path(result[SAMPLES_KEY]))
         run.log(data, step=step)
         self._last_step[trial.trial_id] = step
+        self._keep_best(trial.trial_id, run, result, step)
+
+    def _keep_best(self, trial_id: str, run: Any, result: dict[str, Any], step: int) -> None:
+        """The run's summary holds its best value of the sweep's metric and that step, so the W&B
+        runs table and parallel-coordinates panels rank trials as the leaderboard does (a run's
+        default summary is its *last* value)."""
+        value = result.get(self.metric) if self.metric else None
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
+            return
+        best = self._best.get(trial_id)
+        if best is None or (value > best[0] if self.metric_mode == "max" else value < best[0]):
+            self._best[trial_id] = (float(value), step)
+            run.summary[f"best_{self.metric}"] = float(value)
+            run.summary["best_step"] = step
+
+    def _end(self, trial: Trial, status: str) -> None:
+        run = self._runs.get(trial.trial_id)
+        if run is not None:
+            run.summary["trial_status"] = status
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial,
                           **info: Any) -> None:
-        self._finish(trial, exit_code=1 if trial.trial_id in self._errored else 0)
+        errored = trial.trial_id in self._errored
+        done = (trial.last_result or {}).get("trial_status") == "completed"
+        self._end(trial, "error" if errored else "completed" if done else "stopped")  # stopped: by the scheduler
+        self._finish(trial, exit_code=1 if errored else 0)
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial,
                        **info: Any) -> None:
+        self._end(trial, "error")
         self._finish(trial, exit_code=1)
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
@@ -337,7 +370,7 @@ def _samples_table(scores_file: Path) -> Any:
 
 
 def make_callbacks(settings: TrackingSettings, *, run_dir: Path, sweep_name: str,
-                   run_id: str) -> list[tune.Callback]:
+                   run_id: str, metric: str | None = None, metric_mode: str = "max") -> list[tune.Callback]:
     """The Tune callbacks that track a sweep in W&B (none when tracking is disabled).
 
     ``run_id`` (unique per sweep run) is the W&B group and the prefix of every run id;
@@ -352,7 +385,60 @@ def make_callbacks(settings: TrackingSettings, *, run_dir: Path, sweep_name: str
                          "WANDB_API_KEY or run `wandb login`, or use mode 'auto'/'offline'")
     tags = settings.tags if sweep_name in settings.tags else (*settings.tags, sweep_name)
     return [WandbTrialCallback(mode=mode, project=settings.project, entity=settings.entity,
-                               tags=tags, run_dir=Path(run_dir), group=run_id)]
+                               tags=tags, run_dir=Path(run_dir), group=run_id, metric=metric, metric_mode=metric_mode)]
+
+
+SWEEP_JOB_TYPE = "sweep"  # the job_type of the one sweep-level run beside the trials' runs
+
+
+def log_sweep_run(settings: TrackingSettings, *, run_dir: Path, sweep_name: str, run_id: str) -> str | None:
+    """Open (or, after a resume, continue) the sweep-level W&B run of ``run_dir`` and log the
+    leaderboard as a table (``leaderboard``: one row per trial, the values ``sdsweep results
+    --format json`` gives) and the baseline's images (``baseline``: the base model without any
+    adapter, on the evaluation's prompts and seeds); its summary names the pick. Same group as the
+    trials' runs, ``job_type`` "sweep". Returns the run id (None with tracking disabled)."""
+    from sweeps.board import heldout_column, records
+    from sweeps.results import baseline_scores, image_metrics, leaderboard, metric_and_mode, read_confirmation
+
+    mode = resolve_mode(settings)
+    if mode == "disabled":
+        return None
+    rows, state = leaderboard(run_dir)
+    metric, metric_mode = metric_and_mode(state)
+    board = records(rows, metric, metric_mode, image_metrics(state), baseline_scores(state),
+                    heldout_column(read_confirmation(run_dir)))
+    flat = [flatten_dict(t, delimiter="/") for t in board["trials"]]
+    first = ["rank", "trial_id", "method", "status", metric, "best_step"]
+    columns = [c for c in first if any(c in r for r in flat)] + sorted({k for r in flat for k in r} - set(first))
+    table = wandb.Table(columns=columns, data=[[_cell(r.get(c)) for c in columns] for r in flat])
+    wandb_id = wandb_run_id(run_id, "sweep")
+    tags = settings.tags if sweep_name in settings.tags else (*settings.tags, sweep_name)
+    run = wandb.init(project=settings.project, entity=settings.entity, group=run_id, job_type=SWEEP_JOB_TYPE,
+                     name=f"{sweep_name} (sweep)", id=wandb_id, config=flatten_dict(state["config"], delimiter="."),
+                     tags=list(tags), dir=str(run_dir), mode=mode, resume="allow", reinit="create_new",
+                     settings=wandb.Settings(console="off", x_disable_stats=True, quiet=True, root_dir=str(run_dir)))
+    data: dict[str, Any] = {"leaderboard": table}
+    baseline = state.get("baseline")
+    if baseline:
+        grid = Path(run_dir) / baseline["dir"] / "grid.png"
+        if grid.is_file():
+            data["baseline"] = [wandb.Image(str(grid), caption="base model, no adapter")]
+        run.summary.update({f"baseline_{k}": v for k, v in baseline["scores"].items()})
+    run.log(data)
+    best = next((r for r in rows if r.rank == 1), None)
+    if best is not None:
+        run.summary.update({"best_trial": best.trial_id, "best_method": best.method, "best_step": best.best_step,
+                            f"best_{metric}": best.best})
+    run.summary["trials"] = len(rows)
+    run.finish()
+    return wandb_id
+
+
+def _cell(value: Any) -> Any:
+    """A table cell W&B accepts: numbers and strings as they are, anything else as JSON."""
+    if value is None or isinstance(value, (bool, numbers.Real, str)):
+        return value
+    return json.dumps(value, default=str, sort_keys=True)
 
 
 class _ScalarTBXLogger(TBXLoggerCallback):
@@ -404,6 +490,7 @@ class OfflineRun:
     config: dict[str, Any]
     history: list[dict[str, Any]]  # rows with _step, _runtime, _timestamp and the metrics
     exit_code: int | None  # None: no exit record (still running, or the driver was killed)
+    summary: dict[str, Any] = field(default_factory=dict)  # the run's summary as its records left it
 
     @property
     def steps(self) -> list[int]:
@@ -431,6 +518,7 @@ def read_offline_run(run_path: Path) -> OfflineRun:
     fields: dict[str, Any] = {"run_id": "", "group": "", "job_type": "", "start_time": "",
                               "exit_code": None}
     config: dict[str, Any] = {}
+    summary: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
     for line in proc.stdout.splitlines():
         rec = json.loads(line)
@@ -445,10 +533,14 @@ def read_offline_run(run_path: Path) -> OfflineRun:
                 config.pop(key if isinstance(key, str) else key.get("key", ""), None)
         elif kind == "history":
             history.append(body.get("item", {}))
+        elif kind == "summary":
+            summary.update(body.get("update", {}))
+            for key in body.get("remove", []):
+                summary.pop(key if isinstance(key, str) else key.get("key", ""), None)
         elif kind == "exit":
             fields["exit_code"] = int(body.get("exit_code", 0))
     config.pop("_wandb", None)
-    return OfflineRun(path=files[0].parent, config=config, history=history, **fields)
+    return OfflineRun(path=files[0].parent, config=config, history=history, summary=summary, **fields)
 
 
 def _max_step(runs: Any) -> int | None:

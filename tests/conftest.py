@@ -158,10 +158,12 @@ def model_digest(model) -> dict:
     return out
 
 
-def run_shipped_sweep(config: Path, run_dir: Path, cache: Path, timeout: int = 1700, wandb: bool = False) -> str:
+def run_shipped_sweep(config: Path, run_dir: Path, cache: Path, timeout: int = 1700, wandb: bool = False,
+                      sets: tuple[str, ...] = ()) -> str:
     """Run a shipped sweep file as the README does (``sdsweep run``; W&B off unless ``wandb``, then
     offline) in a subprocess with its own Ray, into ``run_dir``, exporting the pick to
-    ``run_dir.parent / "best"``; returns its stdout. A failure shows the tails of both streams."""
+    ``run_dir.parent / "best"``, with ``sets`` as more ``--set KEY=VALUE`` items; returns its stdout.
+    A failure shows the tails of both streams."""
     import subprocess
     import sys
 
@@ -170,7 +172,8 @@ def run_shipped_sweep(config: Path, run_dir: Path, cache: Path, timeout: int = 1
     env.update(OMP_NUM_THREADS="1", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", PYTHONUNBUFFERED="1",
                SDSWEEP_CACHE=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     cmd = [sys.executable, "-m", "sweeps.cli", "run", str(config), "--run-dir", str(run_dir),
-           "--set", f"tracking.wandb={'true' if wandb else 'false'}", "--export", str(run_dir.parent / "best")]
+           "--set", f"tracking.wandb={'true' if wandb else 'false'}", "--export", str(run_dir.parent / "best"),
+           *(arg for item in sets for arg in ("--set", item))]
     if wandb:
         env["WANDB_MODE"] = "offline"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1],

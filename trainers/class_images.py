@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from trainers import progress
 from trainers.config import DreamBoothSettings
 from trainers.paths import cache_root, materialize_dir
 
@@ -73,6 +74,7 @@ def ensure_class_images(model: Any, db: DreamBoothSettings, n: int, resolution: 
                 image.image.save(tmp / f"class_{i:05d}.png")
                 (tmp / f"class_{i:05d}.txt").write_text(prompt + "\n", encoding="utf-8")
                 drawn += 1
+                progress.advance("class images", drawn, n)
         (tmp / ".class_images.json").write_text(json.dumps({"key": key, "n": n, "model": model.identity,
                                                            "prompts": list(prompts)}, indent=1))
 

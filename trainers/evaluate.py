@@ -27,6 +27,7 @@ from PIL import Image
 from pydantic import BaseModel as PydanticModel
 from pydantic import ConfigDict, Field, model_validator
 
+from trainers import progress
 from trainers.config import Frozen
 from trainers.data import DataConfig, load_pixels, preflight
 from trainers.metrics import (
@@ -159,6 +160,7 @@ def generate(model: BaseModel, settings: EvalSettings, prediction_type: str | No
                 output_type="pil",
             )
             out.extend(GeneratedImage(p, s, img) for (p, s), img in zip(batch, result.images))
+            progress.advance("generate", len(out), len(jobs))
     return out
 
 

@@ -36,6 +36,7 @@ from typing import Iterable
 import torch
 from safetensors import SafetensorError, safe_open
 
+from trainers import progress
 from trainers.data import DataConfig, ImageRecord, load_pixels
 from trainers.devices import ENCODE_DTYPE, place
 from trainers.paths import cache_root
@@ -177,6 +178,7 @@ def _build_entries(
                     "image_sha256": rec.sha256, "producer": "sdsweep.trainers.latents",
                     "settings": json.dumps(settings.__dict__, sort_keys=True)}
             atomic_save_safetensors(tensors, path, meta)
+        progress.advance("encode", min(start + batch_size, len(todo)), len(todo))
 
 
 def _text_embeddings(
