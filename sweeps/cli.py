@@ -15,40 +15,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sweeps.constants import QUIET_ENV
+from sweeps.overrides import apply_overrides, parse_set  # noqa: F401 - the CLI's --set (re-exported)
+from trainers.errors import ConfigError
 
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_FAILED = 1
-
-
-def apply_overrides(data: Any, overrides: Sequence[str], source: str) -> Any:
-    """Apply ``key.path=value`` overrides (value parsed as YAML) to a raw config mapping."""
-    from trainers.config import ConfigError
-
-    for key, value in parse_set(overrides).items():
-        parts = key.split(".")
-        node = data
-        for p in parts[:-1]:
-            if isinstance(node.get(p), str) and p == "model":
-                node[p] = {"source": node[p]}
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{source}: --set {key}: {p} is not a mapping")
-        node[parts[-1]] = value
-    return data
-
-
-def parse_set(items: Sequence[str]) -> dict[str, Any]:
-    """``--set KEY=VALUE`` items as ``{dotted key: value parsed as YAML}``; an item without ``=``
-    or with an empty key is an error (it would otherwise set the key to null, silently)."""
-    from trainers.config import ConfigError, yaml_load
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_train_steps=20")
-        out[key.strip()] = yaml_load(raw)
-    return out
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -88,42 +59,56 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_results(run_dir: Path, metric: str | None = None) -> list[Any]:
+def print_results(run_dir: Path, metric: str | None = None, top: int = 10, wide: bool = False,
+                  fmt: str = "table") -> list[Any]:
     """Print the leaderboard (image scores with their gain over the baseline) and, for a
-    multi-objective sweep, the Pareto front. Returns the rows."""
-    from sweeps.config import natural_mode
-    from sweeps.results import baseline_scores, format_leaderboard, image_metrics, leaderboard, metric_and_mode
-    from sweeps.results import find_checkpoint, format_best_per_method, pareto_front
-
-    from sweeps.confirm import heldout_column
-    from sweeps.results import read_confirmation
+    multi-objective sweep, the Pareto front. ``fmt`` "csv" or "json" prints every trial's values
+    and nothing else; the table fits 120 columns (``top`` rows, 0: all) unless ``wide``. Returns the rows."""
+    from sweeps import board
+    from sweeps.results import baseline_scores, find_checkpoint, format_best_per_method, image_metrics, leaderboard
+    from sweeps.results import metric_and_mode, pareto_front, read_confirmation
+    from trainers.metric_modes import natural_mode
 
     rows, state = leaderboard(run_dir, metric)
     name, mode = metric_and_mode(state, metric)
     base = baseline_scores(state)
     confirmation = read_confirmation(run_dir)
-    print(f"ranked by {name} ({mode}) over every evaluated checkpoint"
-          + ("; (+x) = gain over the base model without adapter" if base else ""))
-    print(format_leaderboard(rows, name, image_metrics(state), base, heldout_column(confirmation)))
+    columns = (rows, name, image_metrics(state), base, board.heldout_column(confirmation))
+    if fmt != "table":
+        write = board.format_csv if fmt == "csv" else board.format_json
+        sys.stdout.write(write(rows, name, mode, *columns[2:]).rstrip("\n") + "\n")
+        return rows
+    lines: list[str] = []
+
+    def say(text: str) -> None:  # prose lines wrap at the table's width unless --wide
+        lines.extend([text] if wide else board.wrap(text))
+
+    say(f"ranked by {name} ({mode}) over every evaluated checkpoint"
+        + ("; (+x) = gain over the base model without adapter" if base else ""))
+    lines.append(board.format_wide(*columns) if wide else
+                 board.format_compact(*columns, top=top, run_dir=str(run_dir)))
     if len({r.method for r in rows if r.rank is not None}) > 1:
-        print(format_best_per_method(rows, name)
-              + "\n  (`sdsweep best RUN_DIR --method NAME --export DIR` exports one method's best)")
+        for line in format_best_per_method(rows, name).splitlines():
+            say(line)
+        say("  (`sdsweep best RUN_DIR --method NAME --export DIR` exports one method's best)")
     if confirmation:
-        print(f"held-out confirmation ({confirmation['images_per_model']} images per model on seeds never used "
-              f"for picking), winner {confirmation['winner']}:")
+        say(f"held-out confirmation ({confirmation['images_per_model']} images per model on seeds never used "
+            f"for picking), winner {confirmation['winner']}:")
         for line in confirmation["verdict"]:
-            print(f"  {line}")
+            say(f"  {line}")
     objectives = state["config"]["evaluation"].get("objectives")
     if objectives:
         front = pareto_front(rows, list(objectives), [natural_mode(o) for o in objectives])
-        print(f"\nPareto front of {', '.join(objectives)} ({len(front)} checkpoints; "
-              "`sdsweep best RUN_DIR --pareto K` exports point K; * = checkpoint kept):")
+        lines.append("")
+        say(f"Pareto front of {', '.join(objectives)} ({len(front)} checkpoints; "
+            "`sdsweep best RUN_DIR --pareto K` exports point K; * = checkpoint kept):")
         paths = {r.trial_id: r.path for r in rows}
         for k, p in enumerate(front):
             vals = ", ".join(f"{o} {v:.4g}" for o, v in p.values.items())
             path = paths.get(p.trial_id)
             mark = "*" if path and find_checkpoint(path, p.step) else " "
-            print(f" {mark}{k}: trial {p.trial_id} step {p.step}: {vals}")
+            say(f" {mark}{k}: trial {p.trial_id} step {p.step}: {vals}")
+    print("\n".join(lines))
     return rows
 
 
@@ -155,7 +140,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.address:
         overrides["ray_address"] = args.address
     cfg = load_sweep(args.sweep, overrides)
-    run = run_sweep(cfg, sweep_file=str(Path(args.sweep).resolve()),
+    run = run_sweep(cfg, sweep_file=str(Path(args.sweep).resolve()), verbose=args.verbose,
                     run_dir=Path(args.run_dir) if args.run_dir else None)
     return _finish_sweep(run, args.export)
 
@@ -163,21 +148,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_resume(args: argparse.Namespace) -> int:
     from sweeps.driver import resume_sweep
 
-    return _finish_sweep(resume_sweep(Path(args.run_dir), address=args.address), args.export)
+    return _finish_sweep(resume_sweep(Path(args.run_dir), address=args.address, verbose=args.verbose), args.export)
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
-    print_results(Path(args.run_dir), args.metric)
+    if args.top < 0:
+        raise ConfigError(f"--top {args.top}: give a number of trials (0 shows every trial)")
+    print_results(Path(args.run_dir), args.metric, top=args.top, wide=args.wide, fmt=args.format)
     return 0
 
 
 def _cmd_best(args: argparse.Namespace) -> int:
     from sweeps.results import export_best
 
+    if args.trial is not None and (args.pareto is not None or args.method is not None):
+        raise ConfigError("--trial picks one checkpoint by hand; --pareto and --method choose among many: give one "
+                          "or the other")
     info = export_best(Path(args.run_dir), Path(args.export), metric=args.metric, pareto=args.pareto,
-                       method=args.method)
-    keys = ("trial_id", "method", "hyperparameters", "metric", "image_scores", "gain_over_baseline", "cost", "why",
-            "files")
+                       method=args.method, trial=args.trial, step=args.step)
+    keys = ("trial_id", "method", "hyperparameters", "metric", "image_scores", "gain_over_baseline", "cost",
+            "picked_by", "why", "files")
     print(json.dumps({k: info[k] for k in keys}, indent=1))
     if "not_kept" in info:
         print(f"note: {info['not_kept']}", file=sys.stderr)
@@ -233,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--export", default=None, help="export the best checkpoint here (default RUN_DIR/best)")
     run.add_argument("--address", default=None, help="run on this Ray cluster (host:port, ray://host:port or auto; "
                      "default: RAY_ADDRESS, else a local Ray started for the sweep)")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="Ray Tune's own progress tables instead of sdsweep's live view")
     run.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                      help="override a sweep-file key, e.g. --set search.num_samples=4 (repeatable)")
     run.set_defaults(func=_cmd_run)
@@ -241,14 +233,23 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("run_dir")
     resume.add_argument("--export", default=None)
     resume.add_argument("--address", default=None, help="the Ray cluster to continue on (default: the sweep's)")
+    resume.add_argument("-v", "--verbose", action="store_true", help="Ray Tune's own progress tables (the view "
+                        "the sweep started with is kept for its trials)")
     resume.set_defaults(func=_cmd_resume)
 
     results = sub.add_parser("results", help="print a sweep's leaderboard (and Pareto front)")
     results.add_argument("run_dir")
     results.add_argument("--metric", default=None, help="rank by this reported metric (default: the sweep's)")
+    results.add_argument("--top", type=int, default=10, metavar="N",
+                         help="show the best N trials (default 10; 0: every trial)")
+    shape = results.add_mutually_exclusive_group()
+    shape.add_argument("--wide", action="store_true",
+                       help="every column of every trial, however wide (default: a table that fits 120 columns)")
+    shape.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                       help="csv or json: every trial, hyperparameter, score, cost, status and error, for programs")
     results.set_defaults(func=_cmd_results)
 
-    best = sub.add_parser("best", help="export a sweep's best checkpoint with best.json")
+    best = sub.add_parser("best", help="export a sweep's best checkpoint (or one you pick) with best.json")
     best.add_argument("run_dir")
     best.add_argument("--export", required=True, help="destination directory")
     pick = best.add_mutually_exclusive_group()
@@ -257,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="export point K of the Pareto front (multi-objective sweeps; see `results`)")
     best.add_argument("--method", default=None, help="only this method's trials compete (sweeps across methods); "
                       "the export is in that method's formats")
+    best.add_argument("--trial", default=None, metavar="ID",
+                      help="export this trial's checkpoint instead of the automatic pick (best.json says: manual); "
+                      "the report shows the command under every checkpoint's images")
+    best.add_argument("--step", type=int, default=None, metavar="N",
+                      help="with --trial: the checkpoint at step N (default: that trial's best kept one)")
     best.set_defaults(func=_cmd_best)
 
     confirm = sub.add_parser("confirm", help="(re)run the held-out confirmation of a sweep's top checkpoints")
@@ -267,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir")
     report.add_argument("--out", default=None, help="report directory (default RUN_DIR/report)")
     report.set_defaults(func=_cmd_report)
+
+    # light modules: each imports its heavy parts only when its command runs
+    from sweeps.init import add_command as add_init
+    from sweeps.plan import add_command as add_plan
+
+    add_plan(sub)
+    add_init(sub)
     return parser
 
 
@@ -274,24 +287,29 @@ def quiet_libraries() -> None:
     """Keep the terminal for our progress: library notices off unless the user asks.
 
     Environment variables, so Ray workers inherit them (sweeps.trial.trial_env forwards them);
-    values the user has set win.
+    values the user has set win. transformers reads them when it is imported, so nothing is
+    imported here (``sdsweep results`` never imports transformers at all); if it is imported
+    already (a caller of :func:`main` in-process), its progress bars are turned off directly.
     """
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    from transformers.utils import logging as hf_logging
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``sdsweep`` console script."""
+    """Entry point of the ``sdsweep`` console script.
+
+    Only the command's own imports are paid for: ``results``, ``report``, ``best`` and ``--help``
+    never import Ray, and ``results``/``report``/``--help`` never import torch either (the error
+    classes caught here are defined in standard-library-only modules).
+    """
     args = build_parser().parse_args(argv)
     quiet_libraries()
-    from trainers.base import NonFiniteLossError
-    from trainers.config import ConfigError
-    from trainers.data import DatasetError
-    from sweeps.results import SweepError
-    from trainers.models import ModelLoadError
+    from sweeps.errors import SweepError
+    from trainers.errors import ConfigError, DatasetError, ModelLoadError, NonFiniteLossError
 
     try:
         return int(args.func(args))

@@ -262,11 +262,3 @@ def verdict(margins: dict[str, dict[str, Any]], metric: str, n: int, prompts: in
                          f"evaluation size; about {m['images_needed']} images per model ({per_prompt} seeds "
                          f"per prompt) would separate a margin this size")
     return lines
-
-
-def heldout_column(confirmation: dict[str, Any] | None) -> tuple[str, dict[str, float]] | None:
-    """(metric, {trial id or "baseline": held-out score}) for the leaderboard's held-out column."""
-    if not confirmation:
-        return None
-    metric = confirmation["metric"]
-    return metric, {m.get("trial_id", m["label"]): m["heldout"][metric] for m in confirmation["models"]}

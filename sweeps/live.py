@@ -219,5 +219,10 @@ class LiveConsole(Callback):
             self.drawn = 0
 
     def _write(self, text: str, raw: bool = False) -> None:
+        if self.tty:
+            # A carriage return with every line feed: the terminal's own LF -> CRLF translation
+            # (ONLCR) was seen switched off during a sweep (Ray's processes share the terminal),
+            # and the block then drifted right by a line's width at every redraw.
+            text = text.replace("\r\n", "\n").replace("\n", "\r\n")
         self.stream.write(text)
         self.stream.flush()

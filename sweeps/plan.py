@@ -226,7 +226,7 @@ def add_command(sub: Any) -> None:
 
 
 def _cmd_plan(args: Any) -> int:
-    from sweeps.cli import parse_set
+    from sweeps.overrides import parse_set
     from sweeps.config import load_sweep
 
     cfg = load_sweep(args.sweep, parse_set(args.set))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import shlex
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -22,10 +23,10 @@ from urllib.parse import quote
 
 from PIL import Image
 
-from sweeps.config import natural_mode
 from sweeps.results import (COST_HEAD, TrialRow, baseline_scores, best_per_method, find_checkpoint, format_cost,
-                            image_metrics, leaderboard, metric_and_mode, pareto_front, read_confirmation)
+                            image_metrics, kept_steps, leaderboard, metric_and_mode, pareto_front, read_confirmation)
 from sweeps.charts import esc as _e, line_chart, scatter_chart, spend_front
+from trainers.metric_modes import natural_mode
 from trainers.tensor_files import atomic_write_text
 
 REPORT_DIR = "report"
@@ -54,7 +55,7 @@ tr.base td{background:#f4f6f9;color:#5a6475;font-style:italic}.g{font-size:11px;
 .chart,figure{background:#fff;box-shadow:0 1px 2px #0001;padding:8px}.chart h3{font-size:13px;margin:0 0 4px}
 svg text{font:11px system-ui,sans-serif;fill:#5a6475}figure{margin:0;width:220px}
 figure img{width:100%;display:block;background:#eee}.px{image-rendering:pixelated}
-figcaption{font-size:12px;margin-top:6px}img.thumb{width:96px;height:96px;object-fit:contain;display:block}
+figcaption{font-size:12px;margin-top:6px}.cmd{display:block;margin-top:6px}.cmd .nw{white-space:nowrap}.cmd .path{overflow-wrap:anywhere}img.thumb{width:96px;height:96px;object-fit:contain;display:block}
 """
 
 # Read back by tests/test_report.py from the DOM headless Chromium renders.
@@ -379,12 +380,36 @@ def _grids_section(run_dir: Path, rows: list[TrialRow], state: dict[str, Any], o
         grid = str(_read_json(sd / "scores.json").get("grid", "grid.png"))
         img = _img(out, sd / grid, f"{r.trial_id}/{sd.name}/{grid}", f"trial {r.trial_id} step {r.best_step}",
                    GRID_PX, linked=True) or '<p class="muted">samples missing</p>'
-        figures.append(f'<figure class="grid" data-trial="{_e(r.trial_id)}">{img}<figcaption><b>#{r.rank} '
-                       f"<code>{_e(r.trial_id)}</code></b> step {r.best_step}<br>"
-                       f"{_caption(metrics, r.best_metrics, base)}</figcaption></figure>")
+        figures.append(f'<figure class="grid" data-trial="{_e(r.trial_id)}" data-step="{r.best_step}">{img}'
+                       f"<figcaption><b>#{r.rank} <code>{_e(r.trial_id)}</code></b> step {r.best_step}<br>"
+                       f"{_caption(metrics, r.best_metrics, base)}{_export_line(run_dir, r, r.best_step)}"
+                       "</figcaption></figure>")
     return _section("Samples", "The same prompts (rows) and seeds (columns) in every grid: the base model first, "
-                    "then each ranked trial at its best step. Click a grid for full size.",
+                    "then each ranked trial at its best step, with its scores and the command that exports that "
+                    "checkpoint (any of them, not only the winner). Click a grid for full size.",
                     f'<div class="grids">{"".join(figures)}</div>')
+
+
+def export_command(run_dir: Path, trial_id: str, step: int) -> list[str]:
+    """The shell command that exports checkpoint ``trial_id`` @ ``step`` of ``run_dir``, as its
+    parts (quoted for a POSIX shell; joined by spaces it is the command)."""
+    return ["sdsweep best", shlex.quote(str(Path(run_dir).resolve())), f"--trial {shlex.quote(trial_id)}",
+            f"--step {int(step)}", f"--export {shlex.quote(f'{trial_id}-step{int(step)}')}"]
+
+
+def _export_line(run_dir: Path, row: TrialRow, step: int | None) -> str:
+    """Under a grid: the command exporting its checkpoint, or why there is none to export."""
+    if step is None or row.path is None:
+        return ""
+    if find_checkpoint(row.path, step) is None:
+        kept = kept_steps(row.path)
+        return (f'<span class="cmd muted">checkpoint not kept (checkpoints_to_keep); kept steps of this trial: '
+                f"{_e(', '.join(map(str, kept)) or 'none')}</span>")
+    # Each option with its value stays on one line (a browser would break "--step" after its "--").
+    parts = " ".join(f'<span class="{"path" if i == 1 else "nw"}">{_e(part)}</span>'
+                     for i, part in enumerate(export_command(run_dir, row.trial_id, step)))
+    return f'<code class="cmd" data-trial="{_e(row.trial_id)}" data-step="{int(step)}">{parts}</code>'
+
 
 
 def _prompts_section(run_dir: Path, rows: list[TrialRow], state: dict[str, Any], out: Path) -> str:

@@ -22,16 +22,15 @@ from typing import Any
 
 
 from sweeps.constants import ERROR_FILE
+from sweeps.errors import SweepError as SweepError  # re-exported: raised by every reader of a run directory
 from sweeps.rows import trial_rows
+from sweeps.tune_state import TuneTrial, read_trials
+from trainers.metric_modes import natural_mode
 from trainers.tensor_files import atomic_write_text
 from trainers import get_trainer_class
 
 SWEEP_STATE = "sweep.json"
 CONFIRM_DIR, CONFIRM_FILE = "confirm", "confirm.json"  # the held-out confirmation (sweeps/confirm.py)
-
-
-class SweepError(ValueError):
-    """A sweep-level problem a user can fix; the message names the run directory and the fix."""
 
 
 @dataclass
@@ -95,8 +94,8 @@ def _has(r: dict[str, Any], metric: str) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _trial_row(trial: Any, metric: str, mode: str, max_steps: int) -> TrialRow:
-    path = Path(trial.path)  # storage path; trial.local_path needs a live Ray session
+def _trial_row(trial: TuneTrial, metric: str, mode: str, max_steps: int) -> TrialRow:
+    path = trial.path
     rows = _results(path)
     evals = [r for r in rows if _has(r, metric)]
     last = rows[-1] if rows else {}
@@ -136,8 +135,6 @@ def _exception_line(text: str) -> str:
 
 def metric_and_mode(state: dict[str, Any], metric: str | None = None) -> tuple[str, str]:
     """The ranking metric (the sweep's unless given) and its direction."""
-    from sweeps.config import natural_mode
-
     ev = state["config"]["evaluation"]
     if metric is None or metric == ev["metric"]:
         return ev["metric"], ev.get("mode") or natural_mode(ev["metric"])
@@ -146,14 +143,11 @@ def metric_and_mode(state: dict[str, Any], metric: str | None = None) -> tuple[s
 
 def leaderboard(run_dir: Path, metric: str | None = None) -> tuple[list[TrialRow], dict[str, Any]]:
     """All trials, best first by ``metric`` (default: the sweep's), trials without it last."""
-    from ray.tune import ExperimentAnalysis
-
     state = read_state(run_dir)
     cfg = state["config"]
     metric, mode = metric_and_mode(state, metric)
-    analysis = ExperimentAnalysis(str(Path(run_dir).resolve()))
     max_steps = cfg["base"]["train"]["max_train_steps"]
-    rows = [_trial_row(t, metric, mode, max_steps) for t in analysis.trials]
+    rows = [_trial_row(t, metric, mode, max_steps) for t in read_trials(Path(run_dir))]
     reported = {k for r in rows for h in r.history for k in h}
     if reported and metric not in reported:
         raise SweepError(f"{run_dir}: no trial reported {metric!r}; reported metrics: "
@@ -198,61 +192,6 @@ def pareto_front(rows: list[TrialRow], objectives: list[str], modes: list[str]) 
 
     front = [p for p in points if not any(dominates(q, p) for q in points)]
     return sorted(front, key=lambda p: (-sign[objectives[0]] * p.values[objectives[0]], p.trial_id, p.step))
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    return str(v)
-
-
-def _score(value: Any, base: float | None) -> str:
-    if not isinstance(value, (int, float)):
-        return "-"
-    return f"{value:.4g}" if base is None else f"{value:.4g} ({value - base:+.3g})"
-
-
-def format_leaderboard(rows: list[TrialRow], metric: str, scores: list[str] | None = None,
-                       baseline: dict[str, float] | None = None,
-                       heldout: tuple[str, dict[str, float]] | None = None) -> str:
-    """A plain-text table a terminal shows well.
-
-    ``scores``: more metrics to show at each trial's best step (e.g. the image scores), each with
-    its gain over ``baseline`` in parentheses when a baseline value exists. ``heldout``: (metric,
-    {trial id or "baseline": score}) of the held-out confirmation, shown beside the selection's
-    scores for the checkpoints it re-scored.
-    """
-    baseline = baseline or {}
-    extra = [s for s in (scores or []) if s != metric]
-    keys = sorted({k for r in rows for k in r.params if k != "method"})
-    h_name, h_scores = heldout or ("", {})
-    h_col = [f"held-out {h_name}"] if heldout else []
-    h_base = h_scores.get("baseline")
-
-    def held(key: str) -> list[str]:
-        if not heldout:
-            return []
-        return [_score(h_scores[key], None if key == "baseline" else h_base) if key in h_scores else "-"]
-
-    head = ["rank", "trial", "method", *keys, metric, *h_col, *extra, "best@step", "status", "steps", "wall",
-            *COST_HEAD]
-    lines = [head]
-    for r in rows:
-        lines.append([str(r.rank or "-"), r.trial_id, r.method, *[_fmt(r.params.get(k, "")) for k in keys],
-                      _score(r.best, baseline.get(metric)) if metric in baseline else
-                      (f"{r.best:.5f}" if r.best is not None else "-"), *held(r.trial_id),
-                      *[_score(r.best_metrics.get(s), baseline.get(s)) for s in extra],
-                      str(r.best_step or "-"), r.status, str(r.steps), f"{r.wall_s:.0f}s", *format_cost(r.cost)])
-    if baseline:
-        lines.append(["base", "(no adapter)", "-", *["" for _ in keys], _score(baseline.get(metric), None),
-                      *held("baseline"), *[_score(baseline.get(s), None) for s in extra], "-", "baseline", "0", "",
-                      *["" for _ in COST_HEAD]])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
-    for r in rows:
-        if r.error:
-            out.append(f"  {r.trial_id}: {r.error}")
-    return "\n".join(out)
 
 
 COST_HEAD = ("train s", "images", "peak MB", "artifact")
@@ -302,6 +241,58 @@ def _candidates(rows: list[TrialRow], metric: str, mode: str) -> list[tuple[Tria
     return sorted(evals, key=lambda rh: (sign * rh[1][metric], rh[0].trial_id, rh[1]["step"]))
 
 
+def kept_steps(trial_dir: Path | None) -> list[int]:
+    """The steps of the checkpoints Tune kept for a trial (``checkpoints_to_keep`` of them), in order."""
+    if trial_dir is None:
+        return []
+    steps = []
+    for d in trial_dir.glob("checkpoint_*"):
+        state = d / "trainer_state.json"
+        if state.is_file() and isinstance(step := json.loads(state.read_text()).get("step"), int):
+            steps.append(step)
+    return sorted(steps)
+
+
+def pick_checkpoint(run_dir: Path, trial: str, step: int | None = None, metric: str | None = None
+                    ) -> tuple[TrialRow, dict[str, Any], Path, dict[str, Any]]:
+    """A checkpoint chosen by hand (``sdsweep best --trial ID --step N``): trial ``trial`` at
+    ``step`` (default: that trial's best kept step by ``metric``), as ``select_checkpoint`` returns
+    it; ``why`` marks it ``picked_by: manual`` and names the checkpoint the automatic pick exports."""
+    rows, state = leaderboard(run_dir, metric)
+    metric, mode = metric_and_mode(state, metric)
+    by_id = {r.trial_id: r for r in rows}
+    if trial not in by_id:
+        raise SweepError(f"{run_dir}: --trial {trial}: no such trial; this sweep's trials (best first): "
+                         f"{', '.join(r.trial_id for r in rows)}")
+    row = by_id[trial]
+    kept = kept_steps(row.path)
+    if step is None:
+        step = next((int(h["step"]) for _, h in _candidates([row], metric, mode) if int(h["step"]) in kept), None)
+        if step is None:
+            raise SweepError(f"{run_dir}: trial {trial} has no kept checkpoint evaluated on {metric} (kept steps: "
+                             f"{kept or 'none'}); give --step N")
+    ckpt = find_checkpoint(row.path, step) if row.path else None
+    if ckpt is None:
+        evaluated = [int(h["step"]) for h in row.history if _has(h, metric)]
+        raise SweepError(f"{run_dir}: trial {trial} has no kept checkpoint at step {step}; its kept steps: "
+                         f"{kept or 'none'} (evaluated at {evaluated or 'no step'}; Tune keeps checkpoints_to_keep "
+                         "per trial, the best by the sweep's metric: raise it to keep more)")
+    h = next((e for e in row.history if e.get("step") == step), {"step": step})
+    auto = next(((r, e) for r, e in _candidates(rows, metric, mode)
+                 if r.path and find_checkpoint(r.path, int(e["step"])) is not None), None)
+    value = f"{metric} {h[metric]:.5g}" if _has(h, metric) else f"not evaluated on {metric}"
+    why: dict[str, Any] = {
+        "picked_by": "manual", "picked": {"trial_id": trial, "step": step},
+        "rank_of_trial": row.rank, "trials": len(rows),
+        "auto_pick": {"trial_id": auto[0].trial_id, "step": int(auto[1]["step"]), metric: auto[1][metric]} if auto
+        else None,
+        "why": (f"picked by hand (sdsweep best --trial {trial} --step {step}): trial {trial}, rank "
+                f"{row.rank or '-'} of {len(rows)} by {metric}, at step {step} ({value}); the automatic pick is "
+                + (f"trial {auto[0].trial_id} step {int(auto[1]['step'])} ({metric} {auto[1][metric]:.5g})"
+                   if auto else "none (no kept checkpoint was evaluated)"))}
+    return row, h, ckpt, why
+
+
 def select_checkpoint(run_dir: Path, metric: str | None = None, pareto: int | None = None,
                       method: str | None = None) -> tuple[TrialRow, dict[str, Any], Path, dict[str, Any]]:
     """The checkpoint ``sdsweep best`` exports: ``(trial row, its evaluation, checkpoint dir, why)``.
@@ -320,14 +311,13 @@ def select_checkpoint(run_dir: Path, metric: str | None = None, pareto: int | No
             raise SweepError(f"{run_dir}: --method {method}: no trial of that method; this sweep's methods: {methods}")
         rows = [r for r in rows if r.method == method]
     by_id = {r.trial_id: r for r in rows}
-    why: dict[str, Any] = {"evaluated_trials": sum(1 for r in rows if any(_has(e, metric) for e in r.history)),
+    why: dict[str, Any] = {"picked_by": "auto",
+                           "evaluated_trials": sum(1 for r in rows if any(_has(e, metric) for e in r.history)),
                            "trials": len(rows), "among_method": method}
     if pareto is not None:
         objectives = state["config"]["evaluation"].get("objectives")
         if not objectives:
             raise SweepError(f"{run_dir}: --pareto needs a multi-objective sweep (evaluation.objectives)")
-        from sweeps.config import natural_mode
-
         front = pareto_front(rows, list(objectives), [natural_mode(o) for o in objectives])
         if not 0 <= pareto < len(front):
             raise SweepError(f"{run_dir}: --pareto {pareto}: the Pareto front has {len(front)} points "
@@ -340,7 +330,7 @@ def select_checkpoint(run_dir: Path, metric: str | None = None, pareto: int | No
             raise SweepError(f"{run_dir}: Pareto point {pareto} (trial {point.trial_id} step {point.step}) has no "
                              f"kept checkpoint; points with one: {kept} (raise checkpoints_to_keep to keep more)")
         cands = [(row, next(h for h in row.history if h["step"] == point.step))]
-        why = {"pareto_index": pareto, "pareto_size": len(front), "objectives": list(objectives)}
+        why = {"picked_by": "auto", "pareto_index": pareto, "pareto_size": len(front), "objectives": list(objectives)}
     else:
         cands = _candidates(rows, metric, mode)
     if not cands:
@@ -359,11 +349,17 @@ def select_checkpoint(run_dir: Path, metric: str | None = None, pareto: int | No
 
 
 def export_best(run_dir: Path, dest: Path, metric: str | None = None, pareto: int | None = None,
-                method: str | None = None) -> dict[str, Any]:
+                method: str | None = None, trial: str | None = None, step: int | None = None) -> dict[str, Any]:
     """Copy the chosen checkpoint's weights to ``dest`` in the formats people load (its method's),
     with best.json (why it won, its step, every score and its gain over the baseline, what the trial
-    spent, the evaluator identity). ``method``: the best of that method only."""
-    row, h, ckpt, why = select_checkpoint(run_dir, metric, pareto, method)
+    spent, the evaluator identity). ``method``: the best of that method only. ``trial`` (and
+    ``step``): that checkpoint, picked by hand (``picked_by: manual`` in best.json)."""
+    if trial is not None:
+        row, h, ckpt, why = pick_checkpoint(run_dir, trial, step, metric)
+    elif step is not None:
+        raise SweepError(f"{run_dir}: --step {step} needs --trial ID (`sdsweep results` lists the trials)")
+    else:
+        row, h, ckpt, why = select_checkpoint(run_dir, metric, pareto, method)
     state = read_state(run_dir)
     metric, mode = metric_and_mode(state, metric)
     dest = Path(dest)
@@ -373,7 +369,7 @@ def export_best(run_dir: Path, dest: Path, metric: str | None = None, pareto: in
     scores = {k: h[k] for k in image_metrics(state) if k in h}
     samples = (row.path / "samples" / f"step-{int(h['step']):06d}" / "scores.json") if row.path else None
     info = {"trial_id": row.trial_id, "method": row.method, "hyperparameters": row.params,
-            "metric": {"name": metric, "mode": mode, "value": h[metric], "step": int(h["step"])},
+            "metric": {"name": metric, "mode": mode, "value": h.get(metric), "step": int(h["step"])},
             "metrics_at_best": {k: v for k, v in h.items() if k not in _BOOKKEEPING},
             "image_scores": scores, "baseline": base, "cost": row.cost,
             "gain_over_baseline": {k: v - base[k] for k, v in scores.items() if k in base},
@@ -383,14 +379,15 @@ def export_best(run_dir: Path, dest: Path, metric: str | None = None, pareto: in
             "cache_key": state["cache_key"], "sweep_file": state.get("sweep_file"),
             "package_version": state.get("package_version"), "run_dir": str(Path(run_dir).resolve()),
             "checkpoint": str(ckpt), **why,
-            "why": (f"Pareto point {why['pareto_index']} of {why['pareto_size']} on {why['objectives']}"
+            "why": why["why"] if why["picked_by"] == "manual" else
+                   (f"Pareto point {why['pareto_index']} of {why['pareto_size']} on {why['objectives']}"
                     if "pareto_index" in why else
                     f"{'lowest' if mode == 'min' else 'highest'} {metric} over every evaluated checkpoint "
                     f"of every {method + ' ' if method else ''}trial ({why['evaluated_trials']} of "
                     f"{why['trials']} trials evaluated)")}
     info["heldout"] = _heldout_entry(run_dir, f"{row.trial_id}@{int(h['step'])}")
     provenance = {k: info[k] for k in ("trial_id", "method", "hyperparameters", "metric", "image_scores",
-                                       "gain_over_baseline", "base_model", "base_model_identity", "why")}
+                                       "gain_over_baseline", "base_model", "base_model_identity", "picked_by", "why")}
     info["files"] = _export_weights(ckpt, dest, state, row.method, provenance)
     atomic_write_text(dest / "best.json", json.dumps(info, indent=1, default=str))
     return info

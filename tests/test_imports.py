@@ -120,3 +120,12 @@ log.warning("`BarImageProcessor` requires torchvision (not installed); falling b
     assert "something else entirely" in out.stderr  # any other warning still shows
     assert "BarImageProcessor" in out.stderr  # TRANSFORMERS_VERBOSITY=info (here: set_verbosity_info) shows it
 
+
+def test_cli_and_results_readers_import_no_heavy_library() -> None:
+    """`sdsweep results/report/--help` import only these (the commands themselves: tests/test_report.py)."""
+    code = ("import sys, sweeps.cli, sweeps.results, sweeps.report, sweeps.board, sweeps.tune_state; "
+            "print(sorted(m for m in ('ray', 'torch', 'transformers', 'diffusers', 'wandb', 'optuna', 'pydantic') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -30,7 +30,8 @@ PROMPT = "a red sks shape on a blue background"
 @pytest.fixture(scope="module")
 def mixed_run(tmp_path_factory: pytest.TempPathFactory, sdsweep_cache: Path) -> tuple[Path, str]:
     run_dir = tmp_path_factory.mktemp("mixed-demo") / "run"
-    return run_dir, run_shipped_sweep(DEMO, run_dir, sdsweep_cache, wandb=True)
+    storage = f"search.storage=sqlite:///{run_dir.parent / 'optuna.db'}"  # for the optuna-dashboard tests
+    return run_dir, run_shipped_sweep(DEMO, run_dir, sdsweep_cache, wandb=True, sets=(storage,))
 
 
 def test_every_method_got_trials_each_with_its_own_parameters_only(mixed_run):
@@ -79,11 +80,41 @@ def test_wandb_groups_the_trials_by_method(mixed_run):
     run_dir, _ = mixed_run
     rows, _ = leaderboard(run_dir)
     runs = {run.run_id: run for run in (read_offline_run(d) for d in sorted((run_dir / "wandb").glob("offline-run-*")))}
+    sweep_run = runs.pop(wandb_run_id(run_dir.name, "sweep"))
     assert len(runs) == len(rows)
     for r in rows:
         run = runs[wandb_run_id(run_dir.name, r.trial_id)]
         assert run.group == run_dir.name and run.job_type == r.method
         assert {k for k in run.config if "." in k and ":" not in k} == set(r.params) - {"method"}
+        # the runs table and parallel coordinates rank by what the leaderboard ranks by
+        assert run.summary["trial_status"] == r.status, (r.trial_id, run.summary)
+        if r.best is not None:
+            assert run.summary["best_composite"] == pytest.approx(r.best)
+            assert run.summary["best_step"] == r.best_step
+    assert sweep_run.group == run_dir.name and sweep_run.job_type == "sweep"
+
+
+def test_the_sweep_level_wandb_run_holds_the_leaderboard_and_the_baseline(mixed_run):
+    from sweeps.results import leaderboard
+    from sweeps.tracking import read_offline_run, wandb_run_id
+
+    run_dir, _ = mixed_run
+    rows, state = leaderboard(run_dir)
+    path = next(d for d in (run_dir / "wandb").glob("offline-run-*")
+                if d.name.endswith(wandb_run_id(run_dir.name, "sweep")))
+    run = read_offline_run(path)
+    winner = next(r for r in rows if r.rank == 1)
+    assert run.summary["best_trial"] == winner.trial_id and run.summary["best_step"] == winner.best_step
+    assert run.summary["baseline_composite"] == pytest.approx(state["baseline"]["scores"]["composite"])
+    (table_file,) = (path / "files" / "media" / "table").glob("leaderboard_*.table.json")
+    table = json.loads(table_file.read_text())
+    got = {row[table["columns"].index("trial_id")]: row for row in table["data"]}
+    assert set(got) == {r.trial_id for r in rows}
+    for r in rows:
+        row = dict(zip(table["columns"], got[r.trial_id]))
+        assert row["method"] == r.method and row["status"] == r.status
+        assert (row["composite"] is None) if r.best is None else row["composite"] == pytest.approx(r.best)
+    assert list((path / "files" / "media" / "images").glob("baseline_*.png")), "no baseline image"
 
 
 def _user_pipeline() -> StableDiffusionPipeline:
@@ -150,3 +181,143 @@ def test_sdsweep_best_method_on_the_command_line_exports_that_methods_best(mixed
                           "--export", str(tmp_path / "x")], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1])
     assert bad.returncode != 0 and "no trial of that method" in bad.stderr and "dreambooth" in bad.stderr
+
+
+def test_results_fit_120_columns_and_the_rest_is_in_wide_csv_and_json(mixed_run, capsys):
+    """The mixed sweep has the most hyperparameters of the shipped sweeps (three methods' spaces)."""
+    import csv
+    import io
+
+    from sweeps.board import param_keys
+    from sweeps.cli import main
+    from sweeps.results import COST_KEYS, image_metrics, leaderboard
+
+    run_dir, _ = mixed_run
+    rows, state = leaderboard(run_dir)
+    keys = param_keys(rows)
+    assert len(keys) >= 4, keys
+
+    def results(*args: str) -> str:
+        assert main(["results", str(run_dir), *args]) == 0
+        return capsys.readouterr().out
+
+    compact = results()
+    assert max(len(line) for line in compact.splitlines()) <= 120, compact
+    assert all(r.trial_id in compact for r in rows[:10])
+    assert "lr=train.learning_rate" in compact and "r=lora.rank" in compact  # the legend of the short names
+    top2 = results("--top", "2")
+    assert rows[0].trial_id in top2 and rows[1].trial_id in top2 and rows[2].trial_id not in top2.split("best per")[0]
+    assert f"{len(rows) - 2} more trial(s) not shown" in top2 and "--top 0" in top2
+    assert max(len(line) for line in top2.splitlines()) <= 120
+
+    header = results("--wide").splitlines()[1]
+    assert all(k in header.split() for k in keys) and all(m in header for m in image_metrics(state))
+    assert len(header) > 120  # what the compact table leaves out is here
+
+    table = list(csv.DictReader(io.StringIO(results("--format", "csv"))))
+    trials = [t for t in table if t["status"] != "baseline"]
+    assert [t["trial_id"] for t in trials] == [r.trial_id for r in rows]
+    assert [t for t in table if t["status"] == "baseline"][0]["trial_id"] == "baseline"
+    for t, r in zip(trials, rows):
+        assert t["method"] == r.method and t["status"] == r.status and float(t["composite"]) == pytest.approx(r.best)
+        for k in keys:
+            assert t[k] == ("" if r.params.get(k) is None else str(r.params[k])), (k, t[k])
+        for k in COST_KEYS:
+            assert float(t[k]) == pytest.approx(r.cost[k]), k
+        for m in image_metrics(state):
+            assert float(t[m]) == pytest.approx(r.best_metrics[m]), m
+
+    data = json.loads(results("--format", "json"))
+    assert data["metric"] == "composite" and data["mode"] == "max"
+    assert [t["trial_id"] for t in data["trials"]] == [r.trial_id for r in rows]
+    for t, r in zip(data["trials"], rows):
+        assert t["hyperparameters"] == {k: v for k, v in r.params.items() if k != "method"}
+        assert t["cost"] == r.cost and t["status"] == r.status and t["error"] == r.error
+        assert t["scores_at_best_step"] == {m: r.best_metrics[m] for m in image_metrics(state)}
+
+
+def _study(run_dir: Path):
+    import optuna
+
+    return optuna.load_study(study_name="demo-mixed", storage=f"sqlite:///{run_dir.parent / 'optuna.db'}")
+
+
+def test_the_optuna_study_speaks_the_leaderboards_language(mixed_run):
+    """Objectives named as sdsweep names them; each Optuna trial labelled with its sdsweep trial
+    id, status and best step, as the leaderboard has them."""
+    from sweeps.results import leaderboard
+
+    run_dir, _ = mixed_run
+    rows, _ = leaderboard(run_dir)
+    study = _study(run_dir)
+    assert study.metric_names == ["composite"]
+    labelled = {t.user_attrs["sdsweep_trial_id"]: t for t in study.trials}
+    assert set(labelled) == {r.trial_id for r in rows}
+    for r in rows:
+        attrs = labelled[r.trial_id].user_attrs
+        assert attrs["sdsweep_status"] == r.status, (r.trial_id, attrs, r.status)
+        if r.status == "completed":
+            assert attrs["sdsweep_best_step"] == r.best_step
+            assert attrs["sdsweep_best_composite"] == pytest.approx(r.best)
+            assert labelled[r.trial_id].value == pytest.approx(r.best)
+
+
+def _chromium_text(url: str) -> str:
+    """The text headless Chromium renders for ``url`` (scripts run, styles and scripts dropped)."""
+    import re
+    import shutil
+    import subprocess
+    import tempfile
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert exe, "no chromium: run `bash tests/install_chromium.sh`"
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                               "--disable-background-networking", "--disable-component-update",
+                               f"--user-data-dir={profile}", "--virtual-time-budget=15000", "--dump-dom", url],
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dom = re.sub(r"<(style|script)\b.*?</\1>", " ", proc.stdout, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+
+
+def test_optuna_dashboard_shows_the_sweep_in_a_headless_browser(mixed_run):
+    """`optuna-dashboard STORAGE` (the `dashboard` extra) as a user starts it: the study list names
+    the sweep's study, the study page names the objective (not "Objective 0"), and the trial list
+    holds every trial with its sdsweep trial id."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from sweeps.results import leaderboard
+
+    run_dir, _ = mixed_run
+    rows, _ = leaderboard(run_dir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).with_name("optuna-dashboard")
+    server = subprocess.Popen([str(exe), f"sqlite:///{run_dir.parent / 'optuna.db'}", "--host", "127.0.0.1",
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{base}/api/studies", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.2)
+        listing = _chromium_text(f"{base}/dashboard/")
+        assert "demo-mixed" in listing and "MAXIMIZE" in listing, listing[:2000]
+        sid = _study(run_dir)._study_id
+        page = _chromium_text(f"{base}/dashboard/studies/{sid}")
+        assert "composite" in page and "Objective 0" not in page, page[:3000]
+        trials = _chromium_text(f"{base}/dashboard/studies/{sid}/trials")
+        assert f"{len(rows)} Trials" in trials, trials[:2000]
+        first = _study(run_dir).trials[0].user_attrs  # the trial list opens on trial 0's details
+        assert f"sdsweep_trial_id {first['sdsweep_trial_id']}" in trials and "sdsweep_status" in trials, trials[:3000]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -426,3 +426,180 @@ def test_heldout_images_are_what_the_exported_lora_draws_in_a_plain_diffusers_pi
     # Measured: ~1 level of 255 (batched vs single-image float rounding over the DDIM steps) for
     # the shipped LoRA, ~4.5 for the base model without it.
     assert shipped < 2.5 and shipped < 0.5 * base, (shipped, base)
+
+
+# --- any checkpoint, picked by hand (sdsweep best --trial ID --step N) ------------------------
+
+def _run_cli(args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sweeps.cli", *args], capture_output=True, text=True,
+                          env={**_env(cache), "PYTHONPATH": str(REPO)}, cwd=cwd, timeout=600)
+
+
+@pytest.mark.slow
+def test_the_report_gives_each_grid_its_scores_and_the_command_that_exports_it(doc: Node, board: Board,
+                                                                              sweep: tuple[Path, str]) -> None:
+    import shlex
+
+    from sweeps.results import baseline_scores, find_checkpoint
+
+    rows, state = board
+    ranked = {r.trial_id: r for r in rows if r.rank}
+    figures = [f for f in doc.iter("figure", "grid") if "baseline" not in f.attrs["class"]]
+    assert sorted(f.attrs["data-trial"] for f in figures) == sorted(ranked)
+    base = baseline_scores(state)
+    for fig in figures:
+        r = ranked[fig.attrs["data-trial"]]
+        caption = " ".join(fig.find("figcaption").text().split())
+        for m in ("clip_t", "clip_i", "composite"):  # each score at that step, with its gain over the base model
+            assert f"{m} {r.best_metrics[m]:.4g}{r.best_metrics[m] - base[m]:+.3g}" in caption, (m, caption)
+        assert find_checkpoint(r.path, r.best_step) is not None  # Tune keeps each trial's best
+        cmd = fig.find("code", "cmd")
+        assert (cmd.attrs["data-trial"], int(cmd.attrs["data-step"])) == (r.trial_id, r.best_step)
+        assert shlex.split(cmd.text()) == ["sdsweep", "best", str(sweep[0].resolve()), "--trial", r.trial_id,
+                                           "--step", str(r.best_step), "--export", f"{r.trial_id}-step{r.best_step}"]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_picked_by_hand_exports_with_manual_provenance_and_loads(
+        doc: Node, board: Board, sweep: tuple[Path, str], sdsweep_cache: Path, tmp_path: Path) -> None:
+    """Run the command the report shows under a non-winning trial's grid; its export is that
+    checkpoint (a user's pipeline draws the trial's own samples of that step with it), marked manual."""
+    import shlex
+
+    import numpy as np
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from sweeps.results import find_checkpoint
+    from trainers.models import builtin_dir
+
+    rows, _ = board
+    run_dir, _ = sweep
+    winner = json.loads((run_dir / "best" / "best.json").read_text())
+    assert winner["picked_by"] == "auto"
+    other = next(r for r in rows if r.rank and r.trial_id != winner["trial_id"])
+    fig = next(f for f in doc.iter("figure", "grid") if f.attrs.get("data-trial") == other.trial_id)
+    argv = shlex.split(fig.find("code", "cmd").text())
+    assert argv[0] == "sdsweep"
+    proc = _run_cli(argv[1:], tmp_path, sdsweep_cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dest = tmp_path / argv[-1]
+    info = json.loads((dest / "best.json").read_text())
+    assert info["picked_by"] == "manual" and info["picked"] == {"trial_id": other.trial_id, "step": other.best_step}
+    assert info["trial_id"] == other.trial_id and info["metric"]["step"] == other.best_step
+    assert info["metric"]["value"] == pytest.approx(other.best) and info["hyperparameters"] == other.params
+    assert info["auto_pick"]["trial_id"] == winner["trial_id"] and info["auto_pick"]["step"] == winner["metric"]["step"]
+    assert f"--trial {other.trial_id} --step {other.best_step}" in info["why"] and "by hand" in info["why"]
+    for key in ("base_model", "base_model_identity", "cache_key", "evaluator", "run_dir", "sweep_file"):
+        assert info[key] == winner[key], key  # the same provenance as the automatic pick
+    assert Path(info["checkpoint"]) == find_checkpoint(other.path, other.best_step)
+
+    samples = other.path / "samples" / f"step-{other.best_step:06d}"
+    scores = json.loads((samples / "scores.json").read_text())
+    row, gen = scores["rows"][0], scores["identity"]["settings"]["generation"]
+
+    def draw(export: Path | None) -> np.ndarray:
+        pipe = StableDiffusionPipeline.from_pretrained(builtin_dir("builtin:tiny-sd", "base model"),
+                                                       safety_checker=None, requires_safety_checker=False)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        if export is not None:
+            pipe.load_lora_weights(str(export), weight_name="pytorch_lora_weights.safetensors")
+        pipe.set_progress_bar_config(disable=True)
+        size = gen["resolution"] or pipe.unet.config.sample_size * 8
+        image = pipe(row["prompt"], num_inference_steps=gen["steps"], guidance_scale=gen["guidance_scale"],
+                     height=size, width=size, generator=torch.Generator().manual_seed(row["seed"])).images[0]
+        return np.asarray(image, dtype=float)
+
+    ours = np.asarray(Image.open(samples / row["file"]), dtype=float)
+    picked, base = np.abs(draw(dest) - ours).mean(), np.abs(draw(None) - ours).mean()
+    # As for the held-out images above: ~1 level of 255 of float rounding for the checkpoint itself.
+    assert picked < 2.5 and picked < 0.5 * base, (picked, base)
+
+
+@pytest.mark.slow
+def test_picking_an_unknown_trial_or_a_step_without_checkpoint_names_what_exists(
+        board: Board, sweep: tuple[Path, str], sdsweep_cache: Path, tmp_path: Path) -> None:
+    from sweeps.results import kept_steps
+
+    rows, _ = board
+    run_dir, _ = sweep
+    proc = _run_cli(["best", str(run_dir), "--trial", "nosuch", "--step", "20", "--export", "x"], tmp_path,
+                    sdsweep_cache)
+    assert proc.returncode == 2 and "--trial nosuch: no such trial" in proc.stderr
+    assert all(r.trial_id in proc.stderr for r in rows) and "Traceback" not in proc.stderr
+    r = rows[0]
+    proc = _run_cli(["best", str(run_dir), "--trial", r.trial_id, "--step", "7", "--export", "x"], tmp_path,
+                    sdsweep_cache)
+    kept = kept_steps(r.path)
+    assert kept and proc.returncode == 2, proc.stderr
+    assert f"no kept checkpoint at step 7; its kept steps: {kept}" in proc.stderr
+    proc = _run_cli(["best", str(run_dir), "--step", "20", "--export", "x"], tmp_path, sdsweep_cache)
+    assert proc.returncode == 2 and "--step 20 needs --trial" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+# --- read-only commands stay light ---------------------------------------------------------------
+
+IMPORTS = """import sys
+from sweeps.cli import main
+try:
+    rc = main(sys.argv[1:])
+except SystemExit as stop:  # --help
+    rc = stop.code
+print("IMPORTED", ",".join(sorted(m for m in ("ray", "torch", "transformers", "diffusers", "wandb", "optuna")
+                                  if m in sys.modules)))
+sys.exit(rc)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, allowed", [
+    (["--help"], set()), (["results", "{run}"], set()), (["results", "{run}", "--format", "json"], set()),
+    (["report", "{run}", "--out", "{tmp}/report"], set()),
+    # Writing the export converts tensors with the method's trainer (torch, diffusers, transformers); never Ray.
+    (["best", "{run}", "--export", "{tmp}/best"], {"torch", "transformers", "diffusers"})])
+def test_read_only_commands_do_not_import_ray_or_more_than_they_need(command: list[str], allowed: set[str],
+                                                                    sweep: tuple[Path, str], tmp_path: Path,
+                                                                    sdsweep_cache: Path) -> None:
+    argv = [a.format(run=sweep[0], tmp=tmp_path) for a in command]
+    proc = subprocess.run([sys.executable, "-c", IMPORTS, *argv], capture_output=True, text=True, cwd=tmp_path,
+                          env={**_env(sdsweep_cache), "PYTHONPATH": str(REPO)}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    imported = set(proc.stdout.rsplit("IMPORTED ", 1)[1].strip().split(",")) - {""}
+    assert imported <= allowed, f"sdsweep {' '.join(command)} imported {sorted(imported - allowed)}"
+
+
+@pytest.mark.slow
+def test_trials_read_without_ray_are_what_tunes_experiment_analysis_reads(sweep: tuple[Path, str]) -> None:
+    from ray.tune import ExperimentAnalysis
+
+    from sweeps.tune_state import read_trials
+
+    run_dir = sweep[0]
+    ours = read_trials(run_dir)
+    tune = ExperimentAnalysis(str(run_dir.resolve())).trials
+    assert [(t.trial_id, t.status, t.config, str(t.path)) for t in ours] == \
+        [(t.trial_id, t.status, dict(t.config), str(t.path)) for t in tune]
+    assert len(ours) == 3 and all(t.path.is_dir() for t in ours)
+
+
+@pytest.mark.slow
+def test_results_of_the_two_objective_sweep_fit_120_columns(sweep: tuple[Path, str], capsys) -> None:
+    from sweeps.cli import main
+
+    assert main(["results", str(sweep[0])]) == 0
+    out = capsys.readouterr().out
+    assert "Pareto front of clip_t, clip_i" in out and "lr=train.learning_rate" in out
+    assert max(len(line) for line in out.splitlines()) <= 120, out
+
+
+@pytest.mark.slow
+def test_the_export_command_survives_a_run_dir_that_needs_quoting_and_escaping(sweep: tuple[Path, str],
+                                                                               tmp_path: Path) -> None:
+    import shlex
+
+    run = _copy_run(sweep[0], tmp_path / "it's <b>a</b> & run")
+    page = write_report(run, tmp_path / "report").read_text()
+    assert "<b>a</b>" not in page  # escaped in the markup ...
+    commands = [shlex.split(code.text()) for code in parse(page).iter("code", "cmd")]
+    assert commands and all(argv[:3] == ["sdsweep", "best", str(run.resolve())] for argv in commands)  # ... intact

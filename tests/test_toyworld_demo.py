@@ -66,3 +66,21 @@ def test_report_shows_the_ground_truth_and_the_images(demo_run):
     sources = re.findall(r'<img[^>]* src="([^"]+)"', html)
     assert sources and all((run_dir / "report" / s).is_file() for s in sources), sources[:5]
     assert any("baseline" in s for s in sources)
+
+
+def test_the_console_is_plain_lines_a_person_reads_at_a_glance(demo_run):
+    """`sdsweep run` into a pipe (as in CI): sdsweep's own lines, no control codes, none of Ray
+    Tune's tables; a start and an end line per trial, each end saying why it ended."""
+    run_dir, out = demo_run
+    assert "\x1b" not in out and "\r" not in out
+    for tune_output in ("Trial status", "╭", "Configuration for experiment", "View detailed results"):
+        assert tune_output not in out, tune_output
+    live = out[: out.index("run directory:")].splitlines()
+    trials = json.loads((run_dir / "sweep.json").read_text())["config"]["search"]["num_samples"]
+    starts = [line for line in live if line.startswith("start ")]
+    ends = [line for line in live if line.startswith("end ")]
+    assert len(starts) == len(ends) == trials, live
+    assert all(re.search(r"(completed \d+ steps|stopped by ASHA at step \d+|errored at step \d+: .+)", e) for e in ends)
+    assert live[-1].startswith(f"trials {trials} done") and " 0 running, 0 left" in live[-1]
+    assert any(line.startswith("baseline images  [####################]") for line in live)
+    assert len(live) <= 2 * trials + 20, live  # the sweep's part of the console: about a screenful
