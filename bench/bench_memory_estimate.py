@@ -4,8 +4,8 @@
     python bench/bench_memory_estimate.py --measure 320 1 0 --channels 64 128 256 256   # one CPU cell (JSON)
 
 1. Activations vs a real backward (CPU): a diffusers UNet (SD-shaped, narrower channels) runs one
-   real fp32 forward + backward in a fresh process; the resident memory it adds (peak RSS over
-   the RSS before it) is compared with the estimate's activation term for the same shape, with and
+   real fp32 forward + backward in a fresh process; the resident memory it adds (the peak RSS,
+   VmHWM after resetting it through /proc/self/clear_refs, over the RSS before it) is compared with the estimate's activation term for the same shape, with and
    without gradient checkpointing. The reference is the operating system's count of the pages a
    real step touched; the estimate never runs the model.
 2. Whole estimate vs published SD 1.5 DreamBooth figures: the table of a widely used DreamBooth
@@ -46,7 +46,6 @@ def measure(resolution: int, batch: int, checkpointing: bool, channels: tuple[in
     """In this (fresh) process: the resident bytes one real fp32 forward + backward adds, and the
     estimate's activation bytes for the same UNet shape."""
     import gc
-    import resource
 
     import torch
     from diffusers import UNet2DConditionModel
@@ -60,6 +59,10 @@ def measure(resolution: int, batch: int, checkpointing: bool, channels: tuple[in
     def rss() -> int:
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
+    def high_water() -> int:  # VmHWM: this process's peak RSS since the last reset
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**cfg).requires_grad_(False)
     if checkpointing:
@@ -69,9 +72,12 @@ def measure(resolution: int, batch: int, checkpointing: bool, channels: tuple[in
     c, t = torch.randn(batch, 77, 256), torch.full((batch,), 10)
     unet(x[:1].detach(), t[:1], c[:1])  # first-call allocations (kernels, thread pools) before measuring
     gc.collect()
-    before = max(rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    # Reset the peak to the current RSS (Linux >= 4.0). Not getrusage's ru_maxrss: Linux carries it
+    # over exec from the forking parent, so under a large parent (a long pytest run) it read low.
+    Path("/proc/self/clear_refs").write_text("5")
+    before = rss()
     unet(x, t, c).sample.pow(2).mean().backward()
-    measured = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    measured = high_water() - before
 
     with torch.device("meta"):
         meta = UNet2DConditionModel(**cfg)

@@ -260,6 +260,15 @@ class SweepConfig(Frozen):
                              "they name the same concept (the captions' words): make them equal or drop base.token")
         return data
 
+    @field_validator("storage_path")
+    @classmethod
+    def _a_filesystem_path(cls, v: str) -> str:
+        # A URI would otherwise be read as a relative directory named "s3:" under the current one.
+        if "://" in v:
+            raise ValueError(f"storage_path {v!r}: URIs (s3://, gs://, ...) are not supported yet; use a filesystem "
+                             "path, on a cluster a shared mount every node sees (NFS, EFS; docs/SWEEPS.md)")
+        return v
+
     @model_validator(mode="after")
     def _val_loss_needs_held_out_images(self) -> "SweepConfig":
         ev = self.evaluation

@@ -31,7 +31,7 @@ from ray import tune
 from sweeps.config import SweepConfig, trial_run_config
 from trainers import devices
 from sweeps.constants import ERROR_FILE, QUIET_ENV
-from sweeps.rows import OWN_ROWS
+from sweeps.rows import OWN_ROWS, trial_rows
 from trainers.evaluate import GRID_FILE, Evaluator, load_references, write_samples
 from trainers.checkpoints import STATE_JSON, STATE_TENSORS
 from trainers.latents import CachedDataset
@@ -223,7 +223,7 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: list[Any]
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
-                trainer.load_checkpoint(d)
+                trainer.load_checkpoint(resumable_checkpoint(trial_dir, Path(d)))
         evaluator = worker_evaluator(cfg, trainer.device)
         setup_s = time.perf_counter() - started
         _train_and_report(trainer, cfg, evaluator, trial_dir, setup_s=setup_s, model_reused=reused,
@@ -265,9 +265,39 @@ def _already_failed_on_device(trial_dir: Path) -> bool:
     return True
 
 
+def resumable_checkpoint(trial_dir: Path, given: Path) -> Path:
+    """The checkpoint a restored trial loads: the one Tune names, unless its resume tensors are gone.
+
+    They are gone when the trial had finished but the driver was killed before Tune's experiment
+    state recorded it: :class:`KeepResumeStateInNewest` had already dropped them from every
+    checkpoint but the newest, and the restored state names an older one (seen in the kill -9 e2e
+    test). The newest checkpoint that still has them is then the trial's own last state, with
+    every step before it reported; :func:`_train_and_report` reports its end again.
+    """
+    if (given / STATE_TENSORS).is_file() or not trial_dir.is_dir():
+        return given
+    complete = [d for d in sorted(trial_dir.glob("checkpoint_*")) if (d / STATE_TENSORS).is_file()]
+    return complete[-1] if complete else given  # none: load_checkpoint names what is missing
+
+
+def _report_end_again(trainer: Any, trial_dir: Path) -> None:
+    """A restored trial that had already reached its last step: report that step's row again (Tune
+    and Optuna then see it completed; the readers and W&B keep each step once)."""
+    rows = [r for r in trial_rows(trial_dir) if r.get("step") == trainer.global_step and "trial_status" in r]
+    metrics = {k: v for k, v in (rows[-1] if rows else {"step": trainer.global_step}).items()
+               if k not in ("trial_id", "pid") and not isinstance(v, dict)}
+    metrics.update(trial_status="completed", reported_at=time.time())
+    with tempfile.TemporaryDirectory(prefix="sdsweep-ckpt-") as tmp:
+        trainer.save_checkpoint(tmp)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
 def _train_and_report(trainer: Any, cfg: SweepConfig, evaluator: Evaluator | None, trial_dir: Path, *,
                       setup_s: float, model_reused: bool, started_at: float) -> None:
     every, total = cfg.evaluation.every, trainer.cfg.max_train_steps
+    if trainer.global_step >= total:  # restored a finished trial (resumable_checkpoint)
+        _report_end_again(trainer, trial_dir)
+        return
     samples_per_step = trainer.cfg.train_batch_size * trainer.cfg.gradient_accumulation_steps
     first = True
     while trainer.global_step < total:

@@ -228,6 +228,7 @@ def test_relative_paths_are_resolved_at_load_because_trials_run_elsewhere(tmp_pa
 
 @pytest.mark.parametrize("mutate, words", [
     (lambda c: c["search"].update(storage="postgres://db/x"), ["search.storage", "postgres"]),
+    (lambda c: c.update(storage_path="s3://bucket/runs"), ["storage_path", "s3://bucket/runs", "shared mount"]),
     (lambda c: c["scheduler"].update(type="hyperband", grace_period=10), ["grace_period", "hyperband"]),
     (lambda c: c["scheduler"].update(type="median", grace_period=10, reduction_factor=3), ["reduction_factor"]),
 ])

@@ -67,6 +67,14 @@ def _sdsweep(*args: str, timeout: int = 900, cache: Path | None = None) -> subpr
     return proc
 
 
+def _trial_runs(run_dir: Path) -> list[Path]:
+    """The trials' offline W&B run directories (not the sweep-level run, sweeps.tracking.log_sweep_run)."""
+    from sweeps.tracking import wandb_run_id
+
+    sweep = wandb_run_id(run_dir.name, "sweep")
+    return sorted(d for d in (run_dir / "wandb").glob("offline-run-*") if not d.name.endswith(sweep))
+
+
 def _trial_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.iterdir() if p.is_dir() and (p / "params.json").is_file())
 
@@ -110,8 +118,9 @@ def test_sweep_ranks_trials_exports_the_best_and_logs_to_wandb(tmp_path):
     assert (run_dir / "best" / "pytorch_lora_weights.safetensors").is_file()
     assert len(list((run_dir / "best").glob("*-lora.safetensors"))) == 1
 
-    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+    offline = _trial_runs(run_dir)
     assert len(offline) == 5
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 6  # and the sweep-level run
     logged = {}
     for d in offline:
         run = read_offline_run(d)
@@ -154,7 +163,7 @@ def test_errored_trial_is_failed_in_optuna_and_the_others_go_on(tmp_path):
     assert told == pytest.approx(sorted(r.best for r in rows if r.status == "completed"))
     from sweeps.tracking import read_offline_run
 
-    runs = [read_offline_run(d) for d in sorted((run_dir / "wandb").glob("offline-run-*"))]
+    runs = [read_offline_run(d) for d in _trial_runs(run_dir)]
     exit_codes = {r.config["lora.rank"]: r.exit_code for r in runs if r.config["lora.rank"] == 0}
     assert exit_codes == {0: 1}, "the errored trial's W&B run should end with exit code 1"
     assert sorted(r.exit_code for r in runs if r.config["lora.rank"] == 4) == [0, 0, 0]
@@ -376,7 +385,7 @@ def test_image_evaluation_scores_every_checkpoint_against_a_baseline(tmp_path):
         assert proc.returncode == 2 and f"points with one: {on_disk}" in proc.stderr
 
     # W&B: the grid and the per-prompt table at every evaluation step.
-    for d in sorted((run_dir / "wandb").glob("offline-run-*")):
+    for d in _trial_runs(run_dir):
         run = read_offline_run(d)
         logged = [h for h in run.history if "clip_t" in h]
         assert logged and all(h["images._type"] == "images/separated" for h in logged)

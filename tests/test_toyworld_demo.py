@@ -28,12 +28,20 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory, sdsweep_cache: Path) -> t
     return run_dir, run_shipped_sweep(DEMO, run_dir, sdsweep_cache)
 
 
-def test_leaderboard_shows_clip_scores_beside_ground_truth_and_the_baseline(demo_run):
+def test_leaderboard_shows_clip_scores_beside_ground_truth_and_the_baseline(demo_run, capsys):
+    from sweeps.cli import main
+
     run_dir, out = demo_run
-    header = next(line for line in out.splitlines() if line.split()[:2] == ["rank", "trial"])
+    # The console's table fits 120 columns and names the score columns it left out ...
+    assert re.search(r"^base\s+-\s+\(no adapter\)", out, re.M), out
+    assert re.search(r"not shown here: .*clip_t", out), out
+    # ... which `sdsweep results --wide` shows, beside the ground truth.
+    assert main(["results", str(run_dir), "--wide"]) == 0
+    wide = capsys.readouterr().out
+    header = next(line for line in wide.splitlines() if line.split()[:2] == ["rank", "trial"])
     for column in ("composite", "clip_t", "clip_i", "concept_rate", "prior_kept"):
         assert column in header.split(), (column, header)
-    assert re.search(r"^base\s+\(no adapter\)", out, re.M), out
+    assert re.search(r"^base\s+\(no adapter\)", wide, re.M), wide
     state = json.loads((run_dir / "sweep.json").read_text())
     base = state["baseline"]["scores"]
     assert set(base) >= {"clip_t", "clip_i", "concept_rate", "prior_kept", "composite"}
@@ -75,7 +83,7 @@ def test_the_console_is_plain_lines_a_person_reads_at_a_glance(demo_run):
     assert "\x1b" not in out and "\r" not in out
     for tune_output in ("Trial status", "╭", "Configuration for experiment", "View detailed results"):
         assert tune_output not in out, tune_output
-    live = out[: out.index("run directory:")].splitlines()
+    live = out[: out.index("run directory:")].rstrip("\n").splitlines()
     trials = json.loads((run_dir / "sweep.json").read_text())["config"]["search"]["num_samples"]
     starts = [line for line in live if line.startswith("start ")]
     ends = [line for line in live if line.startswith("end ")]
