@@ -143,6 +143,10 @@ def main() -> int:
         return 2
     if args.cpu:
         args.resolution = min(args.resolution, 64)
+    from sweeps.constants import QUIET_ENV
+
+    for key, value in QUIET_ENV.items():  # what `sdsweep run` sets: library notices off
+        os.environ.setdefault(key, value)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sdsweep-packing-"))
     os.environ.setdefault("SDSWEEP_CACHE", str(work / "cache"))
     model = "builtin:tiny-sd" if args.cpu else str(sd15_random(work / "sd15-random"))

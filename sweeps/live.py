@@ -220,9 +220,8 @@ class LiveConsole(Callback):
 
     def _write(self, text: str, raw: bool = False) -> None:
         if self.tty:
-            # A carriage return with every line feed: the terminal's own LF -> CRLF translation
-            # (ONLCR) was seen switched off during a sweep (Ray's processes share the terminal),
-            # and the block then drifted right by a line's width at every redraw.
+            # A carriage return with every line feed, so the redrawn block does not depend on the
+            # terminal translating LF into CRLF (ONLCR, on in a cooked terminal: then CR CR LF).
             text = text.replace("\r\n", "\n").replace("\n", "\r\n")
         self.stream.write(text)
         self.stream.flush()
