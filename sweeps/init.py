@@ -36,7 +36,7 @@ def add_command(sub: Any) -> None:
     init = sub.add_parser("init", help="write a sweep file for a folder of your images")
     init.add_argument("--data", required=True, help="folder of training images (captions: .txt beside each, "
                       "or metadata.jsonl; without them an instance prompt is used)")
-    init.add_argument("--model", default="runwayml/stable-diffusion-v1-5",
+    init.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                       help="base model: a diffusers directory, a .safetensors file, a Hub id, or builtin:tiny-sd")
     init.add_argument("--method", choices=[*METHODS, "all"], default="lora")
     init.add_argument("--token", default=None, help="the word that names your concept in captions and prompts "

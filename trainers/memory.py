@@ -473,7 +473,7 @@ def weight_file_bytes(directory: Path) -> int:
                if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt"))
 
 
-# Stable Diffusion 1.x's architecture (the configs of runwayml/stable-diffusion-v1-5, spelled as
+# Stable Diffusion 1.x's architecture (the configs of stable-diffusion-v1-5, spelled as
 # overrides of the diffusers / transformers defaults): the reference for documented figures,
 # benchmarks and tests, where no real SD 1.5 directory is on disk.
 SD15 = Architecture(
