@@ -108,12 +108,12 @@ def run_packing(raw: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
 
 
 def estimate_mb(raw: dict[str, Any]) -> float:
-    from sweeps.config import SweepConfig, trial_run_config
-    from trainers.memory import Architecture, estimate_trial_memory, trial_shape
+    """``sdsweep plan``'s estimate of one trial, the part the allocator measures."""
+    from sweeps.config import SweepConfig
+    from sweeps.plan import estimate_for
 
-    cfg = SweepConfig.model_validate(raw)
-    shape = trial_shape(trial_run_config(cfg, {"method": "lora", "train.learning_rate": 1e-4}), "cuda")
-    return estimate_trial_memory(Architecture.from_spec(cfg.base.model), shape).allocated_bytes / 2**20
+    return estimate_for(SweepConfig.model_validate(raw), {"method": "lora", "train.learning_rate": 1e-4}
+                        ).allocated_bytes / 2**20
 
 
 def overlap(rows: list[dict[str, Any]]) -> float:

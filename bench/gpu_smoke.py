@@ -306,17 +306,11 @@ def run_sweep_smoke(expect: Expect, gpu: float, steps: int, device: str | None =
 
 
 def _estimated_mb(cfg: Any, config: dict[str, Any]) -> float:
-    """The memory estimate's allocator part (trainers/memory.py) for a trial's hyperparameters: what
-    its measured ``peak_memory_mb`` (torch.cuda.max_memory_allocated) compares with."""
-    from sweeps.config import trial_run_config
-    from sweeps.plan import scoring_models_bytes
-    from trainers.memory import Architecture, estimate_trial_memory, trial_shape
+    """The memory estimate's allocator part (``sdsweep plan``'s estimate, sweeps/plan.py) for a
+    trial's hyperparameters: what its measured ``peak_memory_mb`` (max_memory_allocated) compares with."""
+    from sweeps.plan import estimate_for
 
-    run_cfg = trial_run_config(cfg, cfg.search_space().flat_params(config))
-    gen = cfg.evaluation.images.generation if cfg.evaluation.images else None
-    shape = trial_shape(run_cfg, "cuda", min(gen.batch_size, len(gen.prompts) * len(gen.seeds)) if gen else 1)
-    scoring = scoring_models_bytes(cfg)[0]
-    return estimate_trial_memory(Architecture.from_spec(cfg.base.model), shape, scoring).allocated_bytes / 2**20
+    return estimate_for(cfg, cfg.search_space().flat_params(config)).allocated_bytes / 2**20
 
 
 def cpu_dry_run(steps: int = 2, method: str = "lora") -> int:

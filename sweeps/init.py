@@ -22,10 +22,6 @@ from typing import Any
 
 from sweeps.errors import SweepError
 
-METHODS = ("lora", "textual_inversion", "dreambooth")
-# Steps per trial for SD 1.x-size models at batch 1 (the trainers' usual ranges: diffusers' LoRA
-# and DreamBooth examples, textual inversion needs more); the scheduler stops weak trials early.
-STEPS = {"lora": 800, "textual_inversion": 1500, "dreambooth": 600}
 EVALUATIONS_PER_TRIAL = 4
 PROMPTS = ("a photo of {token}", "{token} on a beach", "a watercolor painting of {token}",
            "{token} in front of a city skyline at night")
@@ -38,7 +34,9 @@ def add_command(sub: Any) -> None:
                       "or metadata.jsonl; without them an instance prompt is used)")
     init.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                       help="base model: a diffusers directory, a .safetensors file, a Hub id, or builtin:tiny-sd")
-    init.add_argument("--method", choices=[*METHODS, "all"], default="lora")
+    from trainers import TRAINERS  # the registry only: no trainer module is imported for --help
+
+    init.add_argument("--method", choices=[*TRAINERS, "all"], default="lora")
     init.add_argument("--token", default=None, help="the word that names your concept in captions and prompts "
                       "(default: sks, or <sks> when textual inversion is searched: it must be new to the tokenizer)")
     init.add_argument("--class-prompt", default=None, metavar="TEXT",
@@ -83,12 +81,15 @@ def _machine_resources() -> tuple[int, int]:
 
 def write_sweep_text(args: Any) -> tuple[str, dict[str, Any]]:
     """The commented sweep file for ``args`` (see :func:`add_command`), and the facts it is built on."""
+    from trainers import TRAINERS, get_trainer_class
     from trainers.config import ModelSpec
     from trainers.data import DataConfig, preflight
     from trainers.memory import Architecture
 
-    methods = list(METHODS) if args.method == "all" else [args.method]
-    token = args.token or ("<sks>" if "textual_inversion" in methods else "sks")
+    methods = list(TRAINERS) if args.method == "all" else [args.method]
+    trainers = [get_trainer_class(m) for m in methods]
+    # CLIP's vocabulary has "sks": a method that adds its token to the tokenizer needs a new one
+    token = args.token or ("<sks>" if any(t.needs_new_token for t in trainers) else "sks")
     data_path = str(Path(args.data).resolve())
     arch = Architecture.from_spec(ModelSpec(source=args.model))
     resolution = arch.default_resolution
@@ -109,11 +110,11 @@ def write_sweep_text(args: Any) -> tuple[str, dict[str, Any]]:
         raise SweepError(f"--instance-prompt {instance!r} does not contain the token {token!r}: the model learns "
                          "the concept under that word; put it in the prompt")
     cpus, gpus = _machine_resources()
-    steps = args.steps or max(STEPS[m] for m in methods)
+    steps = args.steps or max(t.init_steps for t in trainers)
     trials = args.trials or 8 * len(methods)
     every = max(1, steps // EVALUATIONS_PER_TRIAL)
     builtin = args.model.startswith("builtin:")
-    class_word = args.class_prompt.split()[-1] if args.class_prompt else None
+    sections = [t.init_lines(token, args.class_prompt) for t in trainers]
 
     lines = [
         f"# Written by `sdsweep init` for {data_path} ({len(records)} images).",
@@ -135,27 +136,9 @@ def write_sweep_text(args: Any) -> tuple[str, dict[str, Any]]:
               "    lr_warmup_steps: 0",
               "    gradient_checkpointing: false  # true: less GPU memory, ~25% slower steps",
               "    mixed_precision: auto          # bf16 on GPUs that have it, else fp16; fp32 on a CPU"]
-    if "textual_inversion" in methods:
-        lines += ["  textual_inversion:", f"    placeholder_token: {_yaml(token)}"]
-        if class_word:
-            lines.append(f"    initializer: {_yaml(class_word)}       # the vectors start at the class word")
-    if "dreambooth" in methods:
-        lines.append("  dreambooth:")
-        if args.class_prompt:  # the shipped space searches the prior's weight and class-image count
-            lines += ["    prior_loss_weight: 1.0         # prior preservation: class images keep the class",
-                      f"    class_prompt: {_yaml(args.class_prompt)}",
-                      "    num_class_images: 100"]
-        else:
-            lines.append("    prior_loss_weight: 0.0         # no --class-prompt: no prior preservation")
+    lines += [line for section, _ in sections for line in section]
     lines += ["search:", "  spaces:"]
-    for m in methods:
-        if m == "dreambooth" and not args.class_prompt:
-            lines += ["    - method: dreambooth         # the shipped space without prior preservation",
-                      "      params:",
-                      "        train.learning_rate: {type: float, low: 1.0e-6, high: 2.0e-5, log: true, default: 5.0e-6}",
-                      "        dreambooth.train_text_encoder: {type: categorical, choices: [false, true], default: false}"]
-        else:
-            lines.append(f"    - {m:<27}# search_spaces/{m}.yaml")
+    lines += [line for _, space in sections for line in space]
     lines += [f"  num_samples: {trials}",
               f"  max_concurrent_trials: {max(1, gpus) if gpus else min(2, cpus)}"
               f"   # {gpus} GPU(s), {cpus} CPUs on this machine",
@@ -200,6 +183,23 @@ def _yaml(value: str) -> str:
     return json.dumps(value)
 
 
+def extra_data_lines(cfg: Any) -> list[str]:
+    """What each method builds once per sweep besides the latent cache, at the largest values its
+    space can ask for (what the cache task builds: ``Trainer.extra_data_keys``), e.g. DreamBooth's
+    class images."""
+    from sweeps.config import trial_run_config
+    from trainers import get_trainer_class
+
+    space = cfg.search_space()
+    out = []
+    for method in space.methods:
+        cls = get_trainer_class(method)
+        largest = {k: space.largest(method, k) for k in cls.extra_data_keys}
+        run_cfg = trial_run_config(cfg, {"method": method, **{k: v for k, v in largest.items() if v is not None}})
+        out += [f"  {line}" for line in cls.extra_data_summary(run_cfg)]
+    return out
+
+
 def cost_lines(cfg: Any) -> list[str]:
     """What a sweep will cost: steps, images generated for evaluation, GPU memory per trial."""
     from sweeps.plan import plan_sweep
@@ -217,12 +217,7 @@ def cost_lines(cfg: Any) -> list[str]:
             held = (confirm.top_k + 1) * len(prompts) * len(confirm.seeds)
         out.append(f"  images generated for evaluation: up to {evals * per_eval} ({evals} evaluations x {per_eval}), "
                    f"+{per_eval} for the baseline, +{held} for the held-out confirmation")
-    space = cfg.search_space()
-    if "dreambooth" in space.methods:
-        section = cfg.method_section("dreambooth") or {}
-        if section.get("class_prompt"):
-            n_class = space.largest("dreambooth", "dreambooth.num_class_images") or section.get("num_class_images", 100)
-            out.append(f"  class images drawn once by the base model (prior preservation): {n_class}")
+    out += extra_data_lines(cfg)
     plan = plan_sweep(cfg)
     for m in plan.methods:
         out.append(f"  GPU memory per {m.method} trial: ~{m.estimate.total_gib:.1f} GiB ({m.estimate.shape.describe()})")

@@ -92,9 +92,9 @@ class LiveConsole(Callback):
         self.stages[stage] = (done, total)
         line = f"{stage:<16} {bar(done, total)} {done}/{total}"
         if self.tty:
-            self._write(("\r" if not new else "") + "\x1b[2K" + line + ("\n" if done >= total else ""), raw=True)
+            self._write(("\r" if not new else "") + "\x1b[2K" + line + ("\n" if done >= total else ""))
         elif done >= total or new:
-            self._write(line + "\n", raw=True)
+            self._write(line + "\n")
 
     # ----- Tune's hooks --------------------------------------------------------------------------
 
@@ -150,7 +150,7 @@ class LiveConsole(Callback):
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         self._clear()
-        self._write(self.header() + "\n", raw=True)
+        self._write(self.header() + "\n")
 
     # ----- what is printed -----------------------------------------------------------------------
 
@@ -191,10 +191,11 @@ class LiveConsole(Callback):
 
     def _event(self, line: str) -> None:
         self._clear()
-        self._write(line + "\n", raw=True)
+        self._write(line + "\n")
         if self.tty:
-            self._draw()
-        self._maybe_draw()
+            self._draw()  # the block goes back below the new line at once
+        else:
+            self._maybe_draw()
 
     def _maybe_draw(self) -> None:
         now = self.clock()
@@ -204,21 +205,21 @@ class LiveConsole(Callback):
                 self._draw()
         elif now - self.last_status >= PLAIN_STATUS_S:
             self.last_status = now
-            self._write(self.header() + "\n", raw=True)
+            self._write(self.header() + "\n")
 
     def _draw(self) -> None:
         width = shutil.get_terminal_size((120, 24)).columns
         lines = [self.header()] + [self.trial_line(t, r) for t, r in sorted(self.running.items())]
-        self._write("".join(line[:width - 1] + "\n" for line in lines), raw=True)
+        self._write("".join(line[:width - 1] + "\n" for line in lines))
         self.drawn = len(lines)
         self.last_draw = self.clock()
 
     def _clear(self) -> None:
         if self.tty and self.drawn:
-            self._write(f"\x1b[{self.drawn}F\x1b[J", raw=True)
+            self._write(f"\x1b[{self.drawn}F\x1b[J")
             self.drawn = 0
 
-    def _write(self, text: str, raw: bool = False) -> None:
+    def _write(self, text: str) -> None:
         if self.tty:
             # A carriage return with every line feed, so the redrawn block does not depend on the
             # terminal translating LF into CRLF (ONLCR, on in a cooked terminal: then CR CR LF).

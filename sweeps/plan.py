@@ -22,13 +22,6 @@ from sweeps.errors import SweepError  # standard library only: `sdsweep --help` 
 if TYPE_CHECKING:  # imported where used: sweeps.config pulls in torch
     from sweeps.config import SweepConfig
 
-# Searched keys that change a trial's memory (what trainers.memory.trial_shape reads).
-MEMORY_KEYS = ("train.train_batch_size", "train.gradient_checkpointing", "train.mixed_precision", "data.resolution",
-               "lora.rank", "lora.train_text_encoder", "lora.target_modules", "textual_inversion.vectors_per_token",
-               "dreambooth.prior_loss_weight", "dreambooth.train_text_encoder", "dreambooth.use_ema",
-               "dreambooth.optimizer")
-
-
 @dataclass
 class MethodPlan:
     """One method's worst-case trial and its estimate."""
@@ -36,6 +29,7 @@ class MethodPlan:
     method: str
     worst: dict[str, Any]  # the searched memory keys at their worst values
     estimate: Any  # trainers.memory.MemoryEstimate
+    savers: list[str] = field(default_factory=list)  # what lowers it (Trainer.memory_savers)
 
 
 @dataclass
@@ -69,13 +63,12 @@ class Plan:
             return None
         big = self.largest
         need = self.sharing * big.estimate.total_gib
+        lower = ", ".join(big.savers)
         if fits == 0:
-            fix = ("no packing fits: use a GPU with more memory, or lower the search space's worst case "
-                   "(train.gradient_checkpointing: true, a smaller train.train_batch_size or resolution"
-                   + (", dreambooth.optimizer: adamw_8bit" if big.method == "dreambooth" else "") + ")")
+            fix = f"no packing fits: use a GPU with more memory, or lower the search space's worst case ({lower})"
         else:
             fix = (f"set resources.gpu to {_fraction_for(fits)} or more ({fits} trial{'s' * (fits > 1)} per GPU), "
-                   "or lower the worst case (train.gradient_checkpointing: true, a smaller batch or rank)")
+                   f"or lower the worst case ({lower})")
         return (f"resources.gpu: {self.gpu:g} packs {self.sharing} trials on one GPU, but a {big.method} trial may "
                 f"need ~{big.estimate.total_gib:.1f} GiB ({big.estimate.shape.describe()}): {self.sharing} x "
                 f"{big.estimate.total_gib:.1f} = {need:.1f} GiB > {self.gpu_memory_gib:.1f} GiB "
@@ -159,40 +152,49 @@ def scoring_models_bytes(cfg: SweepConfig) -> tuple[int, str | None]:
     return total, note
 
 
-def plan_sweep(cfg: SweepConfig, gpu_memory_gib: float | None = None) -> Plan:
-    """The plan of ``cfg`` (see the module docstring). ``gpu_memory_gib`` overrides
-    ``resources.gpu_memory_gib`` and this machine's GPU."""
+def estimate_for(cfg: SweepConfig, params: dict[str, Any], arch: Any = None, scoring: int | None = None) -> Any:
+    """The memory estimate (trainers/memory.py) of one trial of ``cfg`` with hyperparameters
+    ``params`` on a GPU: its evaluation batch and scoring models included."""
+    from sweeps.config import trial_run_config
     from trainers.memory import Architecture, estimate_trial_memory, trial_shape
 
-    arch = Architecture.from_spec(cfg.base.model)
-    scoring, note = scoring_models_bytes(cfg)
+    arch = arch or Architecture.from_spec(cfg.base.model)
+    scoring = scoring_models_bytes(cfg)[0] if scoring is None else scoring
     eval_batch = 1
     if cfg.evaluation.images is not None:
         gen = cfg.evaluation.images.generation
         eval_batch = min(gen.batch_size, len(gen.prompts) * len(gen.seeds))
+    run_cfg = trial_run_config(cfg, params, source=f"plan ({params.get('method', cfg.base.method)})")
+    return estimate_trial_memory(arch, trial_shape(run_cfg, "cuda", eval_batch), scoring)
+
+
+def plan_sweep(cfg: SweepConfig, gpu_memory_gib: float | None = None) -> Plan:
+    """The plan of ``cfg`` (see the module docstring). ``gpu_memory_gib`` overrides
+    ``resources.gpu_memory_gib`` and this machine's GPU."""
     from search_spaces import load_space
     from sweeps.config import trial_run_config
+    from trainers import get_trainer_class
+    from trainers.memory import Architecture
 
+    arch = Architecture.from_spec(cfg.base.model)
+    scoring, note = scoring_models_bytes(cfg)
     space = cfg.search_space()
     defaults = {s.method: s.defaults() for s in (load_space(x) for x in cfg.search.spaces)}
     methods = []
     for method in space.methods:
-        searched = {k: v for k, v in space.candidates(method).items() if k in MEMORY_KEYS}
+        trainer = get_trainer_class(method)
+        searched = {k: v for k, v in space.candidates(method).items() if k in trainer.memory_keys}
         params: dict[str, Any] = {"method": method, **defaults[method]}
-
-        def estimate(p: dict[str, Any]) -> Any:
-            run_cfg = trial_run_config(cfg, p, source=f"plan ({method})")
-            return estimate_trial_memory(arch, trial_shape(run_cfg, "cuda", eval_batch), scoring)
-
-        best = estimate(params)
+        best = estimate_for(cfg, params, arch, scoring)
         worst: dict[str, Any] = {}
         for key, values in searched.items():  # greedy: each key at its most memory-hungry value
             for v in values:
-                trial = estimate({**params, key: v})
+                trial = estimate_for(cfg, {**params, key: v}, arch, scoring)
                 if trial.total_bytes > best.total_bytes:
                     best, params, worst[key] = trial, {**params, key: v}, v
             worst.setdefault(key, params.get(key))
-        methods.append(MethodPlan(method, worst, best))
+        savers = trainer.memory_savers(trial_run_config(cfg, params, source=f"plan ({method})").settings)
+        methods.append(MethodPlan(method, worst, best, savers))
     source = "given"
     memory = gpu_memory_gib if gpu_memory_gib is not None else cfg.resources.gpu_memory_gib
     if memory is None:

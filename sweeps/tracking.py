@@ -212,12 +212,7 @@ class WandbTrialCallback(tune.Callback):
             project=self.project, entity=self.entity, group=self.group,
             job_type=str(trial.config[METHOD_KEY]), name=str(trial), id=run_id,
             config=dict(trial.config), tags=list(self.tags), dir=str(self.run_dir),
-            mode=self.mode, resume="allow", reinit="create_new",
-            # The driver's console and system stats are not the trial's: keep them out.
-            settings=wandb.Settings(console="off", x_disable_stats=True, quiet=True,
-                                    # not os.getcwd(): under `ray job submit` the driver's working
-                                    # directory (the uploaded package) can be gone by now
-                                    root_dir=str(self.run_dir)),
+            mode=self.mode, resume="allow", reinit="create_new", settings=_driver_settings(self.run_dir),
         )
         run.define_metric(STEP_KEY)
         run.define_metric("*", step_metric=STEP_KEY)
@@ -383,9 +378,20 @@ def make_callbacks(settings: TrackingSettings, *, run_dir: Path, sweep_name: str
     if mode == "online" and not has_wandb_credentials():
         raise ValueError("tracking.mode is 'online' but no W&B credentials were found: set "
                          "WANDB_API_KEY or run `wandb login`, or use mode 'auto'/'offline'")
-    tags = settings.tags if sweep_name in settings.tags else (*settings.tags, sweep_name)
     return [WandbTrialCallback(mode=mode, project=settings.project, entity=settings.entity,
-                               tags=tags, run_dir=Path(run_dir), group=run_id, metric=metric, metric_mode=metric_mode)]
+                               tags=_tags(settings, sweep_name), run_dir=Path(run_dir), group=run_id, metric=metric, metric_mode=metric_mode)]
+
+
+def _tags(settings: TrackingSettings, sweep_name: str) -> tuple[str, ...]:
+    """``tracking.tags`` plus the sweep's name."""
+    return settings.tags if sweep_name in settings.tags else (*settings.tags, sweep_name)
+
+
+def _driver_settings(run_dir: Path) -> Any:
+    """W&B settings of every run the driver opens: the driver's console and system stats are not
+    a trial's, so they stay out; ``root_dir`` is the run directory, not ``os.getcwd()`` (under
+    `ray job submit` the driver's working directory, the uploaded package, can be gone by then)."""
+    return wandb.Settings(console="off", x_disable_stats=True, quiet=True, root_dir=str(run_dir))
 
 
 SWEEP_JOB_TYPE = "sweep"  # the job_type of the one sweep-level run beside the trials' runs
@@ -412,11 +418,10 @@ def log_sweep_run(settings: TrackingSettings, *, run_dir: Path, sweep_name: str,
     columns = [c for c in first if any(c in r for r in flat)] + sorted({k for r in flat for k in r} - set(first))
     table = wandb.Table(columns=columns, data=[[_cell(r.get(c)) for c in columns] for r in flat])
     wandb_id = wandb_run_id(run_id, "sweep")
-    tags = settings.tags if sweep_name in settings.tags else (*settings.tags, sweep_name)
     run = wandb.init(project=settings.project, entity=settings.entity, group=run_id, job_type=SWEEP_JOB_TYPE,
                      name=f"{sweep_name} (sweep)", id=wandb_id, config=flatten_dict(state["config"], delimiter="."),
-                     tags=list(tags), dir=str(run_dir), mode=mode, resume="allow", reinit="create_new",
-                     settings=wandb.Settings(console="off", x_disable_stats=True, quiet=True, root_dir=str(run_dir)))
+                     tags=list(_tags(settings, sweep_name)), dir=str(run_dir), mode=mode, resume="allow",
+                     reinit="create_new", settings=_driver_settings(run_dir))
     data: dict[str, Any] = {"leaderboard": table}
     baseline = state.get("baseline")
     if baseline:

@@ -3,7 +3,9 @@
 Terminal mode is checked by what a terminal would show: the output goes through pyte, a VT100
 emulator, and the assertions read its screen (a block redrawn in place must appear once, not once
 per redraw). Plain mode (a pipe, a CI log) must hold no control codes at all. The console of a
-real sweep, run as the README runs it, is checked in tests/test_toyworld_demo.py.
+real sweep, run as the README runs it, is checked in tests/test_toyworld_demo.py; that Tune can
+save it with the experiment state and restore it is what the kill -9 e2e test's `sdsweep resume`
+does (tests/test_sweep_e2e.py).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyte
-import pytest
 
 from sweeps.config import SweepConfig
 from sweeps.live import LiveConsole
@@ -120,13 +121,3 @@ def test_without_a_terminal_plain_lines_only() -> None:
     assert 2 <= len(headers) <= 5, lines
     assert headers[-1].startswith("trials 2 done (1 stopped, 1 errored), 1 running, 0 left")
     assert not any(line.startswith("  a1") for line in lines)  # no per-trial bars in a log
-
-
-@pytest.mark.parametrize("tty", [True, False])
-def test_the_console_survives_a_resume(tty) -> None:
-    """Tune saves its callbacks with the experiment state and a resume restores them."""
-    import pickle
-
-    console = LiveConsole(_cfg(), stream=io.StringIO(), tty=tty, clock=Clock())
-    restored = pickle.loads(pickle.dumps(console))
-    assert restored.total_trials == 3 and restored.stream is not None

@@ -113,8 +113,9 @@ def test_plan_takes_the_worst_case_of_the_space_and_refuses_what_cannot_fit(tmp_
     per_trial = plan.largest.estimate.total_gib
     with pytest.raises(SweepError, match=r"resources\.gpu: 0\.25 packs 4 trials.*Fix: set resources\.gpu to 0\.34"):
         check_packing(cfg, gpu_memory_gib=3.5 * per_trial)  # 3 fit, 4 asked
-    with pytest.raises(SweepError, match="no packing fits"):
-        check_packing(cfg, gpu_memory_gib=0.5 * per_trial)
+    assert plan.largest.method == "dreambooth"
+    with pytest.raises(SweepError, match="no packing fits.*dreambooth.optimizer: adamw_8bit"):
+        check_packing(cfg, gpu_memory_gib=0.5 * per_trial)  # the fix names what lowers the largest method's memory
     assert check_packing(cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"gpu": 0.0})})) is None
 
 

@@ -155,6 +155,12 @@ def test_multi_objective_search_tells_optuna_both_values_and_keeps_a_pareto_fron
     assert [t.values for t in study.get_trials(deepcopy=False)][:3] == [[21.0, 0.5], [19.0, 0.7], [18.0, 0.6]]
     assert study.get_trials(deepcopy=False)[3].state == optuna.trial.TrialState.FAIL
     assert sorted(t.values for t in study.best_trials) == [[19.0, 0.7], [21.0, 0.5]]
+    # optuna-dashboard's Pareto front and axes by sdsweep's names, each trial labelled as the leaderboard does
+    assert study.metric_names == ["clip_t", "clip_i"]
+    attrs = [t.user_attrs for t in study.get_trials(deepcopy=False)]
+    assert [a["sdsweep_trial_id"] for a in attrs] == ["a", "b", "c", "err"]
+    assert [a["sdsweep_status"] for a in attrs] == ["completed", "completed", "completed", "error"]
+    assert attrs[0]["sdsweep_best_step"] == 40 and "sdsweep_best_step" not in attrs[3]
 
 
 @pytest.mark.parametrize("objectives, fragment", [

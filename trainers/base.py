@@ -129,6 +129,12 @@ class Trainer(abc.ABC):
         return {}, {}
 
     @classmethod
+    def extra_data_summary(cls, cfg: Any) -> list[str]:
+        """What :meth:`prepare_extra` would build for run config ``cfg``, in words (one line each;
+        the cost ``sdsweep init`` prints). Nothing by default."""
+        return []
+
+    @classmethod
     def caches_text(cls, settings: Any) -> bool:
         """Whether a run with ``settings`` may read text-encoder outputs from the frozen-encoder
         cache (False when training changes them: they would be silently stale)."""
@@ -146,6 +152,37 @@ class Trainer(abc.ABC):
         ``text_encoder_dtype``, read before a trainer exists by code that keys a worker's base model
         on it (a module cast down by one trial cannot serve a trial that needs it in fp32)."""
         return weight_dtype, weight_dtype
+
+    # Sweep-file keys whose value changes a run's GPU memory (`sdsweep plan` takes the worst value
+    # a search space can give each); methods add their own.
+    memory_keys: tuple[str, ...] = ("train.train_batch_size", "train.gradient_checkpointing", "train.mixed_precision",
+                                    "data.resolution")
+
+    # What `sdsweep init` writes for this method (sweeps/init.py): training steps per trial at
+    # batch 1 for an SD 1.x-size model, and whether the concept's token must be new to the
+    # tokenizer (a placeholder the method adds).
+    init_steps: int = 800
+    needs_new_token: bool = False
+
+    @classmethod
+    def init_lines(cls, token: str, class_prompt: str | None) -> tuple[list[str], list[str]]:
+        """``sdsweep init``'s YAML for this method: its settings section under ``base`` (lines at
+        two spaces) and its entry under ``search.spaces`` (lines at four), commented."""
+        return [], [f"    - {cls.method:<27}# search_spaces/{cls.method}.yaml"]
+
+    @classmethod
+    def memory_profile(cls, settings: Any) -> dict[str, Any]:
+        """What a run with ``settings`` trains, for the GPU memory estimate (trainers/memory.py,
+        ``TrialShape`` fields: ``lora_rank``/``lora_targets``/``lora_text_targets``, ``train_unet``,
+        ``train_text_encoder``, ``ti_vectors``, ``optimizer``, ``ema``) and ``batch_factor``, the
+        examples through the UNet per instance example (``examples_per_step`` over the batch)."""
+        return {}
+
+    @classmethod
+    def memory_savers(cls, settings: Any) -> list[str]:
+        """Settings that lower this method's GPU memory, named as sweep-file keys (the fix a
+        refused packing suggests)."""
+        return ["train.gradient_checkpointing: true", "a smaller train.train_batch_size or data.resolution"]
 
     @property
     def examples_per_step(self) -> int:

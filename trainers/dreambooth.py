@@ -66,6 +66,32 @@ class DreamBoothTrainer(Trainer):
         self.ema: EMAModel | None = None
         super().__init__(model, data, cfg, output_dir, validation_data, extra)
 
+    memory_keys = (*Trainer.memory_keys, "dreambooth.prior_loss_weight", "dreambooth.train_text_encoder",
+                   "dreambooth.use_ema", "dreambooth.optimizer")
+    init_steps = 600
+
+    @classmethod
+    def init_lines(cls, token: str, class_prompt: str | None) -> tuple[list[str], list[str]]:
+        if class_prompt:  # the shipped space searches the prior's weight and class-image count
+            return (["  dreambooth:",
+                     "    prior_loss_weight: 1.0         # prior preservation: class images keep the class",
+                     f"    class_prompt: {json.dumps(class_prompt)}",
+                     "    num_class_images: 100"], super().init_lines(token, class_prompt)[1])
+        return (["  dreambooth:", "    prior_loss_weight: 0.0         # no --class-prompt: no prior preservation"],
+                ["    - method: dreambooth         # the shipped space without prior preservation",
+                 "      params:",
+                 "        train.learning_rate: {type: float, low: 1.0e-6, high: 2.0e-5, log: true, default: 5.0e-6}",
+                 "        dreambooth.train_text_encoder: {type: categorical, choices: [false, true], default: false}"])
+
+    @classmethod
+    def memory_profile(cls, settings: DreamBoothSettings) -> dict[str, Any]:
+        return {"train_unet": True, "train_text_encoder": settings.train_text_encoder, "optimizer": settings.optimizer,
+                "ema": settings.use_ema, "batch_factor": 2 if settings.prior_preservation else 1}
+
+    @classmethod
+    def memory_savers(cls, settings: DreamBoothSettings) -> list[str]:
+        return [*super().memory_savers(settings), "dreambooth.optimizer: adamw_8bit"]
+
     @classmethod
     def caches_text(cls, settings: DreamBoothSettings) -> bool:
         return not settings.train_text_encoder
@@ -94,6 +120,13 @@ class DreamBoothTrainer(Trainer):
     # ----- prior preservation ---------------------------------------------------------------------
 
     extra_data_keys = ("dreambooth.prior_loss_weight", "dreambooth.num_class_images")
+
+    @classmethod
+    def extra_data_summary(cls, cfg: Any) -> list[str]:
+        db: DreamBoothSettings = cfg.settings
+        if not db.prior_preservation or db.class_data_path is not None:
+            return []
+        return [f"class images drawn once by the base model (prior preservation): {db.num_class_images}"]
 
     @classmethod
     def prepare_extra(cls, cfg: Any, model: Any, device: torch.device | str) -> tuple[dict[str, CachedDataset],

@@ -91,6 +91,19 @@ class LoraTrainer(Trainer):
         self._configs: dict[str, LoraConfig] = {}
         super().__init__(model, data, cfg, output_dir, validation_data, extra)
 
+    memory_keys = (*Trainer.memory_keys, "lora.rank", "lora.train_text_encoder", "lora.target_modules",
+                   "lora.text_encoder_target_modules")
+
+    @classmethod
+    def memory_profile(cls, settings: LoraSettings) -> dict[str, Any]:
+        return {"lora_rank": settings.rank, "lora_targets": tuple(settings.target_modules),
+                "train_text_encoder": settings.train_text_encoder,
+                "lora_text_targets": tuple(settings.text_encoder_target_modules) if settings.train_text_encoder else ()}
+
+    @classmethod
+    def memory_savers(cls, settings: LoraSettings) -> list[str]:
+        return [*super().memory_savers(settings), "a smaller lora.rank"]
+
     @classmethod
     def caches_text(cls, settings: LoraSettings) -> bool:
         return not settings.train_text_encoder

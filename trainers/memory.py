@@ -189,7 +189,7 @@ class TrialShape:
 def trial_shape(run_cfg: Any, device_type: str = "cuda", eval_batch: int = 1) -> TrialShape:
     """The :class:`TrialShape` of a trial with run config ``run_cfg`` on a ``device_type`` device:
     the precision and module dtypes its trainer would pick there (``trainers.devices``,
-    ``Trainer.base_dtypes``), the batch its method puts through the UNet."""
+    ``Trainer.base_dtypes``) and what its method trains (``Trainer.memory_profile``)."""
     from trainers import get_trainer_class
 
     train = run_cfg.train
@@ -199,18 +199,10 @@ def trial_shape(run_cfg: Any, device_type: str = "cuda", eval_batch: int = 1) ->
     else:
         precision = "bf16" if precision == "bf16" else "no"
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    s = run_cfg.settings
-    unet_dtype, te_dtype = get_trainer_class(run_cfg.method).base_dtypes(s, weight_dtype)
-    kw: dict[str, Any] = {}
-    batch = train.train_batch_size
-    if run_cfg.method == "lora":
-        kw = dict(lora_rank=s.rank, lora_targets=tuple(s.target_modules), train_text_encoder=s.train_text_encoder,
-                  lora_text_targets=tuple(s.text_encoder_target_modules) if s.train_text_encoder else ())
-    elif run_cfg.method == "dreambooth":
-        kw = dict(train_unet=True, train_text_encoder=s.train_text_encoder, optimizer=s.optimizer, ema=s.use_ema)
-        batch *= 2 if s.prior_preservation else 1
-    elif run_cfg.method == "textual_inversion":
-        kw = dict(ti_vectors=s.vectors_per_token)
+    trainer = get_trainer_class(run_cfg.method)
+    unet_dtype, te_dtype = trainer.base_dtypes(run_cfg.settings, weight_dtype)
+    kw = trainer.memory_profile(run_cfg.settings)
+    batch = train.train_batch_size * kw.pop("batch_factor", 1)
     return TrialShape(method=run_cfg.method, resolution=run_cfg.data.resolution, batch=batch,
                       gradient_checkpointing=train.gradient_checkpointing, precision=precision,
                       unet_dtype=unet_dtype, text_encoder_dtype=te_dtype, weight_dtype=weight_dtype,

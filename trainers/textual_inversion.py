@@ -107,6 +107,21 @@ class TextualInversionTrainer(Trainer):
         self._embedding: ConceptEmbedding | None = None
         super().__init__(model, data, cfg, output_dir, validation_data, extra)
 
+    memory_keys = (*Trainer.memory_keys, "textual_inversion.vectors_per_token")
+    init_steps = 1500
+    needs_new_token = True  # the placeholder is added to the tokenizer
+
+    @classmethod
+    def init_lines(cls, token: str, class_prompt: str | None) -> tuple[list[str], list[str]]:
+        section = ["  textual_inversion:", f"    placeholder_token: {json.dumps(token)}"]
+        if class_prompt:
+            section.append(f"    initializer: {json.dumps(class_prompt.split()[-1])}   # the vectors start at the class word")
+        return section, super().init_lines(token, class_prompt)[1]
+
+    @classmethod
+    def memory_profile(cls, settings: TextualInversionSettings) -> dict[str, Any]:
+        return {"ti_vectors": settings.vectors_per_token}
+
     @classmethod
     def caches_text(cls, settings: TextualInversionSettings) -> bool:
         return False  # the new rows change the text encoder's output at every step
