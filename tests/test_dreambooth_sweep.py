@@ -9,6 +9,7 @@ The shipped sweeps/configs/demo-dreambooth.yaml as the README runs it (W&B off).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -32,13 +33,15 @@ def db_run(tmp_path_factory: pytest.TempPathFactory, sdsweep_cache: Path) -> tup
 
 
 def test_class_images_were_drawn_once_for_the_largest_searched_count_and_shared(db_run):
-    run_dir, _ = db_run
+    run_dir, out = db_run
     from sweeps.results import leaderboard
 
     state = json.loads((run_dir / "sweep.json").read_text())
     extra = state["cache_builds"][0]["extra"]["dreambooth"]
     assert extra["class_images"] == 32 and extra["class_images_drawn"] == 32  # max of choices [16, 32]
     assert len(list(Path(extra["class_folder"]).glob("class_*.png"))) == 32
+    # the console showed their drawing as a progress bar (plain lines: its first and last state)
+    assert re.search(r"^class images\s+\[#{20}\] 32/32$", out, re.M), out[:2000]
     rows, _ = leaderboard(run_dir)
     assert rows and {r.method for r in rows} == {"dreambooth"}
     assert all(r.status != "error" for r in rows), [(r.trial_id, r.error) for r in rows]
