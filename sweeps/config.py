@@ -180,6 +180,13 @@ class ResourceSettings(Frozen):
         return {"num_cpus": self.cpu, "num_gpus": 1 if self.gpu > 0 else 0,
                 **({"resources": dict(self.custom)} if self.custom else {})}
 
+    def trial_task_options(self) -> dict[str, Any]:
+        """Ray task options for work that needs no more than a trial and runs when the trials are
+        done (one held-out confirmation model each): a trial's CPUs, share of a GPU and custom
+        resources, so as many run at once as trials did (``sdsweep plan`` checks that packing)."""
+        return {"num_cpus": self.cpu, "num_gpus": self.gpu,
+                **({"resources": dict(self.custom)} if self.custom else {})}
+
 
 class SweepConfig(Frozen):
     """A whole sweep file."""

@@ -147,32 +147,26 @@ def candidates(run_dir: Path, top_k: int) -> list[dict[str, Any]]:
 
 
 @ray.remote
-def confirm_task(sweep: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
-    """Generate and score every model (a checkpoint, or the base model for ``checkpoint: None``)
-    with the held-out evaluator; return each one's scores, per-image rows and files (as bytes,
-    so the driver writes them wherever this task ran)."""
-    from sweeps.trial import place_base_model, score_to_files
+def confirm_task(sweep: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
+    """Generate and score one model (a checkpoint, or the base model for ``checkpoint: None``)
+    with the held-out evaluator; return its scores, per-image rows and files (as bytes, so the
+    driver writes them wherever this task ran). One task per model, so they run side by side
+    where the cluster has room; a worker that runs several loads the base model and the scoring
+    models once (``worker_model``, ``cached_evaluator``)."""
+    from sweeps.trial import cached_evaluator, place_base_model, score_to_files, worker_model
     from trainers import get_trainer_class
     from trainers.devices import run_placement
-    from trainers.evaluate import Evaluator, load_references
-    from trainers.models import load_base_model
 
     cfg = SweepConfig.model_validate(sweep)
-    m, ev_cfg = cfg.base.model, cfg.evaluation.heldout_evaluator()
-    model = load_base_model(m.source, allow_pickle=m.allow_pickle, single_file_config=m.single_file_config,
-                            revision=m.revision)
     where = run_placement(cfg.base.train.device, cfg.base.train.mixed_precision)  # the trials' placement
+    model, _ = worker_model(cfg.base.model, where.precision, (where.weight_dtype,))
     place_base_model(model, where)
-    evaluator = Evaluator(ev_cfg, load_references(ev_cfg, cfg.base.data), device=where.device)
-    out: dict[str, Any] = {}
-    for item in models:
-        ckpt = item.get("checkpoint")
-        loaded = (get_trainer_class(item["method"]).loaded_for_evaluation(model, Path(ckpt))
-                  if ckpt else nullcontext(model))
-        with loaded as sampled:
-            out[item["label"]] = score_to_files(evaluator, sampled, where, {"label": item["label"], "heldout": True},
-                                                prediction_type=item.get("prediction_type"))
-    return out
+    evaluator = cached_evaluator(cfg.evaluation.heldout_evaluator(), cfg.base.data, where.device)
+    ckpt = item.get("checkpoint")
+    loaded = get_trainer_class(item["method"]).loaded_for_evaluation(model, Path(ckpt)) if ckpt else nullcontext(model)
+    with loaded as sampled:
+        return score_to_files(evaluator, sampled, where, {"label": item["label"], "heldout": True},
+                              prediction_type=item.get("prediction_type"))
 
 
 def _prediction_type(ckpt: Path) -> str | None:
@@ -198,8 +192,9 @@ def confirm_sweep(cfg: SweepConfig, run_dir: Path) -> dict[str, Any] | None:
         item["prediction_type"] = _prediction_type(Path(item["checkpoint"]))
     models = [*picked, {"label": BASELINE, "checkpoint": None, "method": None}]
     res = cfg.resources
-    scored = ray.get(confirm_task.options(**res.task_options()).remote(
-        cfg.model_dump(mode="json"), models))
+    sweep = ray.put(cfg.model_dump(mode="json"))
+    tasks = [confirm_task.options(**res.trial_task_options()).remote(sweep, item) for item in models]
+    scored = dict(zip((item["label"] for item in models), ray.get(tasks)))
     out_dir = Path(run_dir) / CONFIRM_DIR
     for label, rec in scored.items():
         d = out_dir / label.replace("@", "-step-")

@@ -77,19 +77,26 @@ class SweepOptunaSearch(OptunaSearch):
             self._ot_trials[trial_id].set_user_attr("sdsweep_trial_id", trial_id)
         return config
 
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
+    def _keep_best(self, trial_id: str, result: dict) -> None:
         metric, mode = self._rank
         value = result.get(metric)
         if isinstance(value, (int, float)) and math.isfinite(value):
             best = self._best.get(trial_id)
             if best is None or (value > best[metric] if mode == "max" else value < best[metric]):
                 self._best[trial_id] = dict(result)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._keep_best(trial_id, result)
         # An errored trial's last report carries no metric; Ray's version would raise KeyError.
         if isinstance(self.metric, str) and self.metric not in result:
             return
         super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        # Tune hands a trial's last report to the searcher here only, never to on_trial_result:
+        # a trial whose best evaluation is its last must not be told to Optuna as an earlier one.
+        if result:
+            self._keep_best(trial_id, result)
         best = self._best.pop(trial_id, None)
         status = "error" if error or (result or {}).get("trial_status") == "error" else \
             "completed" if (result or {}).get("trial_status") == "completed" else "stopped"

@@ -93,13 +93,17 @@ def worker_evaluator(cfg: SweepConfig, device: torch.device | str = "cpu") -> Ev
     Reused across trials, it keeps the reference images' embeddings from the first evaluation.
     """
     ev_cfg = cfg.evaluation.images
-    if ev_cfg is None:
-        return None
-    key = json.dumps([ev_cfg.model_dump(mode="json"), cfg.base.data.model_dump(mode="json"),
-                      str(torch.device(device))], sort_keys=True)
+    return None if ev_cfg is None else cached_evaluator(ev_cfg, cfg.base.data, device)
+
+
+def cached_evaluator(ev_cfg: Any, data: Any, device: torch.device | str = "cpu") -> Evaluator:
+    """An evaluator for ``ev_cfg`` (an ``EvaluatorConfig``) and the references of ``data``, built
+    once per process (the latest one is kept)."""
+    key = json.dumps([ev_cfg.model_dump(mode="json"), data.model_dump(mode="json"), str(torch.device(device))],
+                     sort_keys=True)
     if key not in _EVALUATORS:
         _EVALUATORS.clear()
-        _EVALUATORS[key] = Evaluator(ev_cfg, load_references(ev_cfg, cfg.base.data), device=device)
+        _EVALUATORS[key] = Evaluator(ev_cfg, load_references(ev_cfg, data), device=device)
     return _EVALUATORS[key]
 
 

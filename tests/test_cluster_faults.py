@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from ray_cluster import NODE_RESOURCE, LocalCluster, cluster_env
+from run_files import wandb_steps
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -111,17 +112,6 @@ def _study_trials(tmp_path: Path) -> list[Any]:
                              storage=f"sqlite:///{tmp_path / 'study.db'}").trials
 
 
-def _wandb_steps(run_dir: Path, trial_dir: Path) -> list[int]:
-    """Every `step` the trial's W&B run logged, over all its offline segments, in order."""
-    from sweeps.tracking import read_offline_run, wandb_run_id
-
-    trial_id = json.loads((trial_dir / "result.json").read_text().splitlines()[0])["trial_id"]
-    run_id = wandb_run_id(run_dir.name, trial_id)
-    segments = sorted(p.parent for p in (run_dir / "wandb").glob(f"offline-run-*/run-{run_id}.wandb"))
-    assert segments, f"no W&B run for {trial_id}"
-    return [int(h["step"]) for seg in segments for h in read_offline_run(seg).history if "step" in h]
-
-
 def test_a_worker_node_killed_mid_trial_the_trial_resumes_on_another_node(cluster, tmp_path):
     run_dir = tmp_path / "runs" / "node-kill"
     log = tmp_path / "driver.log"
@@ -150,7 +140,7 @@ def test_a_worker_node_killed_mid_trial_the_trial_resumes_on_another_node(cluste
     assert steps == sorted(set(steps)) and steps[-1] == STEPS, f"not resumed from its checkpoint: {steps}"
     # Tune's record of the failure (its result.json rows can be lost around the restart, so not those).
     assert (victim / "error.txt").read_text().count("Failure # ") == 1, "not restored exactly once"
-    assert _wandb_steps(run_dir, victim) == steps, "W&B logged a step twice or missed one"
+    assert wandb_steps(run_dir, victim) == steps, "W&B logged a step twice or missed one"
     # The node loss reads as one line, not Ray's traceback (the traceback stays in error.txt).
     text = log.read_text()
     trial_id = rows[0]["trial_id"]
@@ -216,7 +206,7 @@ def test_the_driver_killed_while_trials_run_on_worker_nodes_then_resume(cluster,
         for r in [*_raw_rows(t), *own]:
             by_step.setdefault(r["step"], []).append(r["fixed_train_loss"])
         assert all(len(set(v)) == 1 for v in by_step.values()), by_step
-        assert _wandb_steps(run_dir, t) == steps, "W&B logged a step twice or missed one"
+        assert wandb_steps(run_dir, t) == steps, "W&B logged a step twice or missed one"
     assert [r.status for r in leaderboard(run_dir)[0]] == ["completed"] * 4
     study = _study_trials(tmp_path)
     assert len(study) == 4 and all(t.state.name == "COMPLETE" for t in study), [t.state for t in study]

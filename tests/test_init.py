@@ -52,7 +52,8 @@ def test_init_writes_a_sweep_that_runs(tmp_path, sdsweep_cache) -> None:
     assert "instance_prompt: a photo of sks" in text and "resolution: 64" in text  # tiny-sd's own resolution
     assert f"sdsweep run {out.name}" in made.stdout
     assert "cost: 2 trials x up to 10 steps" in made.stdout and "GPU memory per lora trial" in made.stdout
-    assert "images generated for evaluation: up to 80 (10 evaluations x 8)"  # 2 x 10//2, 4 prompts x 2 seeds in made.stdout
+    # 2 trials x 10 // 2 evaluations, 4 prompts x 2 seeds
+    assert "images generated for evaluation: up to 80 (10 evaluations x 8)" in made.stdout
     ran = _cli("run", out.name, "--run-dir", str(tmp_path / "run"), cache=sdsweep_cache, cwd=tmp_path, timeout=1100)
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
     best = json.loads((tmp_path / "run" / "best" / "best.json").read_text())

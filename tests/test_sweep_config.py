@@ -132,6 +132,37 @@ def test_optuna_is_told_the_best_checkpoint_the_leaderboard_ranks_and_early_stop
     assert stopped.intermediate_values == {1: 0.7}  # what TPE ranks pruned trials by (step, value)
 
 
+@pytest.mark.slow
+def test_under_asha_optuna_is_told_the_last_evaluation_when_it_is_the_best(ray_local, tmp_path):
+    """Ray Tune itself decides which reports the searcher sees: under ASHA, the report on which the
+    scheduler stops a trial -- at max_t, the completed trial's last -- goes to on_trial_complete
+    only. A searcher that kept its best from on_trial_result alone told Optuna an earlier value."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from sweeps.driver import make_search
+
+    def rising_curve(config: dict) -> None:  # (nested: Ray pickles it by value for its workers)
+        """Reports as a trial does; composite rises, so the last report is the best."""
+        for step in (1, 2, 3):
+            tune.report({"composite": 0.1 * step, "step": step,
+                         "trial_status": "completed" if step == 3 else "running"})
+
+    cfg = load_sweep(DEMO, {"search.num_samples": 2})  # ranks by composite (max)
+    search = make_search(cfg)
+    asha = ASHAScheduler(time_attr="step", max_t=3, grace_period=1, reduction_factor=2)
+    tuner = tune.Tuner(rising_curve, tune_config=tune.TuneConfig(
+        search_alg=search, scheduler=asha, num_samples=2, metric="composite", mode="max"),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="asha", verbose=0))
+    grid = tuner.fit()
+    assert not grid.errors
+    study = search._ot_study
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    assert done, [t.state for t in study.get_trials(deepcopy=False)]
+    for t in done:  # each trial that ran to step 3: its best, the last report, is what Optuna has
+        assert t.value == pytest.approx(0.3) and t.user_attrs["sdsweep_best_step"] == 3, (t.value, t.user_attrs)
+
+
 def test_multi_objective_search_tells_optuna_both_values_and_keeps_a_pareto_front():
     cfg = load_sweep(DEMO, {"evaluation.objectives": ["clip_t", "clip_i"]})
     assert cfg.evaluation.metric == "composite"  # what ASHA and checkpoint retention still use

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from run_files import wandb_steps
 
 pytestmark = pytest.mark.slow
 
@@ -89,6 +90,34 @@ def _trial_runs(run_dir: Path) -> list[Path]:
 
 def _trial_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.iterdir() if p.is_dir() and (p / "params.json").is_file())
+
+
+def _assert_resumed_from_recorded(name: str, old: list[dict], new: list[dict], from_step: int) -> None:
+    """Tune restores the checkpoint its experiment state last recorded (every report carries one);
+    the steps reported after it, before the kill, are trained again from it (sweeps/rows.py).
+    Nothing earlier is retrained, and the retraining is bit-exact."""
+    kept = [r for r in old if r["step"] <= from_step]
+    steps = [r["step"] for r in new]
+    assert steps[: len(kept)] == [r["step"] for r in kept], f"{name}: rows up to the recorded step {from_step} changed: {steps}"
+    rest = new[len(kept):]
+    assert [r["step"] for r in rest] == list(range(from_step + 10, 61, 10)), \
+        f"{name}: not resumed from the recorded step {from_step}: {steps}"
+    for r_old in old[len(kept):]:  # reported before the kill, trained again after it
+        r_new = next(r for r in rest if r["step"] == r_old["step"])
+        for key in ("train_loss", "fixed_train_loss", "images_seen"):
+            assert r_new[key] == r_old[key], (name, r_old["step"], key, r_old[key], r_new[key])
+
+
+def _recorded_steps(run_dir: Path) -> dict[str, int]:
+    """Each trial's last reported step in Tune's newest experiment state, by trial directory name."""
+    from sweeps.tune_state import newest_state_file
+
+    state = json.loads(newest_state_file(run_dir).read_text())
+    out = {}
+    for trial_json, meta_json in state["trial_data"]:
+        last = json.loads(meta_json).get("last_result") or {}
+        out[json.loads(trial_json)["relative_logdir"]] = int(last.get("step", 0))
+    return out
 
 
 def _rows(trial_dir: Path) -> list[dict]:
@@ -227,20 +256,29 @@ def test_kill_9_the_driver_then_resume_finishes_without_rerunning(tmp_path):
         assert proc.poll() is None, "the sweep ended before it could be killed mid-way"
     assert done_before, "the sweep never reached a state with a finished and a running trial"
     _kill_tree(proc)
-    before = {t.name: [r["step"] for r in _rows(t)] for t in _trial_dirs(run_dir)}
+    before = {t.name: _rows(t) for t in _trial_dirs(run_dir)}
+    recorded = _recorded_steps(run_dir)  # what Tune's experiment state holds when the driver died
 
     _sdsweep("resume", str(run_dir))
 
-    after = {t.name: [r["step"] for r in _without_end_reported_again(_rows(t))] for t in _trial_dirs(run_dir)}
+    after_rows = {t.name: _without_end_reported_again(_rows(t)) for t in _trial_dirs(run_dir)}
+    after = {name: [r["step"] for r in rows] for name, rows in after_rows.items()}
     assert len(after) == 5, f"finished + new trials should equal num_samples: {sorted(after)}"
     for name, steps in done_before.items():
         assert after[name] == steps, f"finished trial {name} was rerun"
     for name, steps in after.items():
-        assert steps == sorted(set(steps)), f"{name}: steps restarted or repeated: {steps}"
         assert steps[-1] == 60, f"{name} did not finish: {steps}"
-    resumed = [n for n, s in before.items() if s and s[-1] < 60]
+        if name not in before:  # started after the resume
+            assert steps == sorted(set(steps)), f"{name}: steps restarted or repeated: {steps}"
+    resumed = [n for n, rows in before.items() if rows and rows[-1]["step"] < 60]
+    assert resumed, "no trial was midway when the driver was killed"
     for name in resumed:
-        assert after[name][: len(before[name])] == before[name], f"{name} restarted from scratch"
+        _assert_resumed_from_recorded(name, before[name], after_rows[name], recorded.get(name, 0))
+    for name in set(before) - set(resumed) - set(done_before):  # finished between the check and the kill
+        if after[name] != [r["step"] for r in before[name]]:
+            _assert_resumed_from_recorded(name, before[name], after_rows[name], recorded.get(name, 0))
+    for t in _trial_dirs(run_dir):  # W&B keeps each step once, over the run's segments before and after
+        assert wandb_steps(run_dir, t) == list(range(10, 61, 10)), t.name
     params = [json.loads((t / "params.json").read_text()) for t in _trial_dirs(run_dir)]
     assert len({json.dumps(p, sort_keys=True) for p in params}) == len(params), "duplicate proposals"
 
