@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def wandb_steps(run_dir: Path, trial_dir: Path) -> list[int]:
@@ -15,3 +17,52 @@ def wandb_steps(run_dir: Path, trial_dir: Path) -> list[int]:
     segments = sorted(p.parent for p in (run_dir / "wandb").glob(f"offline-run-*/run-{run_id}.wandb"))
     assert segments, f"no W&B run for {trial_id}"
     return [int(h["step"]) for seg in segments for h in read_offline_run(seg).history if "step" in h]
+
+
+def chromium_text(url: str, budget_ms: int = 15000) -> str:
+    """The text headless Chromium renders for ``url`` (scripts run, styles and scripts dropped)."""
+    import re
+    import shutil
+    import subprocess
+    import tempfile
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert exe, "no chromium: run `bash tests/install_chromium.sh`"
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                               "--disable-background-networking", "--disable-component-update",
+                               f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}", "--dump-dom", url],
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dom = re.sub(r"<(style|script)\b.*?</\1>", " ", proc.stdout, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+
+
+@contextmanager
+def optuna_dashboard(storage: str) -> Iterator[str]:
+    """``optuna-dashboard STORAGE`` (the `dashboard` extra) as a user starts it, on a free local
+    port; yields its base URL once its API answers, and stops it after."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).with_name("optuna-dashboard")
+    server = subprocess.Popen([str(exe), storage, "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{base}/api/studies", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.2)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

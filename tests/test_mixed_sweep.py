@@ -17,6 +17,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from conftest import run_shipped_sweep
+from run_files import chromium_text, optuna_dashboard
 from sweeps.config import load_sweep
 from trainers.toyworld import weights_dir
 
@@ -265,62 +266,21 @@ def test_the_optuna_study_speaks_the_leaderboards_language(mixed_run):
             assert labelled[r.trial_id].value == pytest.approx(r.best)
 
 
-def _chromium_text(url: str) -> str:
-    """The text headless Chromium renders for ``url`` (scripts run, styles and scripts dropped)."""
-    import re
-    import shutil
-    import subprocess
-    import tempfile
-
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert exe, "no chromium: run `bash tests/install_chromium.sh`"
-    with tempfile.TemporaryDirectory() as profile:
-        proc = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                               "--disable-background-networking", "--disable-component-update",
-                               f"--user-data-dir={profile}", "--virtual-time-budget=15000", "--dump-dom", url],
-                              capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    dom = re.sub(r"<(style|script)\b.*?</\1>", " ", proc.stdout, flags=re.S)
-    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
-
-
 def test_optuna_dashboard_shows_the_sweep_in_a_headless_browser(mixed_run):
     """`optuna-dashboard STORAGE` (the `dashboard` extra) as a user starts it: the study list names
     the sweep's study, the study page names the objective (not "Objective 0"), and the trial list
     holds every trial with its sdsweep trial id."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
     from sweeps.results import leaderboard
 
     run_dir, _ = mixed_run
     rows, _ = leaderboard(run_dir)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = Path(sys.executable).with_name("optuna-dashboard")
-    server = subprocess.Popen([str(exe), f"sqlite:///{run_dir.parent / 'optuna.db'}", "--host", "127.0.0.1",
-                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"{base}/api/studies", timeout=2).read()
-                break
-            except OSError:
-                time.sleep(0.2)
-        listing = _chromium_text(f"{base}/dashboard/")
+    with optuna_dashboard(f"sqlite:///{run_dir.parent / 'optuna.db'}") as base:
+        listing = chromium_text(f"{base}/dashboard/")
         assert "demo-mixed" in listing and "MAXIMIZE" in listing, listing[:2000]
         sid = _study(run_dir)._study_id
-        page = _chromium_text(f"{base}/dashboard/studies/{sid}")
+        page = chromium_text(f"{base}/dashboard/studies/{sid}")
         assert "composite" in page and "Objective 0" not in page, page[:3000]
-        trials = _chromium_text(f"{base}/dashboard/studies/{sid}/trials")
+        trials = chromium_text(f"{base}/dashboard/studies/{sid}/trials")
         assert f"{len(rows)} Trials" in trials, trials[:2000]
         first = _study(run_dir).trials[0].user_attrs  # the trial list opens on trial 0's details
         assert f"sdsweep_trial_id {first['sdsweep_trial_id']}" in trials and "sdsweep_status" in trials, trials[:3000]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

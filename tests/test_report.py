@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -119,7 +120,8 @@ def sweep(tmp_path_factory: pytest.TempPathFactory, sdsweep_cache: Path) -> tupl
     run_dir = tmp_path_factory.mktemp("report-sweep") / "run"
     cmd = [sys.executable, "-m", "sweeps.cli", "run", str(DEMO), "--run-dir", str(run_dir),
            "--set", "search.num_samples=3", "--set", "base.train.max_train_steps=40",
-           "--set", "evaluation.objectives=[clip_t, clip_i]", "--set", "tracking.wandb=false"]
+           "--set", "evaluation.objectives=[clip_t, clip_i]", "--set", "tracking.wandb=false",
+           "--set", f"search.storage=sqlite:///{run_dir.parent / 'optuna.db'}"]  # for optuna-dashboard
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(sdsweep_cache), cwd=REPO, timeout=600)
     assert proc.returncode == 0, f"sdsweep run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return run_dir, proc.stdout
@@ -276,6 +278,38 @@ def test_pareto_table_lists_the_front_of_the_objectives(doc: Node, board: Board)
     front = pareto_front(board[0], ["clip_t", "clip_i"], ["max", "max"])
     assert [(a["data-trial"], int(a["data-step"])) for a, _ in table_rows(doc, "pareto")] == \
         [(p.trial_id, p.step) for p in front]
+
+
+@pytest.mark.slow
+def test_optuna_dashboard_draws_the_pareto_front_of_what_the_leaderboard_told_optuna(
+        sweep: tuple[Path, str], board: Board) -> None:
+    """The two-objective sweep's study in optuna-dashboard (headless Chromium): its Pareto-front
+    plot is on sdsweep's objectives, and its best trials are Optuna's own front (``best_trials``)
+    of the values sdsweep told it -- each trial's objectives at its best checkpoint by the
+    leaderboard's metric."""
+    import optuna
+
+    from run_files import chromium_text, optuna_dashboard
+
+    storage = f"sqlite:///{sweep[0].parent / 'optuna.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    rows = {r.trial_id: r for r in board[0]}
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert done, [t.state for t in study.trials]
+    for t in done:  # told: the leaderboard's best checkpoint's value of each objective
+        best = rows[t.user_attrs["sdsweep_trial_id"]].best_metrics
+        assert t.values == pytest.approx([best["clip_t"], best["clip_i"]]), (t.number, t.values, best)
+    front = {t.number for t in study.best_trials}
+    with optuna_dashboard(storage) as base:
+        page = chromium_text(f"{base}/dashboard/studies/{study._study_id}")
+    assert "Pareto Front" in page and "Objective X: clip_t" in page and "Objective Y: clip_i" in page, page[:3000]
+    # One best trial: "Best Trial (number=N) Objective Values = ..."; several: "Best Trials Trial N
+    # Objective Values = ... Trial M ...".
+    several = page.split("Best Trials ", 1)[1] if "Best Trials " in page else ""
+    shown = {int(n) for n in re.findall(r"Best Trial \(number=(\d+)\)", page)
+             + re.findall(r"Trial (\d+) Objective Values", several)}
+    assert shown == front, (shown, front, page[:3000])
 
 
 def _copy_run(run_dir: Path, dest: Path) -> Path:
