@@ -125,22 +125,37 @@ def _rows(trial_dir: Path) -> list[dict]:
     return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
 
 
-def test_sweep_ranks_trials_exports_the_best_and_logs_to_wandb(tmp_path):
+def test_sweep_ranks_trials_fails_the_impossible_one_exports_the_best_and_logs_to_wandb(tmp_path):
+    """One sweep, 5 trials under ASHA: the warm start, two with a hopeless learning rate and one
+    with rank 0, which the run config rejects inside the trial (as a default it would be refused
+    before the sweep starts). Random seed 8 proposes (lr, rank) = (3e-3, 4), (1e-7, 2), (1e-7, 4),
+    (3e-3, 0), (3e-3, 8)."""
+    import optuna
+
     from sweeps.results import leaderboard
     from sweeps.tracking import read_offline_run
 
+    storage = tmp_path / "study.db"
+    path = sweep_file(tmp_path, search={
+        "spaces": [{"method": "lora", "params": {
+            "train.learning_rate": {"type": "categorical", "choices": [1.0e-7, 3.0e-3], "default": 3.0e-3},
+            "lora.rank": {"type": "categorical", "choices": [0, 2, 4, 8], "default": 4}}}],
+        "sampler": {"type": "random", "seed": 8}, "num_samples": 5, "max_concurrent_trials": 2,
+        "warm_start": True, "storage": f"sqlite:///{storage}", "study_name": "e2e"})
     run_dir = tmp_path / "runs" / "e2e-run"
     # A private cache root: the latent cache is shared between sweeps on purpose, so one another
     # test built on the same data would leave nothing to encode here.
-    out = _sdsweep("run", str(sweep_file(tmp_path)), "--run-dir", str(run_dir), cache=tmp_path / "cache").stdout
+    out = _sdsweep("run", str(path), "--run-dir", str(run_dir), cache=tmp_path / "cache").stdout
     assert "rank" in out and "best: trial" in out and "wandb sync" in out
+    assert "error" in out and "lora.rank" in out
 
     state = json.loads((run_dir / "sweep.json").read_text())
     assert state["cache_builds"][0]["images_encoded"] == 16, "expected one encode per image and flip (8 x 2)"
     rows, _ = leaderboard(run_dir)
-    assert len(rows) == 5
-    assert len({json.dumps(r.params, sort_keys=True) for r in rows}) >= 2
-    statuses = [r.status for r in rows]
+    assert len(rows) == 5 and len({json.dumps(r.params, sort_keys=True) for r in rows}) == 5
+    errored = [r for r in rows if r.status == "error"]
+    assert len(errored) == 1 and errored[0].params["lora.rank"] == 0 and "lora.rank" in errored[0].error
+    statuses = [r.status for r in rows if r.status != "error"]
     assert "stopped" in statuses, f"ASHA stopped no trial early: {statuses}"
     assert all(s in ("completed", "stopped") for s in statuses), statuses
 
@@ -159,6 +174,16 @@ def test_sweep_ranks_trials_exports_the_best_and_logs_to_wandb(tmp_path):
     assert (run_dir / "best" / "pytorch_lora_weights.safetensors").is_file()
     assert len(list((run_dir / "best").glob("*-lora.safetensors"))) == 1
 
+    # Optuna: the rank-0 trial FAILED with no value; what it was told of the others is what the
+    # leaderboard ranks, each finished trial's best checkpoint (under ASHA too: a completed
+    # trial's last report reaches the searcher only through on_trial_complete).
+    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{storage}")
+    states = {t.params["lora.rank"]: t.state for t in study.trials}
+    assert states[0] == optuna.trial.TrialState.FAIL
+    assert all(t.value is None for t in study.trials if t.params["lora.rank"] == 0)
+    told = sorted(t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    assert told == pytest.approx(sorted(r.best for r in rows if r.status == "completed"))
+
     offline = _trial_runs(run_dir)
     assert len(offline) == 5
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 6  # and the sweep-level run
@@ -169,45 +194,11 @@ def test_sweep_ranks_trials_exports_the_best_and_logs_to_wandb(tmp_path):
         logged[run.config["train.learning_rate"], run.config["lora.rank"]] = run
     for r in rows:
         run = logged[r.params["train.learning_rate"], r.params["lora.rank"]]
-        vals = [h["fixed_train_loss"] for h in run.history if "fixed_train_loss" in h]
-        assert vals and min(vals) == pytest.approx(r.best)
-
-
-def test_errored_trial_is_failed_in_optuna_and_the_others_go_on(tmp_path):
-    import optuna
-
-    storage = tmp_path / "study.db"
-    path = sweep_file(tmp_path, search={
-        "spaces": [{"method": "lora", "params": {
-            # rank 0 is impossible: the run config rejects it inside the trial. (As a default it would
-            # be refused before the sweep starts.) Random seed 0 proposes ranks 4, 4, 0, 4.
-            "lora.rank": {"type": "categorical", "choices": [0, 4], "default": 4}}}],
-        "sampler": {"type": "random", "seed": 0}, "num_samples": 4, "max_concurrent_trials": 2,
-        "warm_start": True, "storage": f"sqlite:///{storage}", "study_name": "errors"},
-        scheduler={"type": "none"}, tracking={"wandb": True, "mode": "offline", "project": "sdsweep-test"})
-    run_dir = tmp_path / "runs" / "err-run"
-    out = _sdsweep("run", str(path), "--run-dir", str(run_dir)).stdout
-    assert "error" in out and "lora.rank" in out
-    from sweeps.results import leaderboard
-
-    rows, _ = leaderboard(run_dir)
-    errored = [r for r in rows if r.status == "error"]
-    assert len(errored) == 1 and errored[0].params["lora.rank"] == 0 and "lora.rank" in errored[0].error
-    assert len(rows) == 4
-    assert all(r.status == "completed" for r in rows if r.params["lora.rank"] == 4)
-    study = optuna.load_study(study_name="errors", storage=f"sqlite:///{storage}")
-    states = {t.params["lora.rank"]: t.state for t in study.trials}
-    assert states[0] == optuna.trial.TrialState.FAIL
-    assert all(t.value is None for t in study.trials if t.params["lora.rank"] == 0)
-    # What Optuna was told is what the leaderboard ranks: each finished trial's best checkpoint.
-    told = sorted(t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
-    assert told == pytest.approx(sorted(r.best for r in rows if r.status == "completed"))
-    from sweeps.tracking import read_offline_run
-
-    runs = [read_offline_run(d) for d in _trial_runs(run_dir)]
-    exit_codes = {r.config["lora.rank"]: r.exit_code for r in runs if r.config["lora.rank"] == 0}
-    assert exit_codes == {0: 1}, "the errored trial's W&B run should end with exit code 1"
-    assert sorted(r.exit_code for r in runs if r.config["lora.rank"] == 4) == [0, 0, 0]
+        # the errored trial's W&B run ends with exit code 1, the others' with 0
+        assert run.exit_code == (1 if r.status == "error" else 0), (r.params, run.exit_code)
+        if r.status != "error":
+            vals = [h["fixed_train_loss"] for h in run.history if "fixed_train_loss" in h]
+            assert vals and min(vals) == pytest.approx(r.best)
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
