@@ -27,7 +27,7 @@ from typing import Any
 import ray
 
 from sweeps.config import SweepConfig
-from sweeps.confirm import BASELINE, _prediction_type, candidates, confirm_task
+from sweeps.confirm import confirm_models, confirm_task
 from sweeps.results import read_state
 
 score_one = confirm_task._function  # the per-model body both ways run
@@ -37,13 +37,6 @@ score_one = confirm_task._function  # the per-model body both ways run
 def all_in_one_task(sweep: dict[str, Any], items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """sdsweep's former confirmation: one task generating and scoring every model in turn."""
     return [score_one(sweep, item) for item in items]
-
-
-def models(cfg: SweepConfig, run_dir: Path) -> list[dict[str, Any]]:
-    picked = candidates(run_dir, cfg.evaluation.confirm.top_k)
-    for item in picked:
-        item["prediction_type"] = _prediction_type(Path(item["checkpoint"]))
-    return [*picked, {"label": BASELINE, "checkpoint": None, "method": None}]
 
 
 def measure(way: str, cfg: SweepConfig, items: list[dict[str, Any]], cpus: int) -> tuple[float, list[Any]]:
@@ -69,7 +62,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     cfg = SweepConfig.model_validate(read_state(args.run_dir)["config"])
-    items = models(cfg, args.run_dir)
+    items = confirm_models(args.run_dir, cfg.evaluation.confirm.top_k)
     n = len(cfg.evaluation.heldout_evaluator().generation.seeds) * len(cfg.evaluation.heldout_evaluator().generation.prompts)
     print(f"{len(items)} models ({', '.join(i['label'] for i in items)}), {n} held-out images each, "
           f"{args.cpus} CPUs, task resources {cfg.resources.trial_task_options()}")

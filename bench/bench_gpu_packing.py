@@ -60,19 +60,6 @@ def sd15_random(root: Path) -> Path:
     return root
 
 
-def images(folder: Path, n: int, size: int) -> Path:
-    """``n`` drawn images with captions."""
-    from PIL import Image, ImageDraw
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        im = Image.new("RGB", (size, size), (30 * i % 256, 120, 200))
-        ImageDraw.Draw(im).ellipse((size // 5 + i, size // 8, size * 3 // 4, size * 3 // 4), fill=(250, 200, 0))
-        im.save(folder / f"img_{i}.png")
-        (folder / f"img_{i}.txt").write_text("a photo of sks ball\n")
-    return folder
-
-
 def sweep(model: str, data: Path, storage: Path, k: int, args: argparse.Namespace, cpu_mode: bool) -> dict[str, Any]:
     cores = os.cpu_count() or 1
     return {
@@ -150,7 +137,9 @@ def main() -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sdsweep-packing-"))
     os.environ.setdefault("SDSWEEP_CACHE", str(work / "cache"))
     model = "builtin:tiny-sd" if args.cpu else str(sd15_random(work / "sd15-random"))
-    data = images(work / "data", 8, args.resolution)
+    from trainers.demo_data import write_demo_dataset
+
+    data = write_demo_dataset(work / "data", n_images=8, size=args.resolution)  # captioned toy images
     device = "CPU (wiring check)" if args.cpu else torch.cuda.get_device_name(0)
     print(f"packing on {device}: LoRA rank {args.rank}, {args.resolution} px, batch {args.batch}, "
           f"{args.steps} steps, model {'tiny' if args.cpu else 'SD 1.5-shaped (random weights)'}")
@@ -159,7 +148,7 @@ def main() -> int:
         raw = sweep(model, data, work / "runs", k, args, args.cpu)
         t0 = time.perf_counter()
         rows = run_packing(raw, work / "runs" / f"pack{k}-{int(time.time())}")
-        rates = [args.steps * args.batch / r["trainer_s"] for r in rows]
+        rates = [r["images_seen"] / r["trainer_s"] for r in rows]  # examples through the UNet per training second
         table.append({"trials": k, "wall_s": time.perf_counter() - t0, "per_trial_samples_s": rates,
                       "aggregate_samples_s": sum(rates), "overlap": overlap(rows),
                       "peak_mb": [r.get("peak_memory_mb") for r in rows], "estimate_mb": estimate_mb(raw)})

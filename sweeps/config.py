@@ -365,6 +365,18 @@ def trial_run_config(sweep: SweepConfig, params: dict[str, Any], source: str = "
     return validate_mapping(merged, RunConfig, source)
 
 
+def extra_data_run_config(sweep: SweepConfig, method: str) -> RunConfig:
+    """The run config ``method``'s once-per-sweep extra data (``Trainer.prepare_extra``, e.g.
+    DreamBooth's class images) is built for: its ``extra_data_keys`` at the largest values the
+    search space can ask for, so every trial's share of it exists."""
+    from trainers import get_trainer_class
+
+    space = sweep.search_space()
+    largest = {k: space.largest(method, k) for k in get_trainer_class(method).extra_data_keys}
+    params = {"method": method, **{k: v for k, v in largest.items() if v is not None}}
+    return trial_run_config(sweep, params, source=f"{method} extra data")
+
+
 def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
     """Read and validate a sweep file; also check that its search space compiles and that every
     searched parameter is a key the run config accepts (trying each method's defaults).

@@ -174,6 +174,15 @@ def _prediction_type(ckpt: Path) -> str | None:
     return json.loads(state.read_text())["config"].get("prediction_type") if state.is_file() else None
 
 
+def confirm_models(run_dir: Path, top_k: int) -> list[dict[str, Any]]:
+    """What the confirmation scores: the top ``top_k`` checkpoints (:func:`candidates`, each with
+    the prediction type it was trained with), then the base model."""
+    picked = candidates(run_dir, top_k)
+    for item in picked:
+        item["prediction_type"] = _prediction_type(Path(item["checkpoint"]))
+    return [*picked, {"label": BASELINE, "checkpoint": None, "method": None}]
+
+
 def confirm_sweep(cfg: SweepConfig, run_dir: Path) -> dict[str, Any] | None:
     """Run the held-out confirmation of a finished sweep and write ``confirm/confirm.json``.
 
@@ -185,12 +194,10 @@ def confirm_sweep(cfg: SweepConfig, run_dir: Path) -> dict[str, Any] | None:
     if ev.images is None or conf is None:
         return None
     try:
-        picked = candidates(run_dir, conf.top_k)
+        models = confirm_models(run_dir, conf.top_k)
     except (ValueError, FileNotFoundError):  # no trial evaluated, or no checkpoint kept
         return None
-    for item in picked:
-        item["prediction_type"] = _prediction_type(Path(item["checkpoint"]))
-    models = [*picked, {"label": BASELINE, "checkpoint": None, "method": None}]
+    picked = models[:-1]
     res = cfg.resources
     sweep = ray.put(cfg.model_dump(mode="json"))
     tasks = [confirm_task.options(**res.trial_task_options()).remote(sweep, item) for item in models]

@@ -23,7 +23,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces import make_sampler, make_storage
-from sweeps.config import SweepConfig, trial_run_config
+from sweeps.config import SweepConfig, extra_data_run_config
 from sweeps.confirm import confirm_sweep
 from sweeps.console import QUIET_TRIAL_ERRORS, FailureLines, condense_ray_notices
 from sweeps.live import LiveConsole
@@ -223,15 +223,11 @@ def build_extra(cfg: SweepConfig, model: Any) -> tuple[dict[str, Any], dict[str,
     from trainers import get_trainer_class
     from trainers.devices import run_device
 
-    space = cfg.search_space()
     extra: dict[str, Any] = {}
     reports: dict[str, Any] = {}
-    for method in space.methods:
-        cls = get_trainer_class(method)
-        largest = {k: space.largest(method, k) for k in cls.extra_data_keys}
-        params = {"method": method, **{k: v for k, v in largest.items() if v is not None}}
-        run_cfg = trial_run_config(cfg, params, source=f"{method} extra data")
-        built, report = cls.prepare_extra(run_cfg, model, run_device(run_cfg.train.device))
+    for method in cfg.search_space().methods:
+        run_cfg = extra_data_run_config(cfg, method)
+        built, report = get_trainer_class(method).prepare_extra(run_cfg, model, run_device(run_cfg.train.device))
         if built:
             extra[method], reports[method] = built, report
     return extra, reports

@@ -187,17 +187,11 @@ def extra_data_lines(cfg: Any) -> list[str]:
     """What each method builds once per sweep besides the latent cache, at the largest values its
     space can ask for (what the cache task builds: ``Trainer.extra_data_keys``), e.g. DreamBooth's
     class images."""
-    from sweeps.config import trial_run_config
+    from sweeps.config import extra_data_run_config
     from trainers import get_trainer_class
 
-    space = cfg.search_space()
-    out = []
-    for method in space.methods:
-        cls = get_trainer_class(method)
-        largest = {k: space.largest(method, k) for k in cls.extra_data_keys}
-        run_cfg = trial_run_config(cfg, {"method": method, **{k: v for k, v in largest.items() if v is not None}})
-        out += [f"  {line}" for line in cls.extra_data_summary(run_cfg)]
-    return out
+    return [f"  {line}" for method in cfg.search_space().methods
+            for line in get_trainer_class(method).extra_data_summary(extra_data_run_config(cfg, method))]
 
 
 def cost_lines(cfg: Any) -> list[str]:

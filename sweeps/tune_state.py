@@ -36,6 +36,7 @@ class TuneTrial:
     status: str  # Tune's PENDING | PAUSED | TERMINATED | ERROR (RUNNING reads back as PENDING, as in Tune)
     config: dict[str, Any]
     path: Path  # the trial's directory in the run directory
+    last_step: int | None = None  # the training step of the last report Tune recorded (None: none yet)
 
 
 def newest_state_file(run_dir: Path) -> Path:
@@ -78,12 +79,14 @@ def read_trials(run_dir: Path) -> list[TuneTrial]:
     state = _load(path)
     try:
         trials = []
-        for trial_json, _run_metadata in state["trial_data"]:
+        for trial_json, run_metadata in state["trial_data"]:
             t = json.loads(trial_json)
             status = "PENDING" if t["status"] == "RUNNING" else str(t["status"])  # Trial.__setstate__ does this
             where = f"{path}: trial {t['trial_id']} config"
+            step = (json.loads(run_metadata).get("last_result") or {}).get("step")  # plain JSON in Tune's metadata
             trials.append(TuneTrial(trial_id=str(t["trial_id"]), status=status,
-                                    config=_plain(dict(t["config"]), where), path=run_dir / t["relative_logdir"]))
+                                    config=_plain(dict(t["config"]), where), path=run_dir / t["relative_logdir"],
+                                    last_step=int(step) if isinstance(step, (int, float)) else None))
     except (ValueError, KeyError, TypeError) as err:
         if isinstance(err, SweepError):
             raise

@@ -1,8 +1,13 @@
-"""Readers for what a finished sweep left in its run directory, shared by the e2e tests."""
+"""Shared by the e2e tests: readers for what a finished sweep left in its run directory, and the
+browser-side tools that look at it (headless Chromium, optuna-dashboard)."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -19,22 +24,23 @@ def wandb_steps(run_dir: Path, trial_dir: Path) -> list[int]:
     return [int(h["step"]) for seg in segments for h in read_offline_run(seg).history if "step" in h]
 
 
-def chromium_text(url: str, budget_ms: int = 15000) -> str:
-    """The text headless Chromium renders for ``url`` (scripts run, styles and scripts dropped)."""
-    import re
-    import shutil
-    import subprocess
-    import tempfile
-
+def chromium(url: str, *args: str, budget_ms: int = 10000) -> subprocess.CompletedProcess:
+    """Run headless Chromium on ``url`` with ``args`` (``--dump-dom``, ``--screenshot=...``) and a
+    throwaway profile, scripts given ``budget_ms`` of virtual time; fails the test if it fails."""
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert exe, "no chromium: run `bash tests/install_chromium.sh`"
+    assert exe, "no chromium: run `bash tests/install_chromium.sh` (Debian's chromium; needs root or sudo)"
     with tempfile.TemporaryDirectory() as profile:
-        proc = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                               "--disable-background-networking", "--disable-component-update",
-                               f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}", "--dump-dom", url],
-                              capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    dom = re.sub(r"<(style|script)\b.*?</\1>", " ", proc.stdout, flags=re.S)
+        cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}", *args, url]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"chromium failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def chromium_text(url: str) -> str:
+    """The text headless Chromium renders for ``url`` (scripts run, styles and scripts dropped)."""
+    dom = re.sub(r"<(style|script)\b.*?</\1>", " ", chromium(url, "--dump-dom", budget_ms=15000).stdout, flags=re.S)
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
 
 
@@ -43,7 +49,6 @@ def optuna_dashboard(storage: str) -> Iterator[str]:
     """``optuna-dashboard STORAGE`` (the `dashboard` extra) as a user starts it, on a free local
     port; yields its base URL once its API answers, and stops it after."""
     import socket
-    import subprocess
     import sys
     import time
     import urllib.request
@@ -62,6 +67,8 @@ def optuna_dashboard(storage: str) -> Iterator[str]:
                 break
             except OSError:
                 time.sleep(0.2)
+        else:
+            raise AssertionError(f"optuna-dashboard {storage} did not answer on {base} within ~20 s")
         yield base
     finally:
         server.terminate()

@@ -40,7 +40,7 @@ def test_class_images_were_drawn_once_for_the_largest_searched_count_and_shared(
     extra = state["cache_builds"][0]["extra"]["dreambooth"]
     assert extra["class_images"] == 32 and extra["class_images_drawn"] == 32  # max of choices [16, 32]
     assert len(list(Path(extra["class_folder"]).glob("class_*.png"))) == 32
-    # the console showed their drawing as a progress bar (plain lines: its first and last state)
+    # the console showed their drawing as a progress bar (plain lines; its finished state is checked)
     assert re.search(r"^class images\s+\[#{20}\] 32/32$", out, re.M), out[:2000]
     rows, _ = leaderboard(run_dir)
     assert rows and {r.method for r in rows} == {"dreambooth"}

@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Iterator
 from urllib.parse import unquote, urlsplit
 
 import pytest
+import run_files
 from PIL import Image, ImageStat
 
 from sweeps.charts import line_chart, nice_ticks
@@ -150,17 +150,10 @@ def doc(report: Path) -> Node:
 
 
 def chromium(page: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run headless Chromium on ``page`` (a file:// URL) with a throwaway profile."""
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
+    """Run headless Chromium on the file ``page`` (see ``run_files.chromium``)."""
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
         pytest.fail(INSTALL_HINT)
-    with tempfile.TemporaryDirectory() as profile:
-        cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={profile}", "--virtual-time-budget=10000", *args, page.as_uri()]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"chromium failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
-    return proc
+    return run_files.chromium(page.as_uri(), *args)
 
 
 def _best_samples(rows: list[Any]) -> dict[str, Any]:
@@ -289,8 +282,6 @@ def test_optuna_dashboard_draws_the_pareto_front_of_what_the_leaderboard_told_op
     leaderboard's metric."""
     import optuna
 
-    from run_files import chromium_text, optuna_dashboard
-
     storage = f"sqlite:///{sweep[0].parent / 'optuna.db'}"
     (summary,) = optuna.get_all_study_summaries(storage)
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
@@ -301,8 +292,8 @@ def test_optuna_dashboard_draws_the_pareto_front_of_what_the_leaderboard_told_op
         best = rows[t.user_attrs["sdsweep_trial_id"]].best_metrics
         assert t.values == pytest.approx([best["clip_t"], best["clip_i"]]), (t.number, t.values, best)
     front = {t.number for t in study.best_trials}
-    with optuna_dashboard(storage) as base:
-        page = chromium_text(f"{base}/dashboard/studies/{study._study_id}")
+    with run_files.optuna_dashboard(storage) as base:
+        page = run_files.chromium_text(f"{base}/dashboard/studies/{study._study_id}")
     assert "Pareto Front" in page and "Objective X: clip_t" in page and "Objective Y: clip_i" in page, page[:3000]
     # One best trial: "Best Trial (number=N) Objective Values = ..."; several: "Best Trials Trial N
     # Objective Values = ... Trial M ...".

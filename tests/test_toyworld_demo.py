@@ -32,7 +32,8 @@ def test_leaderboard_shows_clip_scores_beside_ground_truth_and_the_baseline(demo
     from sweeps.cli import main
 
     run_dir, out = demo_run
-    # The console's table fits 120 columns and names the score columns it left out ...
+    # The console's table (its 120-column width is checked on the widest, the mixed demo's) names
+    # the score columns it left out ...
     assert re.search(r"^base\s+-\s+\(no adapter\)", out, re.M), out
     assert re.search(r"not shown here: .*clip_t", out), out
     # ... which `sdsweep results --wide` shows, beside the ground truth.
