@@ -20,6 +20,12 @@ from typing import Any
 OWN_ROWS = "sdsweep_results.jsonl"
 
 
+def is_error_row(row: dict[str, Any]) -> bool:
+    """Whether ``row`` is a trial's error report (``trial_status: error``, no metric): it records
+    why the trial ended beside the evaluations before it and never replaces one of them."""
+    return row.get("trial_status") == "error"
+
+
 def once_per_step(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A trial's reports with each training step once (the later report of a step wins).
 
@@ -28,12 +34,19 @@ def once_per_step(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ``TUNE_GLOBAL_CHECKPOINT_S``), and the steps since are trained again -- bit-exactly, the
     training is deterministic -- and reported again in ``result.json``. Rows without a step
     (none today) are kept as they are.
+
+    An error row (:func:`is_error_row`) carries the step the trial had reached, which is the step
+    of its last evaluation when the very next step failed: it is kept *beside* that evaluation
+    (after it), which stays rankable and exportable; it only replaces an earlier error row (a
+    retried trial whose worker was replaced reports its error again).
     """
     out: list[dict[str, Any]] = []
     for row in rows:
         step = row.get("step")
         if isinstance(step, (int, float)):
-            while out and isinstance(out[-1].get("step"), (int, float)) and out[-1]["step"] >= step:
+            error = is_error_row(row)
+            while (out and isinstance(out[-1].get("step"), (int, float)) and out[-1]["step"] >= step
+                   and (is_error_row(out[-1]) or not error)):
                 out.pop()
         out.append(row)
     return out
@@ -52,12 +65,14 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def trial_rows(trial_dir: Path) -> list[dict[str, Any]]:
-    """Every evaluation a trial reported, each step once, in step order: Tune's ``result.json``
-    rows, with steps that only the trial's own ``sdsweep_results.jsonl`` holds filled in."""
+    """Every evaluation a trial reported, each step once, in step order (an error row after the
+    evaluation of its step): Tune's ``result.json`` rows, with evaluations that only the trial's
+    own ``sdsweep_results.jsonl`` holds filled in."""
     tune_rows = once_per_step(_read_jsonl(Path(trial_dir) / "result.json"))
-    have = {r.get("step") for r in tune_rows}
-    missing = [r for r in once_per_step(_read_jsonl(Path(trial_dir) / OWN_ROWS)) if r.get("step") not in have]
+    have = {r.get("step") for r in tune_rows if not is_error_row(r)}
+    missing = [r for r in once_per_step(_read_jsonl(Path(trial_dir) / OWN_ROWS))
+               if r.get("step") not in have and not is_error_row(r)]
     if not missing:
         return tune_rows
     merged = tune_rows + missing
-    return sorted(merged, key=lambda r: (r.get("step") is None, r.get("step") or 0))
+    return sorted(merged, key=lambda r: (r.get("step") is None, r.get("step") or 0, is_error_row(r)))
