@@ -39,7 +39,7 @@ quiet_libraries()
 
 from sweeps.config import load_sweep  # noqa: E402
 from trainers.evaluate import EvalSettings, generate  # noqa: E402
-from trainers.models import load_base_model  # noqa: E402
+from trainers.models import load_model  # noqa: E402
 
 DEMO = REPO / "sweeps" / "configs" / "demo.yaml"
 
@@ -74,7 +74,7 @@ def batching_ratio(config: Path, rounds: int, threads: int) -> dict[str, float]:
     cfg = load_sweep(config)
     gen = cfg.evaluation.images.generation  # type: ignore[union-attr]
     n = len(gen.prompts) * len(gen.seeds)
-    model = load_base_model(cfg.base.model.source)
+    model = load_model(cfg.base.model)
     batched = gen.model_copy(update={"batch_size": n})
     single = gen.model_copy(update={"batch_size": 1})
     generate(model, EvalSettings(prompts=("warm up",), seeds=(0,), steps=2))

@@ -67,7 +67,7 @@ def run_arm(run_dir: Path, params: dict[str, Any], seed: int) -> dict[str, Any]:
     from sweeps.trial import RESUME_STATE
     from trainers import get_trainer_class
     from trainers.evaluate import Evaluator, load_references
-    from trainers.models import load_base_model
+    from trainers.models import load_model
     from trainers.run import make_trainer, prepare_data
 
     torch.set_num_threads(1)
@@ -75,7 +75,7 @@ def run_arm(run_dir: Path, params: dict[str, Any], seed: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="sdsweep-table-") as tmp:
         run = trial_run_config(cfg, {**params, "train.seed": seed}).model_copy(update={"output_dir": tmp})
         cls = get_trainer_class(run.method)
-        model = load_base_model(run.model.source)
+        model = load_model(run.model)
         data = prepare_data(run, model, cache_text=cls.caches_text(run.settings))
         extra, _ = cls.prepare_extra(run, model, "cpu")
         trainer = make_trainer(run, model, data, None, extra)

@@ -114,9 +114,9 @@ def run_cell(spec: dict) -> dict:
     cfg = SweepConfig.model_validate(sweep_dict(Path(spec["storage"]), trials=spec["trials"], steps=spec["steps"],
                                                 reuse=workers == "reused", concurrency=concurrency))
     if cache == "off":  # the VAE is loaded before the clock starts: a cache-on cell does not load it here
-        from trainers.models import load_base_model
+        from trainers.models import load_model
 
-        vae = load_base_model(cfg.base.model.source).vae
+        vae = load_model(cfg.base.model).vae
         driver.build_cache = encode_every_step(driver.build_cache, vae)  # this process only
     t0 = time.perf_counter()
     run = driver.run_sweep(cfg, run_dir=Path(spec["storage"]) / "run")  # starts and shuts down Ray

@@ -317,7 +317,7 @@ def cpu_dry_run(steps: int = 2, method: str = "lora") -> int:
     """The same checks in-process on the CPU (no Ray): cache build, baseline, one short trial."""
     from sweeps import driver, trial
     from sweeps.config import SweepConfig, trial_run_config
-    from trainers.models import load_base_model
+    from trainers.models import load_model
     from trainers.run import prepare_data
 
     expect = Expect("cpu", torch.float32, None)
@@ -325,13 +325,13 @@ def cpu_dry_run(steps: int = 2, method: str = "lora") -> int:
     _state().clear()  # in-process: nothing from an earlier run counts
     with tempfile.TemporaryDirectory(prefix="sdsweep-gpu-smoke-") as tmp:
         cfg = SweepConfig.model_validate(smoke_sweep(Path(tmp), 0, 20, device="cpu", method=method))
-        model = load_base_model(cfg.base.model.source)
+        model = load_model(cfg.base.model)
         data = prepare_data(cfg.base, model, cache_text=True)
         state = {"cache_builds": [dict(data.report.__dict__)], "baseline": driver._score_baseline(cfg, model)}
         check_outside_trials(state, expect)
         run_cfg = trial_run_config(cfg, {}).model_copy(update={"output_dir": str(Path(tmp) / "work")})
         extra, _ = driver.build_extra(cfg, model)  # DreamBooth's class images, as the cache task builds them
-        trainer = trial.make_trainer(run_cfg, load_base_model(cfg.base.model.source), data, None,
+        trainer = trial.make_trainer(run_cfg, load_model(cfg.base.model), data, None,
                                      extra.get(run_cfg.method))
         try:
             check_setup(trainer, expect)

@@ -19,6 +19,7 @@ from search_spaces import SamplerSettings, SearchSpace, build_search_space, load
 from sweeps.tracking import TrackingSettings
 from trainers.config import METHOD_SECTIONS, ConfigError, Frozen, RunConfig, read_yaml, validate_mapping
 from trainers.evaluate import EvaluatorConfig
+from trainers.paths import LOCAL_PATH, absolute_path, path_kind, resolve_config_paths
 from trainers.metric_modes import COMPOSITE, REPORTED_METRICS, natural_mode  # noqa: F401 (re-exported)
 
 
@@ -204,7 +205,7 @@ class SweepConfig(Frozen):
     max_failures: int = Field(1, ge=0, description="retries for infrastructure failures only")
     # One worker process serves trial after trial: the base model loads once per process.
     reuse_workers: bool = True
-    storage_path: str = "runs"
+    storage_path: str = Field("runs", json_schema_extra=LOCAL_PATH)
     ray_address: str | None = None
     tracking: TrackingSettings = TrackingSettings()
 
@@ -391,25 +392,29 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     return cfg
 
 
-def _abs(value: str | None, root: Path, *, must_exist: bool = False) -> str | None:
-    if value is None or value.startswith("builtin:") or Path(value).is_absolute():
-        return value
-    candidate = root / value
-    if must_exist and not candidate.exists():
-        return value  # e.g. a hub id "org/name": not a local path
-    return str(candidate.resolve())
-
-
 def absolute_paths(cfg: SweepConfig, root: Path) -> SweepConfig:
-    """The same config with every relative local path made absolute against ``root``."""
-    base, search = cfg.base, cfg.search
-    model = base.model.model_copy(update={
-        "source": _abs(base.model.source, root, must_exist=True),
-        "single_file_config": _abs(base.model.single_file_config, root, must_exist=True)})
-    data = base.data.model_copy(update={"path": _abs(base.data.path, root),
-                                        "validation_path": _abs(base.data.validation_path, root)})
-    base = base.model_copy(update={"model": model, "data": data, "cache_dir": _abs(base.cache_dir, root)})
-    spaces = tuple(_abs(s, root, must_exist=True) if isinstance(s, str) and Path(s).suffix in (".yaml", ".yml")
+    """The same config with every relative local path made absolute against ``root``: every field
+    marked as a path (``trainers.paths``, one rule for the run config, the evaluation and the
+    sweep's own sections), the other searched methods' sections, search space files and the
+    Optuna storage file."""
+    cfg = resolve_config_paths(cfg, root)
+    sections = {}
+    for method, section in cfg.method_sections.items():
+        settings_cls = _settings_class(method)
+        if settings_cls is None or not isinstance(section, dict):
+            sections[method] = section  # validated (and refused) by check_space_against_base
+            continue
+        try:
+            settings = settings_cls.model_validate(section)
+        except ValueError:
+            sections[method] = section  # its errors are named when the trial config is validated
+            continue
+        resolved = resolve_config_paths(settings, root)
+        fields = type(resolved).model_fields
+        sections[method] = {**section, **{k: getattr(resolved, k) for k in section
+                                          if k in fields and path_kind(fields[k]) is not None}}
+    search = cfg.search
+    spaces = tuple(absolute_path(s, root, must_exist=True) if isinstance(s, str) and Path(s).suffix in (".yaml", ".yml")
                    else s for s in search.spaces)
     storage = search.storage
     parsed = parse_storage_url(storage)
@@ -417,8 +422,20 @@ def absolute_paths(cfg: SweepConfig, root: Path) -> SweepConfig:
         prefix = "sqlite:///" if parsed[0] == "sqlite" else "journal:"
         storage = prefix + str((root / parsed[1]).resolve())
     search = search.model_copy(update={"spaces": spaces, "storage": storage})
-    return cfg.model_copy(update={"base": base, "search": search,
-                                  "storage_path": _abs(cfg.storage_path, root)})
+    return cfg.model_copy(update={"search": search, "method_sections": sections})
+
+
+def _settings_class(method: str) -> type | None:
+    """The settings class of ``method``'s section of a run config (None: no such method)."""
+    import typing
+
+    section = METHOD_SECTIONS.get(method)
+    if section is None:
+        return None
+    for arg in typing.get_args(RunConfig.model_fields[section].annotation):
+        if isinstance(arg, type) and issubclass(arg, Frozen):
+            return arg
+    return None
 
 
 def check_space_against_base(cfg: SweepConfig, source: str) -> None:

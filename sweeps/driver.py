@@ -191,13 +191,11 @@ def build_cache_work(sweep: dict[str, Any], baseline: bool, expect: tuple[str, s
     """
     from trainers.data import split_validation
     from trainers.latents import dataset_key
-    from trainers.models import load_base_model
+    from trainers.models import load_model
     from trainers.run import prepare_data, prepare_validation, validation_records
 
     cfg = SweepConfig.model_validate(sweep)
-    m = cfg.base.model
-    model = load_base_model(m.source, allow_pickle=m.allow_pickle, single_file_config=m.single_file_config,
-                            revision=m.revision)
+    model = load_model(cfg.base.model)
     records = preflight(cfg.base.data, require_captions=True)
     if expect is not None:
         held = validation_records(cfg.base, records)

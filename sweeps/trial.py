@@ -35,7 +35,7 @@ from sweeps.rows import OWN_ROWS, trial_rows
 from trainers.evaluate import GRID_FILE, Evaluator, load_references, write_samples
 from trainers.checkpoints import STATE_JSON, STATE_TENSORS
 from trainers.latents import CachedDataset
-from trainers.models import BaseModel, load_base_model
+from trainers.models import BaseModel, load_model
 from trainers import get_trainer_class
 from trainers.run import make_trainer
 
@@ -62,8 +62,7 @@ def worker_model(spec: Any, precision: str = "no", dtypes: tuple[Any, ...] = ())
     if key in _MODELS:
         return _MODELS[key], True
     _MODELS.clear()  # one base model per worker: a sweep never mixes base models; free it before loading
-    model = load_base_model(spec.source, allow_pickle=spec.allow_pickle,
-                            single_file_config=spec.single_file_config, revision=spec.revision)
+    model = load_model(spec)
     _MODELS[key] = model
     return model, False
 

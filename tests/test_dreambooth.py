@@ -293,3 +293,23 @@ def test_with_ema_evaluation_and_export_use_the_ema_weights_and_resume_is_bit_ex
     assert all(torch.equal(a, b) for a, b in zip(resumed.ema.shadow_params, straight.ema.shadow_params))
     for tr in (straight, twin, first, resumed):
         tr.teardown()
+
+
+def test_the_single_file_export_reloads_the_base_model_the_way_the_trial_loaded_it(toy, tmp_path):
+    # A base model given as a single file needs its single_file_config to load (offline); the
+    # export's reload of the base model must carry it, as every reload of the sweep's model does.
+    from trainers.config import ModelSpec
+    from trainers.models import load_model
+    from trainers.single_file import save_single_file
+
+    save_single_file(toy, tmp_path / "base.safetensors", {})
+    spec = ModelSpec(source=str(tmp_path / "base.safetensors"), single_file_config=str(weights_dir()))
+    base = load_model(spec)
+    assert base.load_spec == spec.model_dump()
+    tr = _trainer(base, tmp_path, train={"max_train_steps": 1})
+    tr.train()
+    ckpt = tr.save_checkpoint(tmp_path / "ckpt")
+    tr.teardown()
+    (tmp_path / "best").mkdir()
+    files = DreamBoothTrainer.export_files(ckpt, tmp_path / "best", "run-1", {"trial_id": "t1"})
+    assert (tmp_path / "best" / files[-1]).is_file()

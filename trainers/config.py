@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from trainers.data import DataConfig
 from trainers.errors import ConfigError as ConfigError  # re-exported (defined light for the CLI)
+from trainers.paths import LOCAL_PATH, MAYBE_PATH
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -48,9 +49,10 @@ class Frozen(BaseModel):
 class ModelSpec(Frozen):
     """Which base model to fine-tune and how it may be loaded."""
 
-    source: str = Field(min_length=1, description="builtin:tiny-sd, a diffusers dir, a .safetensors file or a hub id")
+    source: str = Field(min_length=1, description="builtin:tiny-sd, a diffusers dir, a .safetensors file or a hub id",
+                        json_schema_extra=MAYBE_PATH)
     allow_pickle: bool = False
-    single_file_config: str | None = None
+    single_file_config: str | None = Field(None, json_schema_extra=MAYBE_PATH)
     revision: str | None = None
 
 
@@ -181,7 +183,7 @@ class DreamBoothSettings(Frozen):
     prior_loss_weight: float = Field(0.0, ge=0.0, description="0: no prior preservation")
     # One prompt, or several used in turn (class image i gets prompt i mod len).
     class_prompt: tuple[str, ...] | None = Field(None, min_length=1)
-    class_data_path: str | None = None
+    class_data_path: str | None = Field(None, json_schema_extra=LOCAL_PATH)
     num_class_images: int = Field(100, ge=1, description="class images used (the first N)")
     # How class images are drawn (diffusers' DreamBooth script: 50 steps of the model's sampler,
     # guidance 7.5); image i uses seed class_seed + i.
@@ -236,8 +238,8 @@ class RunConfig(Frozen):
     lora: LoraSettings | None = None
     textual_inversion: TextualInversionSettings | None = None
     dreambooth: DreamBoothSettings | None = None
-    output_dir: str = "outputs/run"
-    cache_dir: str | None = None
+    output_dir: str = Field("outputs/run", json_schema_extra=LOCAL_PATH)
+    cache_dir: str | None = Field(None, json_schema_extra=LOCAL_PATH)
 
     @model_validator(mode="before")
     @classmethod

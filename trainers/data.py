@@ -44,7 +44,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainers.errors import DatasetError as DatasetError, Problem as Problem  # re-exported (defined light)
-from trainers.paths import cache_root, materialize_dir
+from trainers.paths import LOCAL_PATH, cache_root, materialize_dir
 
 # Extension -> the format PIL must detect in the bytes (a mismatch is a lying extension).
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}
@@ -65,7 +65,7 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    path: str = Field(min_length=1)  # a folder, or "builtin:demo"
+    path: str = Field(min_length=1, json_schema_extra=LOCAL_PATH)  # a folder, or "builtin:demo"
     resolution: int = 64  # training side length in pixels
     # True: resize the short side to `resolution`, crop the centre. False: same resize, crop the
     # top-left. diffusers' scripts crop at random instead; we need a deterministic crop because
@@ -79,7 +79,7 @@ class DataConfig(BaseModel):
     # Held-out validation images for val_loss (never trained on): a share of `path`'s images,
     # picked by a hash of each file name (independent of listing order), or a separate folder.
     validation_split: float = Field(0.0, ge=0.0, lt=1.0)
-    validation_path: str | None = None
+    validation_path: str | None = Field(None, json_schema_extra=LOCAL_PATH)
 
     @property
     def has_validation(self) -> bool:

@@ -288,7 +288,7 @@ class DreamBoothTrainer(Trainer):
             for name, module in self._trained().items():
                 module.save_pretrained(str(directory / name), safe_serialization=True)
         info = {"method": self.method, "base_model": self.model.source,
-                "base_model_identity": self.model.identity, "step": self.global_step,
+                "base_model_spec": self.model.load_spec, "base_model_identity": self.model.identity, "step": self.global_step,
                 "prediction_type": self.prediction_type, "dataset_key": self.data.key,
                 "trained": sorted(self._trained()), "train": self.cfg.model_dump(mode="json"),
                 "dreambooth": self.db.model_dump(mode="json")}
@@ -322,7 +322,7 @@ class DreamBoothTrainer(Trainer):
     def export_files(cls, checkpoint: Path, dest: Path, name: str, provenance: dict[str, Any]) -> list[str]:
         """``unet/`` (+ ``text_encoder/``) as saved, and ``<name>-dreambooth.safetensors``: the base
         model with them, in the original single-file layout, provenance in its metadata."""
-        from trainers.models import load_base_model
+        from trainers.models import load_model
         from trainers.single_file import save_single_file
 
         checkpoint, dest = Path(checkpoint), Path(dest)
@@ -333,7 +333,8 @@ class DreamBoothTrainer(Trainer):
                 shutil.copytree(checkpoint / sub, dest / sub, dirs_exist_ok=True)
                 files.append(sub)
         shutil.copy2(checkpoint / INFO_FILE, dest / INFO_FILE)
-        base = load_base_model(info["base_model"])
+        # Loaded the way the trial loaded it (single_file_config, allow_pickle, revision travel with it).
+        base = load_model(info.get("base_model_spec") or {"source": info["base_model"]})
         if base.identity != info["base_model_identity"]:
             raise ValueError(f"{checkpoint}: trained on base model {info['base_model_identity'][:12]}, but "
                              f"{info['base_model']} now has identity {base.identity[:12]}; export from the same weights")

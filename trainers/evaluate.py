@@ -43,6 +43,7 @@ from trainers.metrics import (
     scorer_identity,
 )
 from trainers.models import BaseModel
+from trainers.paths import LOCAL_PATH, MAYBE_PATH
 from trainers.tensor_files import atomic_write_text
 
 TOKEN_PLACEHOLDER = "{token}"
@@ -174,17 +175,20 @@ class EvaluatorConfig(Frozen):
 
     generation: EvalSettings
     metrics: tuple[str, ...] = Field(default=("clip_t", "clip_i"), min_length=1)
-    clip: str = DEFAULT_CLIP
-    vision_model: str | None = Field(None, description="transformers vision backbone for 'dino'")
+    clip: str = Field(DEFAULT_CLIP, json_schema_extra=MAYBE_PATH)
+    vision_model: str | None = Field(None, description="transformers vision backbone for 'dino'",
+                                     json_schema_extra=MAYBE_PATH)
     # Composite weights; None: equal weights over ``metrics``. Values are put on one scale first
     # (trainers.metrics.composite: CLIP-T/100 is a cosine like CLIP-I), but how far each one moves
     # the composite also depends on its spread across checkpoints, which differs by model
     # (docs/EVALUATION.md, "Choosing the composite weights").
     weights: dict[str, float] | None = None
-    references: str | None = Field(None, description="folder of reference images; default: the training images")
+    references: str | None = Field(None, description="folder of reference images; default: the training images",
+                                   json_schema_extra=LOCAL_PATH)
     # Ground truth (concept_rate, prior_kept): a judge of generated images and what the concept
     # token means to it. Only the toy world has one (docs/TOYWORLD.md).
-    checker: str | None = Field(None, description="ground-truth checker: builtin:toyworld or a checker directory")
+    checker: str | None = Field(None, description="ground-truth checker: builtin:toyworld or a checker directory",
+                                json_schema_extra=MAYBE_PATH)
     concept: str | None = Field(None, description="what generation.token means to the checker, e.g. 'star'")
 
     @model_validator(mode="after")

@@ -22,7 +22,8 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -100,6 +101,10 @@ class BaseModel:
     identity: str
     vae_identity: str
     text_encoder_identity: str
+    # How it was loaded (``ModelSpec``'s fields: source, allow_pickle, single_file_config,
+    # revision): code that loads the same base model again (an export, the held-out confirmation)
+    # passes this to :func:`load_model`, never the bare ``source``.
+    load_spec: dict[str, Any] = field(default_factory=dict)
 
     def pipeline(self, scheduler: SchedulerMixin | None = None) -> StableDiffusionPipeline:
         """A ``StableDiffusionPipeline`` sharing these very modules (trained weights included).
@@ -175,6 +180,16 @@ def builtin_dir(spec: str, role: str) -> Path:
     return ensure_builtin(key)
 
 
+def load_model(spec: Any) -> "BaseModel":
+    """The one way a run's or sweep's ``model`` section (a ``trainers.config.ModelSpec``, or a
+    mapping of its fields such as ``BaseModel.load_spec``) becomes a loaded base model: every
+    loading option travels with the source, so a reload (an export, a trial, the confirmation)
+    reads the same weights the same way."""
+    get = spec.get if isinstance(spec, dict) else lambda k, d=None: getattr(spec, k, d)
+    return load_base_model(get("source"), allow_pickle=bool(get("allow_pickle", False)),
+                           single_file_config=get("single_file_config"), revision=get("revision"))
+
+
 def load_base_model(
     spec: str,
     *,
@@ -183,7 +198,15 @@ def load_base_model(
     torch_dtype: torch.dtype = torch.float32,
     revision: str | None = None,
 ) -> BaseModel:
-    """Load a Stable Diffusion 1.x-style base model from ``spec`` (see the module docstring)."""
+    """Load a Stable Diffusion 1.x-style base model from ``spec`` (see the module docstring).
+    Sweeps and runs load through :func:`load_model` (their whole ``model`` section)."""
+    model = _load_base_model(spec, allow_pickle, single_file_config, torch_dtype, revision)
+    return dataclasses.replace(model, load_spec={"source": spec, "allow_pickle": allow_pickle,
+                                                 "single_file_config": single_file_config, "revision": revision})
+
+
+def _load_base_model(spec: str, allow_pickle: bool, single_file_config: str | None, torch_dtype: torch.dtype,
+                     revision: str | None) -> BaseModel:
     if revision is not None and (spec.startswith(BUILTIN_PREFIX) or Path(spec).expanduser().exists()):
         raise ModelLoadError(f"model.revision={revision!r} only applies to Hub ids, not to {spec!r}")
     if spec.startswith(BUILTIN_PREFIX):

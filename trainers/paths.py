@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 CACHE_ENV = "SDSWEEP_CACHE"
 
@@ -43,3 +43,53 @@ def materialize_dir(final: Path, build: Callable[[Path], None]) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+# ----- paths in config files --------------------------------------------------------------------
+# One rule for every path a config holds: it is made absolute against the directory the config was
+# loaded from (``resolve_config_paths``), once, at load. Ray runs each trial (and the cache,
+# baseline and confirmation tasks) in a working directory of its own, where a relative path would
+# point elsewhere. A config field that holds a path says so with ``json_schema_extra=LOCAL_PATH``
+# (always a filesystem path, unless ``builtin:``) or ``MAYBE_PATH`` (a path when it exists there,
+# else something else, e.g. a Hub id); tests/test_config_paths.py checks every path-like field
+# carries one.
+PATH_KIND = "sdsweep_path"
+LOCAL_PATH: dict[str, str] = {PATH_KIND: "local"}
+MAYBE_PATH: dict[str, str] = {PATH_KIND: "maybe"}
+
+
+def absolute_path(value: str | None, root: Path, *, must_exist: bool = False) -> str | None:
+    """``value`` made absolute against ``root`` (``builtin:`` names and absolute paths unchanged;
+    with ``must_exist``, a value that names nothing under ``root`` stays as given: a Hub id)."""
+    if value is None or value.startswith("builtin:") or Path(value).expanduser().is_absolute():
+        return value
+    candidate = root / Path(value).expanduser()
+    if must_exist and not candidate.exists():
+        return value
+    return str(candidate.resolve())
+
+
+def path_kind(field: Any) -> str | None:
+    """``"local"``, ``"maybe"`` or None: what a pydantic field's ``json_schema_extra`` says it holds."""
+    extra = getattr(field, "json_schema_extra", None)
+    return extra.get(PATH_KIND) if isinstance(extra, dict) else None
+
+
+def resolve_config_paths(config: Any, root: Path) -> Any:
+    """A copy of the pydantic ``config`` with every path field (nested sections included) made
+    absolute against ``root``; other values are untouched."""
+    from pydantic import BaseModel
+
+    updates: dict[str, Any] = {}
+    for name, field in type(config).model_fields.items():
+        value = getattr(config, name)
+        kind = path_kind(field)
+        if kind is not None and isinstance(value, str):
+            new: Any = absolute_path(value, root, must_exist=kind == "maybe")
+        elif isinstance(value, BaseModel):
+            new = resolve_config_paths(value, root)
+        else:
+            continue
+        if new is not value and new != value:
+            updates[name] = new
+    return config.model_copy(update=updates) if updates else config

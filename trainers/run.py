@@ -18,7 +18,7 @@ from trainers.data import DataConfig, ImageRecord, preflight, split_validation
 from trainers.devices import run_device
 from trainers.latents import CachedDataset, build_latent_cache
 from trainers.tensor_files import atomic_write_text
-from trainers.models import load_base_model
+from trainers.models import load_model
 from trainers.paths import cache_root
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -107,9 +107,7 @@ def train_from_config(
     on_ready: Callable[[Trainer], None] | None = None,
 ) -> RunResult:
     """Run one training job end to end. ``resume`` is a checkpoint dir or ``"latest"``."""
-    m = cfg.model
-    model = load_base_model(m.source, allow_pickle=m.allow_pickle,
-                            single_file_config=m.single_file_config, revision=m.revision)
+    model = load_model(cfg.model)
     cache_text = get_trainer_class(cfg.method).caches_text(cfg.settings)
     data = prepare_data(cfg, model, cache_text=cache_text)
     out = Path(cfg.output_dir)
