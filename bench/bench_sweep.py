@@ -93,11 +93,13 @@ def encode_every_step(build_cache: Any, vae: Any) -> Any:
 
     from trainers.data import preflight
 
-    def build(cfg: Any, baseline: bool = False, expect: Any = None) -> tuple[list[Any], dict]:
+    def build(cfg: Any, baseline: bool = False, expect: Any = None, on_progress: Any = None
+              ) -> tuple[dict[str, list[Any]], dict]:
         build.calls += 1  # type: ignore[attr-defined]
-        refs, summary = build_cache(cfg, baseline, expect)  # [training ref, validation ref, extra ref]
-        data = reference_dataset(ray.get(refs[0]), preflight(cfg.base.data), cfg.base.data, vae)
-        return [ray.put(data), *refs[1:]], summary
+        refs, summary = build_cache(cfg, baseline, expect, on_progress)  # {variant: [training, validation, extra]}
+        data = {vid: reference_dataset(ray.get(r[0]), preflight(cfg.base.data), cfg.base.data, vae)
+                for vid, r in refs.items()}
+        return {vid: [ray.put(data[vid]), *r[1:]] for vid, r in refs.items()}, summary
 
     build.calls = 0  # type: ignore[attr-defined]
     return build

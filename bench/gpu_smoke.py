@@ -232,7 +232,7 @@ def make_smoke_trial(expect: Expect) -> Any:
     """A Tune trainable: ``sweeps.trial.run_trial`` with the checks wrapped around its trainer
     and evaluation. Defined here, so Ray ships it (and the checks) to the workers by value."""
 
-    def smoke_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: list[Any]) -> None:
+    def smoke_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: dict[str, list[Any]]) -> None:
         from sweeps import trial
 
         state = _state()

@@ -19,6 +19,7 @@ from search_spaces import SamplerSettings, SearchSpace, build_search_space, load
 from sweeps.tracking import TrackingSettings
 from trainers.config import METHOD_SECTIONS, ConfigError, Frozen, RunConfig, read_yaml, validate_mapping
 from trainers.evaluate import EvaluatorConfig
+from sweeps.searched import check_searched_keys, data_variants, largest_value
 from trainers.paths import LOCAL_PATH, absolute_path, path_kind, resolve_config_paths
 from trainers.metric_modes import COMPOSITE, REPORTED_METRICS, natural_mode  # noqa: F401 (re-exported)
 
@@ -293,9 +294,13 @@ class SweepConfig(Frozen):
             clock = self.time_attr
         except ValueError:  # a search space that does not load: check_space_against_base names it
             clock = s.time_attr
-        if clock == "step" and s.grace_period and s.grace_period > self.base.train.max_train_steps:
-            raise ValueError(f"scheduler.grace_period ({s.grace_period:g}) exceeds "
-                             f"base.train.max_train_steps ({self.base.train.max_train_steps})")
+        try:  # a searched max_train_steps: the longest trial's
+            steps = largest_value(self, "train.max_train_steps")
+        except ValueError:
+            steps = self.base.train.max_train_steps
+        if clock == "step" and s.grace_period and s.grace_period > steps:
+            raise ValueError(f"scheduler.grace_period ({s.grace_period:g}) exceeds the most steps a trial trains "
+                             f"(train.max_train_steps: {steps})")
         if s.grace_period and s.max_t and s.grace_period > s.max_t:
             raise ValueError(f"scheduler.grace_period ({s.grace_period:g}) exceeds scheduler.max_t ({s.max_t:g})")
         return self
@@ -447,6 +452,8 @@ def check_space_against_base(cfg: SweepConfig, source: str) -> None:
         build_search_space(spaces)
     except ValueError as err:
         raise ConfigError(f"{source}: search.spaces: {err}") from None
+    check_searched_keys(build_search_space(spaces), source)
+    data_variants(cfg, source)  # every data configuration the space can produce is valid
     searched = [s.method for s in spaces]
     if cfg.base.method not in searched:
         raise ConfigError(f"{source}: base.method {cfg.base.method!r} is not searched (search.spaces are for "

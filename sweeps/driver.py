@@ -24,6 +24,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces import make_sampler, make_storage
 from sweeps.config import SweepConfig, extra_data_run_config
+from sweeps.searched import data_variant_id, data_variants
 from sweeps.confirm import confirm_sweep
 from sweeps.console import QUIET_TRIAL_ERRORS, FailureLines, condense_ray_notices
 from sweeps.live import LiveConsole
@@ -125,12 +126,13 @@ PROGRESS_EVERY_S = 0.5  # the cache task sends at most this often a progress rep
 
 
 @ray.remote(num_returns="streaming")
-def build_cache_task(sweep: dict[str, Any], baseline: bool,
-                     expect: tuple[str, str | None] | None = None) -> Any:
+def build_cache_task(sweep: dict[str, Any], baseline: bool, expect: dict[str, Any] | None = None) -> Any:
     """:func:`build_cache_work` in a thread, as a streaming generator: first progress reports
     (``{"progress": (stage, done, total)}``, at most every ``PROGRESS_EVERY_S`` per stage, and
-    each stage's last), then ``{"done": True}``, then the work's four results as four objects (the
-    datasets stay in the object store: the driver passes their references on unread)."""
+    each stage's last), then ``{"done": True, "variants": [data variant ids]}``, then for each data
+    variant its three datasets (training, validation or None, the methods' extra data) as three
+    objects, then the summary (the datasets stay in the object store: the driver passes their
+    references on unread)."""
     import queue
     import threading
 
@@ -166,65 +168,96 @@ def build_cache_task(sweep: dict[str, Any], baseline: bool,
     thread.join()
     if "error" in out:
         raise out["error"]
-    yield {"done": True}
-    for obj in out["value"]:  # (not `yield from`: Ray drives the generator with send())
-        yield obj
+    caches, summary = out["value"]
+    yield {"done": True, "variants": list(caches)}
+    for datasets in caches.values():
+        for obj in datasets:  # (not `yield from`: Ray drives the generator with send())
+            yield obj
+    yield summary
 
 
-def build_cache_work(sweep: dict[str, Any], baseline: bool, expect: tuple[str, str | None] | None = None,
-                     phase: list[str] | None = None) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """Build (or reuse from disk) the latent cache and each method's extra data (DreamBooth's
-    class images) and, if asked, score the base model.
+def build_cache_work(sweep: dict[str, Any], baseline: bool, expect: dict[str, Any] | None = None,
+                     phase: list[str] | None = None) -> tuple[dict[str, tuple[Any, Any, Any]], dict[str, Any]]:
+    """Build (or reuse from disk) the latent cache of every data configuration a trial can train on
+    (``sweeps.searched.data_variants``: one, unless the space searches ``data.*`` keys) with its
+    validation images and the extra data of the methods that use it (DreamBooth's class images),
+    and, if asked, score the base model.
 
-    Returns (dataset, validation dataset or None, {method: {name: dataset}}, summary) as four
-    objects so the datasets go from this task into the object store and on to trials, never via
-    the driver. Extra data is built by the method's trainer (``Trainer.prepare_extra``) with its
-    ``extra_data_keys`` at the largest value the search space can give them, so one build serves
-    every trial (a trial takes the part it needs). The VAE encodes
-    on the device a trial would get (this task's reserved GPU when ``resources.gpu > 0``;
-    ``trainers.run.prepare_data``), in fp32. The baseline (the base model without any adapter,
-    through the sweep's evaluator) shares this task's model load; its files come back as bytes in
-    the summary so the driver writes them whatever node this ran on. With ``expect`` (a resume:
-    the training and validation data's content keys the sweep started with) both keys are
-    computed first, without encoding, and if either differs the task returns
-    ``(None, None, None, {"key": ..., "validation_key": ...})`` having built and scored nothing.
+    Returns ``({variant id: (dataset, validation dataset or None, {method: {name: dataset}})},
+    summary)``; the task sends each dataset as its own object, so they go from this task into the
+    object store and on to the trials that use them, never via the driver. Extra data is built by
+    the method's trainer (``Trainer.prepare_extra``) with its ``extra_data_keys`` at the largest
+    value the search space can give them, so one build serves every trial (a trial takes the part
+    it needs). The VAE encodes on the device a trial would get (this task's reserved GPU when
+    ``resources.gpu > 0``; ``trainers.run.prepare_data``), in fp32. The baseline (the base model
+    without any adapter, through the sweep's evaluator) shares this task's model load; its files
+    come back as bytes in the summary so the driver writes them wherever this ran. With ``expect``
+    (a resume: ``{variant id: [training key, validation key]}`` the sweep started with) every key
+    is computed first, without encoding, and if any differs the task returns ``({}, {"keys":
+    ...})`` having built and scored nothing.
     """
     from trainers.data import split_validation
-    from trainers.latents import dataset_key
+    from trainers.latents import BuildReport, dataset_key
     from trainers.models import load_model
     from trainers.run import prepare_data, prepare_validation, validation_records
 
     cfg = SweepConfig.model_validate(sweep)
     model = load_model(cfg.base.model)
-    records = preflight(cfg.base.data, require_captions=True)
+    variants = {vid: (cfg.base.model_copy(update={"data": data}), methods)
+                for vid, (data, methods) in data_variants(cfg).items()}
+    records = {vid: preflight(run.data, require_captions=True) for vid, (run, _) in variants.items()}
     if expect is not None:
-        held = validation_records(cfg.base, records)
-        keys = {"key": dataset_key(split_validation(records, cfg.base.data)[0], cfg.base.data, model),
-                "validation_key": dataset_key(held[0], held[1], model) if held else None}
-        if (keys["key"], keys["validation_key"]) != tuple(expect):
-            return None, None, None, keys
-    data = prepare_data(cfg.base, model, cache_text=True, records=records)
-    validation = prepare_validation(cfg.base, model, cache_text=True, records=records)
-    extra, extra_report = build_extra(cfg, model)
-    summary = {"report": dict(data.report.__dict__), "key": data.key, "model_identity": model.identity,
-               "validation_key": validation.key if validation is not None else None,
-               "validation_images": len(validation) if validation is not None else 0, "extra": extra_report}
+        keys: dict[str, list[str | None]] = {}
+        for vid, (run, _) in variants.items():
+            held = validation_records(run, records[vid])
+            keys[vid] = [dataset_key(split_validation(records[vid], run.data)[0], run.data, model),
+                         dataset_key(held[0], held[1], model) if held else None]
+        if keys != {k: list(v) for k, v in expect.items()}:
+            return {}, {"keys": keys}
+    caches: dict[str, tuple[Any, Any, Any]] = {}
+    described: dict[str, Any] = {}
+    total = BuildReport()
+    extra_reports: dict[str, Any] = {}
+    for vid, (run, methods) in variants.items():
+        data = prepare_data(run, model, cache_text=True, records=records[vid])
+        validation = prepare_validation(run, model, cache_text=True, records=records[vid])
+        extra, extra_report = build_extra(cfg, model, data=run.data, methods=methods)
+        caches[vid] = (data, validation, extra)
+        for k, v in data.report.__dict__.items():
+            if isinstance(v, int):
+                setattr(total, k, getattr(total, k) + v)
+        total.encode_device = data.report.encode_device
+        for method, rep in extra_report.items():
+            extra_reports.setdefault(method, rep)
+        described[vid] = {"key": data.key, "validation_key": validation.key if validation is not None else None,
+                          "data": run.data.model_dump(mode="json"), "methods": list(methods),
+                          "report": dict(data.report.__dict__), "extra": extra_report}
+    first = next(iter(described.values()))
+    first_validation = next(iter(caches.values()))[1]
+    summary = {"report": dict(total.__dict__), "key": first["key"], "model_identity": model.identity,
+               "validation_key": first["validation_key"], "variants": described,
+               "validation_images": len(first_validation) if first_validation is not None else 0,
+               "extra": extra_reports}
     if baseline:
         if phase is not None:
             phase[0] = "baseline"  # the progress of generating is the baseline's now
         summary["baseline"] = _score_baseline(cfg, model)
-    return data, validation, extra, summary
+    return caches, summary
 
 
-def build_extra(cfg: SweepConfig, model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Every searched method's extra datasets and their build reports, keyed by method."""
+def build_extra(cfg: SweepConfig, model: Any, data: Any = None,
+                methods: tuple[str, ...] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The extra datasets (and their build reports) of every searched method, or of ``methods``,
+    keyed by method; built for ``data`` (a data variant; default ``base.data``)."""
     from trainers import get_trainer_class
     from trainers.devices import run_device
 
     extra: dict[str, Any] = {}
     reports: dict[str, Any] = {}
-    for method in cfg.search_space().methods:
+    for method in methods if methods is not None else cfg.search_space().methods:
         run_cfg = extra_data_run_config(cfg, method)
+        if data is not None:
+            run_cfg = run_cfg.model_copy(update={"data": data})
         built, report = get_trainer_class(method).prepare_extra(run_cfg, model, run_device(run_cfg.train.device))
         if built:
             extra[method], reports[method] = built, report
@@ -347,11 +380,12 @@ def check_cluster_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) ->
 BASELINE_DIR = "baseline"
 
 
-def build_cache(cfg: SweepConfig, baseline: bool = False, expect: tuple[str, str | None] | None = None,
-                on_progress: Any = None) -> tuple[list[Any], dict[str, Any]]:
-    """Run the cache build (and the baseline) as a Ray task; return ([training ref, validation
-    ref, extra ref], summary). See ``build_cache_work`` for ``expect``. ``on_progress(stage, done,
-    total)`` hears the task's progress ("encode images", "class images", "baseline images")."""
+def build_cache(cfg: SweepConfig, baseline: bool = False, expect: dict[str, Any] | None = None,
+                on_progress: Any = None) -> tuple[dict[str, list[Any]], dict[str, Any]]:
+    """Run the cache build (and the baseline) as a Ray task; return ({data variant id: [training
+    ref, validation ref, extra ref]}, summary). See ``build_cache_work`` for ``expect``.
+    ``on_progress(stage, done, total)`` hears the task's progress ("encode images", "class images",
+    "baseline images")."""
     res = cfg.resources
     stream = build_cache_task.options(**res.task_options()).remote(cfg.model_dump(mode="json"), baseline, expect)
     try:
@@ -361,11 +395,11 @@ def build_cache(cfg: SweepConfig, baseline: bool = False, expect: tuple[str, str
                 break
             if on_progress is not None:
                 on_progress(*item["progress"])
-        data_ref, val_ref, extra_ref, summary_ref = [next(stream) for _ in range(4)]
-        summary = ray.get(summary_ref)
+        refs = {vid: [next(stream) for _ in range(3)] for vid in item["variants"]}
+        summary = ray.get(next(stream))
     except ray.exceptions.RayTaskError as err:  # surface the cause (bad dataset, model) as itself
         raise err.as_instanceof_cause() from None
-    return [data_ref, val_ref, extra_ref], summary
+    return refs, summary
 
 
 def _save_baseline(run_dir: Path, baseline: dict[str, Any]) -> dict[str, Any]:
@@ -379,9 +413,10 @@ def _save_baseline(run_dir: Path, baseline: dict[str, Any]) -> dict[str, Any]:
             "eval_s": baseline["eval_s"], "placement": baseline.get("placement")}
 
 
-def _trainable(cfg: SweepConfig, data_refs: list[Any]) -> Any:
-    # The refs travel inside a list so Ray hands trials the references, not driver-side copies.
-    fn = tune.with_parameters(run_trial, sweep=cfg.model_dump(mode="json"), cache=list(data_refs))
+def _trainable(cfg: SweepConfig, data_refs: dict[str, list[Any]]) -> Any:
+    # The refs travel inside a dict of lists so Ray hands trials the references, not driver-side
+    # copies; each trial takes its own data variant's.
+    fn = tune.with_parameters(run_trial, sweep=cfg.model_dump(mode="json"), cache=dict(data_refs))
     return tune.with_resources(fn, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu, **cfg.resources.custom})
 
 
@@ -409,7 +444,8 @@ def _prepare(cfg: SweepConfig, verbose: bool = False) -> None:
     # sweep config already guarantees the metric exists, so Tune's strict check is redundant.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     os.environ.update(QUIET_TRIAL_ERRORS)  # one line per lost worker instead (sweeps/console.py)
-    preflight(cfg.base.data, require_captions=True)  # every bad file, before Ray or any GPU
+    for data, _ in data_variants(cfg).values():  # every bad file, before Ray or any GPU
+        preflight(data, require_captions=True)
     if not verbose:
         # Tune's newer console output prints its experiment box and paths at any verbosity; its
         # classic one prints nothing at verbose=0 (sdsweep's live view replaces both).
@@ -492,6 +528,8 @@ def run_sweep(cfg: SweepConfig, *, sweep_file: str | None = None, run_dir: Path 
         report = {**summary["report"], "extra": summary["extra"]}
         state = {"run_id": run_dir.name, "sweep_file": sweep_file, "config": cfg.model_dump(mode="json"),
                  "cache_key": summary["key"], "validation_key": summary["validation_key"],
+                 "cache_keys": {vid: [v["key"], v["validation_key"]] for vid, v in summary["variants"].items()},
+                 "data_variants": {vid: v["data"] for vid, v in summary["variants"].items()},
                  "base_model_identity": summary["model_identity"],
                  "cache_builds": [report], "package_version": _version(), "started": time.time()}
         if "baseline" in summary:
@@ -559,17 +597,14 @@ def resume_sweep(run_dir: Path, address: str | None = None, verbose: bool = Fals
         check_gpu_packing(cfg, after_ray=True)
         need_baseline = cfg.evaluation.images is not None and "baseline" not in state
         # The keys are checked inside the task before anything is encoded or scored.
-        expect = (state["cache_key"], state.get("validation_key"))
+        # (A sweep started before data variants existed recorded one key pair: its base data's.)
+        expect = state.get("cache_keys") or {data_variant_id(cfg.base.data): [state["cache_key"],
+                                                                              state.get("validation_key")]}
         console = None if verbose else LiveConsole(cfg)  # the trials' view is the one the sweep started with
         data_refs, summary = build_cache(cfg, baseline=need_baseline, expect=expect,
                                          on_progress=console.progress if console else None)
-        key = summary["key"]
-        if key != state["cache_key"]:
-            raise SweepError(f"{run_dir}: the dataset or base model changed since the sweep started "
-                               f"(cache key {key[:12]} != {state['cache_key'][:12]}); start a new sweep")
-        if summary["validation_key"] != state.get("validation_key"):
-            raise SweepError(f"{run_dir}: the validation images (data.validation_split / validation_path) "
-                             "changed since the sweep started, so val_loss would not compare; start a new sweep")
+        if "keys" in summary:  # nothing was encoded or scored
+            _refuse_changed_data(run_dir, expect, summary["keys"])
         report = {**summary["report"], "extra": summary["extra"]}
         if "baseline" in summary:
             state["baseline"] = _save_baseline(run_dir, summary["baseline"])
@@ -584,6 +619,21 @@ def resume_sweep(run_dir: Path, address: str | None = None, verbose: bool = Fals
         if started:
             ray.shutdown()
     return SweepRun(run_dir, results, report, offline_sync_command(run_dir))
+
+
+def _refuse_changed_data(run_dir: Path, expect: dict[str, Any], found: dict[str, Any]) -> None:
+    """Raise the error that says what changed since the sweep started: its dataset or base model
+    (a training cache key), its validation images, or the data configurations it searches."""
+    if set(found) != set(expect):
+        raise SweepError(f"{run_dir}: the data configurations the search space produces changed since the sweep "
+                         "started (data.* keys or their choices); start a new sweep")
+    for vid, (key, val_key) in found.items():
+        if key != expect[vid][0]:
+            raise SweepError(f"{run_dir}: the dataset or base model changed since the sweep started "
+                             f"(cache key {key[:12]} != {str(expect[vid][0])[:12]}); start a new sweep")
+        if val_key != expect[vid][1]:
+            raise SweepError(f"{run_dir}: the validation images (data.validation_split / validation_path) "
+                             "changed since the sweep started, so val_loss would not compare; start a new sweep")
 
 
 def write_sweep_state(run_dir: Path, state: dict[str, Any]) -> None:

@@ -198,7 +198,9 @@ def cost_lines(cfg: Any) -> list[str]:
     """What a sweep will cost: steps, images generated for evaluation, GPU memory per trial."""
     from sweeps.plan import plan_sweep
 
-    n, steps, every = cfg.search.num_samples, cfg.base.train.max_train_steps, cfg.evaluation.every
+    from sweeps.searched import largest_value
+
+    n, steps, every = cfg.search.num_samples, largest_value(cfg, "train.max_train_steps"), cfg.evaluation.every
     out = [f"cost: {n} trials x up to {steps} steps = {n * steps} steps at most (ASHA stops weak trials early)"]
     images = cfg.evaluation.images
     if images is not None:

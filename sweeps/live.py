@@ -25,6 +25,7 @@ from typing import Any, Callable, TextIO
 from ray.tune import Callback
 
 from sweeps.board import compact, short_names
+from sweeps.searched import trial_value
 
 PLAIN_STATUS_S = 30.0  # without a terminal, the header line at most this often
 REDRAW_S = 0.5  # on a terminal, the block is redrawn at most this often
@@ -184,7 +185,7 @@ class LiveConsole(Callback):
         return " ".join(f"{self.names[k]}={compact(params[k])}" for k in sorted(keys))
 
     def _steps(self, params: dict[str, Any]) -> int:
-        steps = params.get("train.max_train_steps", self.max_steps)
+        steps = trial_value(params, "train.max_train_steps", self.max_steps)
         return int(steps) if isinstance(steps, (int, float)) else self.max_steps
 
     # ----- drawing -------------------------------------------------------------------------------

@@ -230,12 +230,13 @@ def add_command(sub: Any) -> None:
 def _cmd_plan(args: Any) -> int:
     from sweeps.overrides import parse_set
     from sweeps.config import load_sweep
+    from sweeps.searched import largest_value
 
     cfg = load_sweep(args.sweep, parse_set(args.set))
     plan = plan_sweep(cfg, args.gpu_memory)
     space = cfg.search_space()
     print(f"sweep {cfg.name}: {cfg.search.num_samples} trials of {', '.join(space.methods)}, "
-          f"up to {cfg.base.train.max_train_steps} steps each, {cfg.search.max_concurrent_trials} at once")
+          f"up to {largest_value(cfg, 'train.max_train_steps')} steps each, {cfg.search.max_concurrent_trials} at once")
     lines = plan.lines()
     problem = plan.problem()
     print("\n".join(line for line in lines if not line.startswith("REFUSED")))

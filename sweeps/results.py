@@ -24,6 +24,7 @@ from typing import Any
 from sweeps.constants import ERROR_FILE
 from sweeps.errors import SweepError as SweepError  # re-exported: raised by every reader of a run directory
 from sweeps.rows import trial_rows
+from sweeps.searched import trial_value
 from sweeps.tune_state import TuneTrial, read_trials
 from trainers.metric_modes import natural_mode
 from trainers.tensor_files import atomic_write_text
@@ -120,8 +121,9 @@ def _trial_row(trial: TuneTrial, metric: str, mode: str, max_steps: int) -> Tria
         row.status = "error"
         err = path / "error.txt"
         row.error = _exception_line(err.read_text()) if err.is_file() else "Ray reported an error"
-    elif trial.status == "TERMINATED":
-        row.status = "completed" if row.steps >= max_steps else "stopped"
+    elif trial.status == "TERMINATED":  # each trial's own budget (a searched max_train_steps)
+        own = trial_value(dict(trial.config), "train.max_train_steps", max_steps)
+        row.status = "completed" if row.steps >= own or last.get("trial_status") == "completed" else "stopped"
     else:
         row.status = "running" if rows else "pending"
     return row

@@ -16,6 +16,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
 from ray.tune.schedulers.async_hyperband import _Bracket
 
 from sweeps.config import SweepConfig
+from sweeps.searched import largest_value
 
 # Trainer seconds have no natural ceiling (trials end at their own max_train_steps): a max_t far
 # above any trial keeps ASHA's rungs going as long as trials run.
@@ -60,15 +61,18 @@ class FirstReportGraceASHA(ASHAScheduler):
 def clock_defaults(cfg: SweepConfig) -> tuple[float | None, float]:
     """(grace period, max_t) in the sweep's scheduler clock unit, explicit settings first.
 
-    * ``step``: one evaluation (``evaluation.every``) and ``max_train_steps``.
-    * ``images_seen``: one evaluation of instance examples and twice ``max_train_steps``' worth
+    * ``step``: one evaluation (``evaluation.every``) and the most steps any trial trains (a
+      searched ``train.max_train_steps`` is each trial's own budget: ``max_t`` must not cut the
+      longest trial short).
+    * ``images_seen``: one evaluation of instance examples and twice the largest trial's worth
       (an upper bound: DreamBooth's prior preservation puts a class example beside each instance).
     * ``trainer_s``: None (the first report's, see :class:`FirstReportGraceASHA`) and unbounded.
     """
-    s, train, every = cfg.scheduler, cfg.base.train, cfg.evaluation.every
-    per_step = train.train_batch_size * train.gradient_accumulation_steps
-    grace, max_t = {"step": (every, train.max_train_steps),
-                    "images_seen": (every * per_step, 2 * train.max_train_steps * per_step),
+    s, every = cfg.scheduler, cfg.evaluation.every
+    steps = largest_value(cfg, "train.max_train_steps")
+    per_step = largest_value(cfg, "train.train_batch_size") * largest_value(cfg, "train.gradient_accumulation_steps")
+    grace, max_t = {"step": (every, steps),
+                    "images_seen": (every * per_step, 2 * steps * per_step),
                     "trainer_s": (None, UNBOUNDED_SECONDS)}[cfg.time_attr]
     return s.grace_period or grace, s.max_t or max_t
 

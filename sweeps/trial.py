@@ -32,6 +32,7 @@ from sweeps.config import SweepConfig, trial_run_config
 from trainers import devices
 from sweeps.constants import ERROR_FILE, QUIET_ENV
 from sweeps.rows import OWN_ROWS, trial_rows
+from sweeps.searched import data_variant_id
 from trainers.evaluate import GRID_FILE, Evaluator, load_references, write_samples
 from trainers.checkpoints import STATE_JSON, STATE_TENSORS
 from trainers.latents import CachedDataset
@@ -192,7 +193,7 @@ def free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: list[Any]) -> None:
+def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: dict[str, list[Any]]) -> None:
     """The Ray Tune function trainable. ``config`` holds the trial's dotted hyperparameters.
 
     Device failures: after CUDA out-of-memory only this trial ends (errored) and its memory is
@@ -216,9 +217,7 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: list[Any]
         placement = devices.run_placement(run_cfg.train.device, run_cfg.train.mixed_precision)
         dtypes = get_trainer_class(run_cfg.method).base_dtypes(run_cfg.settings, placement.weight_dtype)
         model, reused = worker_model(run_cfg.model, placement.precision, dtypes)
-        data: CachedDataset = ray.get(cache[0])
-        validation: CachedDataset | None = ray.get(cache[1]) if len(cache) > 1 else None
-        extra: dict[str, Any] = (ray.get(cache[2]) if len(cache) > 2 else None) or {}  # {method: datasets}
+        data, validation, extra = trial_datasets(cache, run_cfg.data)
         run_cfg = run_cfg.model_copy(update={"output_dir": str(Path(tune.get_context().get_trial_dir()) / "work")})
         trainer = make_trainer(run_cfg, model, data, validation, extra.get(run_cfg.method))
         if trainer.device.type == "cuda":
@@ -243,6 +242,20 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: list[Any]
             free_device_memory()
     if failure == "sticky":
         raise WorkerReplaced("a CUDA error left this worker's CUDA context unusable; Ray replaces the worker")
+
+
+def trial_datasets(cache: dict[str, list[Any]], data_cfg: Any) -> tuple[CachedDataset, CachedDataset | None,
+                                                                        dict[str, Any]]:
+    """This trial's latent-cached training data, validation data (or None) and methods' extra data
+    ({method: datasets}): the data variant its own ``data`` section names (a searched
+    ``data.resolution`` gets the cache built at that resolution; sweeps/searched.py)."""
+    vid = data_variant_id(data_cfg)
+    if vid not in cache:
+        raise RuntimeError(f"no latent cache was built for this trial's data section {data_cfg.model_dump(mode='json')}"
+                           f" (built: {sorted(cache)}); the cache task builds one per data configuration the search "
+                           "space produces (sweeps.searched.data_variants)")
+    refs = cache[vid]
+    return ray.get(refs[0]), ray.get(refs[1]), ray.get(refs[2]) or {}
 
 
 def _append_own_row(trial_dir: Path, metrics: dict[str, Any]) -> None:
