@@ -316,6 +316,7 @@ def _estimated_mb(cfg: Any, config: dict[str, Any]) -> float:
 def cpu_dry_run(steps: int = 2, method: str = "lora") -> int:
     """The same checks in-process on the CPU (no Ray): cache build, baseline, one short trial."""
     from sweeps import driver, trial
+    from sweeps.baseline import score_baselines
     from sweeps.config import SweepConfig, trial_run_config
     from trainers.models import load_model
     from trainers.run import prepare_data
@@ -327,7 +328,8 @@ def cpu_dry_run(steps: int = 2, method: str = "lora") -> int:
         cfg = SweepConfig.model_validate(smoke_sweep(Path(tmp), 0, 20, device="cpu", method=method))
         model = load_model(cfg.base.model)
         data = prepare_data(cfg.base, model, cache_text=True)
-        state = {"cache_builds": [dict(data.report.__dict__)], "baseline": driver._score_baseline(cfg, model)}
+        baselines = score_baselines(cfg, model)
+        state = {"cache_builds": [dict(data.report.__dict__)], "baseline": baselines["by_key"][baselines["primary"]]}
         check_outside_trials(state, expect)
         run_cfg = trial_run_config(cfg, {}).model_copy(update={"output_dir": str(Path(tmp) / "work")})
         extra, _ = driver.build_extra(cfg, model)  # DreamBooth's class images, as the cache task builds them

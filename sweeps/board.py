@@ -151,7 +151,7 @@ def format_compact(rows: list[TrialRow], metric: str, scores: list[str] | None =
         "#": ["#", *[str(r.rank or "-") for r in shown], *(["base"] if base_row else [])],
         "trial": ["trial", *[r.trial_id for r in shown], *(["-"] if base_row else [])],
         "method": ["method", *[methods[r.method] for r in shown], *(["-"] if base_row else [])],
-        metric: [metric, *[_cell_score(r.best, baseline.get(metric)) for r in shown],
+        metric: [metric, *[_cell_score(r.best, r.gain_base(baseline).get(metric)) for r in shown],
                  *([_cell_score(baseline.get(metric), None)] if base_row else [])],
         "step": ["best@step", *[str(r.best_step or "-") for r in shown], *(["-"] if base_row else [])],
         "status": ["status", *[r.status for r in shown], *(["baseline"] if base_row else [])],
@@ -165,7 +165,7 @@ def format_compact(rows: list[TrialRow], metric: str, scores: list[str] | None =
             *([_cell_score(h_base, None)] if base_row else [])]
     for s in (scores or []):
         if s != metric:
-            optional[s] = [s, *[_cell_score(r.best_metrics.get(s), baseline.get(s)) for r in shown],
+            optional[s] = [s, *[_cell_score(r.best_metrics.get(s), r.gain_base(baseline).get(s)) for r in shown],
                            *([_cell_score(baseline.get(s), None)] if base_row else [])]
     for i, head in enumerate(COST_HEAD):
         optional[head] = [head, *[format_cost(r.cost)[i] for r in shown], *([""] if base_row else [])]
@@ -260,9 +260,9 @@ def format_wide(rows: list[TrialRow], metric: str, scores: list[str] | None = No
     lines = [head]
     for r in rows:
         lines.append([str(r.rank or "-"), r.trial_id, r.method, *[_fmt(r.params.get(k, "")) for k in keys],
-                      _score(r.best, baseline.get(metric)) if metric in baseline else
+                      _score(r.best, r.gain_base(baseline).get(metric)) if metric in baseline else
                       (f"{r.best:.5f}" if r.best is not None else "-"), *held(r.trial_id),
-                      *[_score(r.best_metrics.get(s), baseline.get(s)) for s in extra],
+                      *[_score(r.best_metrics.get(s), r.gain_base(baseline).get(s)) for s in extra],
                       str(r.best_step or "-"), r.status, str(r.steps), f"{r.wall_s:.0f}s", *format_cost(r.cost)])
     if baseline:
         lines.append(["base", "(no adapter)", "-", *["" for _ in keys], _score(baseline.get(metric), None),
@@ -290,8 +290,8 @@ def records(rows: list[TrialRow], metric: str, mode: str, scores: list[str] | No
             metric: r.best, "best_step": r.best_step, "steps": r.steps, "wall_s": r.wall_s,
             "hyperparameters": {k: v for k, v in r.params.items() if k != "method"},
             "scores_at_best_step": at_best,
-            "gain_over_baseline": {s: v - baseline[s] for s, v in at_best.items()
-                                   if s in baseline and isinstance(v, (int, float))},
+            "gain_over_baseline": {s: v - r.gain_base(baseline)[s] for s, v in at_best.items()
+                                   if s in r.gain_base(baseline) and isinstance(v, (int, float))},
             "heldout": h_scores.get(r.trial_id), "cost": dict(r.cost), "error": r.error,
             "trial_dir": str(r.path) if r.path else None})
     return {"metric": metric, "mode": mode, "heldout_metric": h_name,

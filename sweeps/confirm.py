@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import ray
 
-from sweeps.config import SweepConfig
+from sweeps.config import SweepConfig, trial_run_config
 from sweeps.results import (
     CONFIRM_DIR,
     CONFIRM_FILE,
@@ -126,7 +126,7 @@ def candidates(run_dir: Path, top_k: int) -> list[dict[str, Any]]:
 
     def entry(row: TrialRow, h: dict[str, Any], ckpt: Path) -> dict[str, Any]:
         return {"label": f"{row.trial_id}@{int(h['step'])}", "trial_id": row.trial_id, "method": row.method,
-                "step": int(h["step"]), "rank": row.rank, "checkpoint": str(ckpt),
+                "step": int(h["step"]), "rank": row.rank, "checkpoint": str(ckpt), "params": dict(row.params),
                 "selection": {k: h[k] for k in image_metrics(state) if k in h}}
 
     out = [entry(win_row, win_eval, win_ckpt)]
@@ -158,9 +158,13 @@ def confirm_task(sweep: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
     from trainers.devices import run_placement
 
     cfg = SweepConfig.model_validate(sweep)
-    where = run_placement(cfg.base.train.device, cfg.base.train.mixed_precision)  # the trials' placement
-    model, _ = worker_model(cfg.base.model, where.precision, (where.weight_dtype,))
-    place_base_model(model, where)
+    # The placement its trial sampled with (the base model: the winner's, whose margin over it is
+    # reported): the trial's own precision and its method's module dtypes, never a precision shift.
+    run = trial_run_config(cfg, item["params"], source=f"held-out confirmation of {item['label']}")
+    where = run_placement(run.train.device, run.train.mixed_precision)
+    dtypes = get_trainer_class(run.method).base_dtypes(run.settings, where.weight_dtype)
+    model, _ = worker_model(run.model, where.precision, dtypes)
+    place_base_model(model, where, dtypes)
     evaluator = cached_evaluator(cfg.evaluation.heldout_evaluator(), cfg.base.data, where.device)
     ckpt = item.get("checkpoint")
     loaded = get_trainer_class(item["method"]).loaded_for_evaluation(model, Path(ckpt)) if ckpt else nullcontext(model)
@@ -180,7 +184,8 @@ def confirm_models(run_dir: Path, top_k: int) -> list[dict[str, Any]]:
     picked = candidates(run_dir, top_k)
     for item in picked:
         item["prediction_type"] = _prediction_type(Path(item["checkpoint"]))
-    return [*picked, {"label": BASELINE, "checkpoint": None, "method": None}]
+    # The base model samples as the winner did: its margin over the base model is the one reported.
+    return [*picked, {"label": BASELINE, "checkpoint": None, "method": None, "params": picked[0]["params"]}]
 
 
 def confirm_sweep(cfg: SweepConfig, run_dir: Path) -> dict[str, Any] | None:
@@ -233,9 +238,10 @@ def summarize(cfg: SweepConfig, picked: list[dict[str, Any]], scored: dict[str, 
     others["baseline"] = BASELINE
     margins = {name: margin(label, target) for name, label in others.items()}
     by_metric = {name: {m: margin(label, m) for m in metrics} for name, label in others.items()}
-    models = [{**item, "heldout": scored[item["label"]]["scores"], "dir": scored[item["label"]]["dir"]}
-              for item in picked]
-    models.append({"label": BASELINE, "heldout": scored[BASELINE]["scores"], "dir": scored[BASELINE]["dir"]})
+    models = [{**item, "heldout": scored[item["label"]]["scores"], "dir": scored[item["label"]]["dir"],
+               "placement": scored[item["label"]].get("placement_key")} for item in picked]
+    models.append({"label": BASELINE, "heldout": scored[BASELINE]["scores"], "dir": scored[BASELINE]["dir"],
+                   "placement": scored[BASELINE].get("placement_key")})
     n = len(scored[winner]["rows"])
     return {"metric": target, "winner": winner, "seeds": list(heldout.seeds), "prompts": list(heldout.prompts),
             "images_per_model": n, "prompts_count": len(heldout.prompts), "models": models,

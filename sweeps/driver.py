@@ -23,6 +23,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces import make_sampler, make_storage
+from sweeps.baseline import save_baselines, score_baselines
 from sweeps.config import SweepConfig, extra_data_run_config
 from sweeps.searched import data_variant_id, data_variants
 from sweeps.confirm import confirm_sweep
@@ -241,7 +242,7 @@ def build_cache_work(sweep: dict[str, Any], baseline: bool, expect: dict[str, An
     if baseline:
         if phase is not None:
             phase[0] = "baseline"  # the progress of generating is the baseline's now
-        summary["baseline"] = _score_baseline(cfg, model)
+        summary["baseline"] = score_baselines(cfg, model)
     return caches, summary
 
 
@@ -262,27 +263,6 @@ def build_extra(cfg: SweepConfig, model: Any, data: Any = None,
         if built:
             extra[method], reports[method] = built, report
     return extra, reports
-
-
-def _score_baseline(cfg: SweepConfig, model: Any) -> dict[str, Any]:
-    """Generate and score the base model exactly as a trial's evaluation does: on the device and
-    with the frozen-weight dtype and autocast a trial's trainer gets (``run_placement``, the
-    trainer's own precision rule), scoring on that device; only the adapter is missing.
-
-    With ``train.mixed_precision`` searched, the baseline uses the base config's value.
-    """
-    from sweeps.trial import place_base_model, score_to_files, worker_evaluator
-    from trainers.devices import run_placement
-
-    where = run_placement(cfg.base.train.device, cfg.base.train.mixed_precision)
-    place_base_model(model, where)
-    evaluator = worker_evaluator(cfg, where.device)
-    assert evaluator is not None
-    out = score_to_files(evaluator, model, where, {"trial_id": "baseline", "step": 0})
-    del out["rows"]
-    out["placement"] = {"device": str(where.device), "weight_dtype": str(where.weight_dtype).removeprefix("torch."),
-                        "autocast": str(where.autocast_dtype).removeprefix("torch.") if where.autocast_dtype else None}
-    return out
 
 
 @dataclass
@@ -377,7 +357,6 @@ def check_cluster_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) ->
         raise SweepError(f"ray_address {named}: no Ray cluster answers at {host}:{port} ({err}). Fix: {fix}") from None
 
 
-BASELINE_DIR = "baseline"
 
 
 def build_cache(cfg: SweepConfig, baseline: bool = False, expect: dict[str, Any] | None = None,
@@ -400,17 +379,6 @@ def build_cache(cfg: SweepConfig, baseline: bool = False, expect: dict[str, Any]
     except ray.exceptions.RayTaskError as err:  # surface the cause (bad dataset, model) as itself
         raise err.as_instanceof_cause() from None
     return refs, summary
-
-
-def _save_baseline(run_dir: Path, baseline: dict[str, Any]) -> dict[str, Any]:
-    """Write the baseline's images and scores.json under ``run_dir/baseline``; return its entry
-    for sweep.json (scores, evaluator identity, directory)."""
-    out = run_dir / BASELINE_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    for name, data in baseline["files"].items():
-        (out / name).write_bytes(data)
-    return {"scores": baseline["scores"], "identity": baseline["identity"], "dir": BASELINE_DIR,
-            "eval_s": baseline["eval_s"], "placement": baseline.get("placement")}
 
 
 def _trainable(cfg: SweepConfig, data_refs: dict[str, list[Any]]) -> Any:
@@ -533,7 +501,7 @@ def run_sweep(cfg: SweepConfig, *, sweep_file: str | None = None, run_dir: Path 
                  "base_model_identity": summary["model_identity"],
                  "cache_builds": [report], "package_version": _version(), "started": time.time()}
         if "baseline" in summary:
-            state["baseline"] = _save_baseline(run_dir, summary["baseline"])
+            state["baseline"], state["baselines"] = save_baselines(run_dir, summary["baseline"])
         write_sweep_state(run_dir, state)
         results = _tuner(cfg, run_dir, _trainable(cfg, data_refs), run_dir.name, console).fit()
         _confirm(cfg, run_dir)
@@ -607,7 +575,7 @@ def resume_sweep(run_dir: Path, address: str | None = None, verbose: bool = Fals
             _refuse_changed_data(run_dir, expect, summary["keys"])
         report = {**summary["report"], "extra": summary["extra"]}
         if "baseline" in summary:
-            state["baseline"] = _save_baseline(run_dir, summary["baseline"])
+            state["baseline"], state["baselines"] = save_baselines(run_dir, summary["baseline"])
         state["cache_builds"].append(report)
         write_sweep_state(run_dir, state)
         tuner = tune.Tuner.restore(str(run_dir), trainable=_trainable(cfg, data_refs), resume_unfinished=True,

@@ -188,8 +188,8 @@ def _leaderboard_section(rows: list[TrialRow], state: dict[str, Any]) -> str:
     for r in rows:
         cells = [f'<td class="n">{r.rank or "–"}</td>', f"<td><code>{_e(r.trial_id)}</code></td>",
                  f"<td>{_e(r.method)}</td>", *[_param_cell(r.params.get(k)) for k in keys],
-                 f'<td class="n metric"><b>{_score(metric, r.best, base.get(metric))}</b></td>',
-                 *[f'<td class="n">{_score(m, r.best_metrics.get(m), base.get(m))}</td>' for m in extra],
+                 f'<td class="n metric"><b>{_score(metric, r.best, r.gain_base(base).get(metric))}</b></td>',
+                 *[f'<td class="n">{_score(m, r.best_metrics.get(m), r.gain_base(base).get(m))}</td>' for m in extra],
                  f'<td class="n">{_num(r.best_step)}</td>', f'<td class="n">{r.steps}</td>',
                  f'<td class="st-{_e(r.status)}">{_e(r.status)}</td>', f'<td class="n">{r.wall_s:.0f} s</td>',
                  *[f'<td class="n cost">{_e(c)}</td>' for c in format_cost(r.cost)],
@@ -382,7 +382,7 @@ def _grids_section(run_dir: Path, rows: list[TrialRow], state: dict[str, Any], o
                    GRID_PX, linked=True) or '<p class="muted">samples missing</p>'
         figures.append(f'<figure class="grid" data-trial="{_e(r.trial_id)}" data-step="{r.best_step}">{img}'
                        f"<figcaption><b>#{r.rank} <code>{_e(r.trial_id)}</code></b> step {r.best_step}<br>"
-                       f"{_caption(metrics, r.best_metrics, base)}{_export_line(run_dir, r, r.best_step)}"
+                       f"{_caption(metrics, r.best_metrics, r.gain_base(base))}{_export_line(run_dir, r, r.best_step)}"
                        "</figcaption></figure>")
     return _section("Samples", "The same prompts (rows) and seeds (columns) in every grid: the base model first, "
                     "then each ranked trial at its best step, with its scores and the command that exports that "

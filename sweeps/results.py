@@ -52,6 +52,15 @@ class TrialRow:
     rank: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # every evaluation's numeric results
     cost: dict[str, float] = field(default_factory=dict)  # what the trial spent (COST_KEYS)
+    # How its evaluations sampled (trainers.devices.placement_key) and, when the sweep scored the
+    # base model at that placement apart from its primary baseline, those scores: gains compare
+    # like with like (sweeps/baseline.py). Empty: the sweep's baseline is the trial's.
+    placement: str | None = None
+    baseline: dict[str, float] = field(default_factory=dict)
+
+    def gain_base(self, sweep_baseline: dict[str, float]) -> dict[str, float]:
+        """The baseline scores this trial's gains are measured against."""
+        return self.baseline or sweep_baseline
 
 
 # What a trial spent, as every trial reports it: budgets compare across methods by these (the
@@ -104,7 +113,8 @@ def _trial_row(trial: TuneTrial, metric: str, mode: str, max_steps: int) -> Tria
     cfg = {k: v for k, v in dict(trial.config).items() if ":" not in k}
     row = TrialRow(trial_id=trial.trial_id, status="pending", method=str(cfg.get("method", last.get("method", "?"))),
                    params=cfg, steps=int(last.get("step", 0)), wall_s=float(last.get("time_total_s", 0.0)), path=path,
-                   history=[_numeric(r) for r in rows if "step" in r and r.get("trial_status") != "error"])
+                   history=[_numeric(r) for r in rows if "step" in r and r.get("trial_status") != "error"],
+                   placement=next((r["eval_placement"] for r in rows if isinstance(r.get("eval_placement"), str)), None))
     if evals:
         pick = min if mode == "min" else max
         best = pick(evals, key=lambda r: r[metric])
@@ -150,6 +160,8 @@ def leaderboard(run_dir: Path, metric: str | None = None) -> tuple[list[TrialRow
     metric, mode = metric_and_mode(state, metric)
     max_steps = cfg["base"]["train"]["max_train_steps"]
     rows = [_trial_row(t, metric, mode, max_steps) for t in read_trials(Path(run_dir))]
+    for r in rows:  # a trial sampled at another placement than the primary baseline's: its own
+        r.baseline = baseline_scores(state, r.placement) if r.placement in (state.get("baselines") or {}) else {}
     reported = {k for r in rows for h in r.history for k in h}
     if reported and metric not in reported:
         raise SweepError(f"{run_dir}: no trial reported {metric!r}; reported metrics: "
@@ -173,9 +185,12 @@ def image_metrics(state: dict[str, Any]) -> list[str]:
     return [*images["metrics"], "composite"] if images else []
 
 
-def baseline_scores(state: dict[str, Any]) -> dict[str, float]:
-    """The base model's scores (no adapter), scored once per sweep; empty if none."""
-    return dict((state.get("baseline") or {}).get("scores") or {})
+def baseline_scores(state: dict[str, Any], placement: str | None = None) -> dict[str, float]:
+    """The base model's scores (no adapter): at ``placement`` (a sampling placement key,
+    sweeps/baseline.py) when the sweep scored it there, else the sweep's primary baseline (the
+    base method's placement); empty if none."""
+    entry = (state.get("baselines") or {}).get(placement or "") or state.get("baseline") or {}
+    return dict(entry.get("scores") or {})
 
 
 def pareto_front(rows: list[TrialRow], objectives: list[str], modes: list[str]) -> list[ParetoPoint]:
@@ -367,7 +382,7 @@ def export_best(run_dir: Path, dest: Path, metric: str | None = None, pareto: in
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     cfg = state["config"]
-    base = baseline_scores(state)
+    base = row.gain_base(baseline_scores(state))
     scores = {k: h[k] for k in image_metrics(state) if k in h}
     samples = (row.path / "samples" / f"step-{int(h['step']):06d}" / "scores.json") if row.path else None
     info = {"trial_id": row.trial_id, "method": row.method, "hyperparameters": row.params,

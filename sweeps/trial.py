@@ -118,21 +118,24 @@ def evaluate_images(evaluator: Evaluator, trainer: Any, out_dir: Path, extra: di
     ``images`` (the grid) and ``samples`` (scores.json: per-image scores, settings, scorer
     identity) are paths the W&B callback logs as an image and a table.
     """
-    # The same rule as the baseline's (sweeps.driver._score_baseline): a gain is never a precision shift.
+    # The same rule as the baseline's (sweeps/baseline.py): a gain is never a precision shift. The
+    # placement it sampled with (read from the modules) names the baseline it compares with.
     with trainer.evaluation_model() as model:
         record = evaluator.run(model, autocast_dtype=devices.sampling_autocast(trainer.device, trainer.weight_dtype),
                                prediction_type=trainer.prediction_type)
     scores_path = write_samples(record, out_dir, extra)
-    return {**record.scores, "eval_s": record.generate_s + record.score_s,
+    return {**record.scores, "eval_s": record.generate_s + record.score_s, "eval_placement": record.placement,
             "images": [str(out_dir / GRID_FILE)], "samples": str(scores_path)}
 
 
-def place_base_model(model: BaseModel, where: devices.Placement) -> None:
-    """Put a base model's UNet, VAE and text encoder where (and in the dtype) a trial's trainer
-    would (what ``Trainer._place`` / ``prepare_for_sampling`` do): for the baseline and the
-    held-out confirmation, so their scores are never a device or precision shift."""
-    for module in (model.unet, model.vae, model.text_encoder):
-        devices.place(module, where.device, where.weight_dtype)
+def place_base_model(model: BaseModel, where: devices.Placement, dtypes: tuple[torch.dtype, torch.dtype]) -> None:
+    """Put a base model's UNet, VAE and text encoder where (and in the dtypes) a trial's trainer
+    would (what ``Trainer._place`` / ``prepare_for_sampling`` do): the UNet and text encoder in the
+    method's ``dtypes`` (``Trainer.base_dtypes``), the VAE in the weight dtype; for the held-out
+    confirmation, so its scores are never a device or precision shift. In place: the model comes
+    from :func:`worker_model`, keyed by these dtypes."""
+    for module, dtype in ((model.unet, dtypes[0]), (model.text_encoder, dtypes[1]), (model.vae, where.weight_dtype)):
+        devices.place(module, where.device, dtype)
 
 
 def score_to_files(evaluator: Evaluator, model: BaseModel, where: devices.Placement, extra: dict[str, Any],
@@ -145,7 +148,7 @@ def score_to_files(evaluator: Evaluator, model: BaseModel, where: devices.Placem
         write_samples(record, Path(tmp), extra)
         files = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
     return {"scores": record.scores, "rows": record.rows, "identity": record.identity, "files": files,
-            "eval_s": record.generate_s + record.score_s}
+            "eval_s": record.generate_s + record.score_s, "placement_key": record.placement}
 
 
 def peak_memory_mb(device: torch.device) -> float:

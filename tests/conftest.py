@@ -134,7 +134,7 @@ def model_digest(model) -> dict:
     """Everything a trainer could leave behind on a shared base model, hashed: every weight and
     buffer of UNet, VAE and text encoder (adapter weights included), the adapters registered, the
     tokenizer's vocabulary (and added tokens), the embedding module, its matrix shape and the
-    config's vocab_size, train/eval modes and requires_grad."""
+    config's vocab_size, train/eval modes, requires_grad and gradients left on parameters."""
     from trainers.tensor_files import tensors_digest
 
     out: dict = {}
@@ -144,6 +144,7 @@ def model_digest(model) -> dict:
         out[f"{name}.adapters"] = sorted(getattr(module, "peft_config", None) or {})
         out[f"{name}.training"] = sorted({m.training for m in module.modules()})
         out[f"{name}.requires_grad"] = sorted({p.requires_grad for p in module.parameters()})
+        out[f"{name}.grads"] = sum(p.grad is not None for p in module.parameters())  # left by a failed step
         out[f"{name}.dtypes"] = sorted({str(p.dtype) for p in module.parameters()})
         out[f"{name}.hooks"] = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
                                    for m in module.modules())

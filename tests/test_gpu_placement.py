@@ -124,7 +124,8 @@ class _Stop(Exception):
 
 
 def test_the_baseline_is_sampled_with_the_trials_precision_and_autocast(tiny_model, monkeypatch) -> None:
-    from sweeps import driver, trial
+    from sweeps import trial
+    from sweeps.baseline import score_baselines
 
     # As on a bf16 GPU: the trainer's rule gives bf16, and sampling autocasts.
     monkeypatch.setattr(devices, "resolve_mixed_precision", lambda requested, device: "bf16")
@@ -140,7 +141,7 @@ def test_the_baseline_is_sampled_with_the_trials_precision_and_autocast(tiny_mod
     cfg = load_sweep(TINY_DEMO)
     trial._EVALUATORS.clear()
     with pytest.raises(_Stop):
-        driver._score_baseline(cfg, tiny_model)
+        score_baselines(cfg, tiny_model)
     # A trial's evaluation: its trainer has run_placement's device and dtype (test above).
     where = devices.run_placement(cfg.base.train.device, cfg.base.train.mixed_precision)
     fake = SimpleNamespace(model=tiny_model, device=where.device, weight_dtype=where.weight_dtype,

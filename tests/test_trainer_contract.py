@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -153,7 +154,7 @@ def test_resume_is_bit_exact(method, tmp_path):
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_teardown_leaves_the_exact_base_model_after_training_an_evaluation_and_a_raise(
+def test_teardown_leaves_the_exact_base_model_after_training_an_evaluation_and_raises_before_and_after_backward(
         method, tmp_path):
     model = load_base_model(MODEL)
     before = model_digest(model)
@@ -167,11 +168,29 @@ def test_teardown_leaves_the_exact_base_model_after_training_an_evaluation_and_a
 
     tr = _trainer(model, method, tmp_path / "raise")
     tr.train(until_step=1)
-    tr.data.std[:] = float("inf")  # the next step's loss is infinite
+    tr.data.std[:] = float("inf")  # the next step's loss is infinite: raised before backward
     with pytest.raises(NonFiniteLossError):
         tr.train()
     tr.teardown()
     assert model_digest(model) == before
+
+    # Raised after backward, with every trained parameter's gradient filled: out of memory in the
+    # optimizer step, and a non-finite gradient norm (the check after clipping).
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.40 GiB")
+
+    for where, broken in (("optimizer", oom), ("clip", lambda *a, **k: torch.tensor(float("inf")))):
+        tr = _trainer(model, method, tmp_path / f"raise-{where}")
+        tr.train(until_step=1)
+        setattr(tr.optimizer if where == "optimizer" else tr.accelerator,
+                "step" if where == "optimizer" else "clip_grad_norm_", broken)
+        with pytest.raises((torch.OutOfMemoryError, NonFiniteLossError)):
+            tr.train()
+        assert any(p.grad is not None for p in tr.trainable), f"{where}: raised before backward"
+        optimizer = weakref.ref(tr.optimizer.optimizer)  # the torch optimizer behind accelerate's wrapper
+        tr.teardown()
+        assert model_digest(model) == before, where
+        assert optimizer() is None, f"{where}: something still holds the optimizer and its state"
     # The next trial on this worker trains as on a freshly loaded model.
     reused = _trainer(model, method, tmp_path / "next")
     reused.train()

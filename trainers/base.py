@@ -56,6 +56,10 @@ class Trainer(abc.ABC):
 
     method: ClassVar[str]
 
+    # Run-config keys (besides train.mixed_precision) whose value changes ``base_dtypes``: a sweep
+    # scores its baseline once for every sampling placement its trials can have (sweeps/baseline.py).
+    dtype_keys: ClassVar[tuple[str, ...]] = ()
+
     # Run-config keys that size the method's extra data (``prepare_extra``): a sweep builds it
     # once for the largest value its search space can give each of them.
     extra_data_keys: ClassVar[tuple[str, ...]] = ()
@@ -261,7 +265,17 @@ class Trainer(abc.ABC):
     def teardown(self) -> None:
         """Restore the base model to how it was before this trainer: the method's own additions
         (``restore_base_model``), then what the shared loop changed (gradient checkpointing,
-        train mode, requires_grad). Safe to call after a failed setup and more than once."""
+        train mode, requires_grad, gradients), and let go of the optimizer. Safe to call after a
+        failed setup and more than once.
+
+        Gradients: a step that raised after its backward (an out-of-memory error in the optimizer
+        step, a non-finite gradient norm) leaves ``.grad`` on every trained parameter. Where those
+        are the shared model's own (DreamBooth's UNet), the next trial's first backward would add
+        to them -- it would differ from one on a fresh worker -- and at SD 1.5 size they hold ~3.4
+        GB of GPU memory. So every parameter of the shared modules loses its ``.grad``, and the
+        optimizer, its state and the LR schedule are released (``Accelerator.free_memory`` drops the
+        accelerator's own references to them)."""
+        self._release_optimizer()
         m = self.model
         if self.cfg.gradient_checkpointing:  # both calls are no-ops where it was never enabled
             # Before the adapters go: transformers removes the input-embedding hooks that
@@ -272,6 +286,20 @@ class Trainer(abc.ABC):
         for module in (m.unet, m.vae, m.text_encoder):
             module.requires_grad_(False)
             module.eval()  # as loaded: from_pretrained returns modules in eval mode
+            for p in module.parameters():
+                p.grad = None
+
+    def _release_optimizer(self) -> None:
+        """Drop every reference this trainer holds to its optimizer (and its state), its LR schedule
+        and its trainable parameters' list."""
+        for name in ("optimizer", "lr_scheduler"):
+            if hasattr(self, name):
+                setattr(self, name, None)
+        self.trainable, self.named_trainable = [], {}
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None:
+            # Last: its garbage collection also frees the optimizer <-> accelerate wrapper cycle.
+            accelerator.free_memory()
 
     def prepare_for_sampling(self) -> None:
         """Put the VAE and text encoder beside the UNet (sampling needs both; training with a

@@ -138,3 +138,23 @@ def module_placements(module: torch.nn.Module) -> set[tuple[str, torch.dtype]]:
     """Every ``(device, dtype)`` a module's parameters and buffers use (checks and smoke tests)."""
     tensors = [*module.parameters(), *module.buffers()]
     return {(str(t.device), t.dtype) for t in tensors if t.is_floating_point()}
+
+
+def _short(dtype: torch.dtype | None) -> str:
+    return "none" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def placement_key(device: torch.device | str, unet: torch.dtype, text_encoder: torch.dtype, vae: torch.dtype,
+                  autocast: torch.dtype | None) -> str:
+    """One string for everything that decides how a model samples: the device type and the dtypes
+    of its UNet, text encoder and VAE and of sampling's autocast. An evaluation and the baseline
+    it is compared with must have the same key (a gain must never be a precision shift)."""
+    return (f"{torch.device(device).type} unet={_short(unet)} text_encoder={_short(text_encoder)} "
+            f"vae={_short(vae)} autocast={_short(autocast)}")
+
+
+def sampled_placement(model: object, autocast: torch.dtype | None) -> str:
+    """:func:`placement_key` of a model as it is (read from its modules' parameters), sampled under
+    ``autocast``: what an evaluation records of itself."""
+    p = {name: next(getattr(model, name).parameters()) for name in ("unet", "text_encoder", "vae")}
+    return placement_key(p["unet"].device, p["unet"].dtype, p["text_encoder"].dtype, p["vae"].dtype, autocast)

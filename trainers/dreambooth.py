@@ -120,6 +120,7 @@ class DreamBoothTrainer(Trainer):
     # ----- prior preservation ---------------------------------------------------------------------
 
     extra_data_keys = ("dreambooth.prior_loss_weight", "dreambooth.num_class_images")
+    dtype_keys = ("dreambooth.train_text_encoder",)  # the text encoder samples in fp32 when trained
 
     @classmethod
     def extra_data_summary(cls, cfg: Any) -> list[str]:

@@ -30,6 +30,7 @@ from pydantic import ConfigDict, Field, model_validator
 from trainers import progress
 from trainers.config import Frozen
 from trainers.data import DataConfig, load_pixels, preflight
+from trainers.devices import sampled_placement
 from trainers.metrics import (
     COMPOSITE,
     DEFAULT_CLIP,
@@ -236,6 +237,9 @@ class EvalRecord:
     generate_s: float
     score_s: float
     identity: dict[str, Any]
+    # How the model sampled (``trainers.devices.sampled_placement``: device type, module dtypes,
+    # autocast), read from the model itself: a trial's gains compare with the baseline of its key.
+    placement: str = ""
 
 
 class Evaluator:
@@ -310,7 +314,8 @@ class Evaluator:
         scores[COMPOSITE] = composite(scores, self.cfg.composite_weights())
         rows = [{"prompt": g.prompt, "seed": g.seed, **{n: r.per_item[i] for n, r in results.items()}}
                 for i, g in enumerate(images)]
-        return EvalRecord(images, scores, rows, t1 - t0, time.perf_counter() - t1, self.identity())
+        return EvalRecord(images, scores, rows, t1 - t0, time.perf_counter() - t1, self.identity(),
+                          sampled_placement(model, autocast_dtype))
 
 
 def load_references(cfg: EvaluatorConfig, data: DataConfig) -> list[Image.Image]:
@@ -353,7 +358,8 @@ def write_samples(record: EvalRecord, out_dir: Path, extra: dict[str, Any] | Non
     columns = len(record.identity["settings"]["generation"]["seeds"])
     image_grid([g.image for g in record.images], columns).save(out_dir / GRID_FILE)
     info = {**(extra or {}), "scores": record.scores, "rows": rows, "grid": GRID_FILE,
-            "generate_s": record.generate_s, "score_s": record.score_s, "identity": record.identity}
+            "generate_s": record.generate_s, "score_s": record.score_s, "identity": record.identity,
+            "placement": record.placement}
     path = out_dir / SCORES_FILE
     atomic_write_text(path, json.dumps(info, indent=1))
     return path
