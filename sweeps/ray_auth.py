@@ -18,12 +18,11 @@ auth disabled, was refused by sdsweep's local Ray; one with the token joined.)
 So sdsweep keeps authentication on and says so itself: it sets ``RAY_AUTH_MODE=token`` before
 starting its local Ray, exactly the step Ray takes by default (``_enable_token_auth``: the
 variable, then a refresh of Ray's cached config, which is read when ``ray`` is imported), minus the
-warning that the default changed. The token comes from where Ray documents it (above), so
-``ray status`` and friends work against the sweep's Ray as they would against Ray's own default.
-A ``RAY_AUTH_MODE`` the user set (``token`` or ``disabled``) is left as it is. Joining a cluster
-(``--address``, ``ray_address``, ``RAY_ADDRESS``) never comes here: its auth stays Ray's own
-(an explicit address turns nothing on; set ``RAY_AUTH_MODE=token`` and the token to join a
-cluster that requires one).
+warning that the default changed. The token comes from where Ray documents it (above), the same
+token Ray's own default would use. A ``RAY_AUTH_MODE`` the user set (``token`` or ``disabled``) is
+left as it is. Joining a cluster (``--address``, ``ray_address``, ``RAY_ADDRESS``) never comes
+here: its auth stays Ray's own (an explicit address turns nothing on; set ``RAY_AUTH_MODE=token``
+and the token to join a cluster that requires one).
 """
 
 from __future__ import annotations
