@@ -29,6 +29,7 @@ from sweeps.searched import data_variant_id, data_variants
 from sweeps.confirm import confirm_sweep
 from sweeps.console import QUIET_TRIAL_ERRORS, FailureLines, condense_ray_notices
 from sweeps.live import LiveConsole
+from sweeps.ray_auth import token_auth_for_local_ray
 from sweeps.results import SWEEP_STATE, SweepError
 from sweeps.schedulers import make_scheduler
 from sweeps.shared_storage import check_shared_storage, storage_roots
@@ -316,6 +317,7 @@ def ensure_ray(cfg: SweepConfig) -> bool:
         # Ray refuse to merge any key both set (cluster.yaml sets the node environment).
         ray.init(address=address, log_to_driver=False, logging_level=_ray_log_level())
         return False
+    token_auth_for_local_ray()  # auth on, as Ray's default, without its notice (sweeps/ray_auth.py)
     ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": trial_env()}, log_to_driver=False,
              logging_level=_ray_log_level())
     return True

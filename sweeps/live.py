@@ -24,6 +24,7 @@ from typing import Any, Callable, TextIO
 
 from ray.tune import Callback
 
+from search_spaces.space import QUALIFIER
 from sweeps.board import compact, short_names
 from sweeps.searched import trial_value
 
@@ -100,7 +101,9 @@ class LiveConsole(Callback):
     # ----- Tune's hooks --------------------------------------------------------------------------
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        params = {k: v for k, v in (trial.config or {}).items() if "/" not in k}
+        # OptunaSearch's config of a mixed sweep also carries `<method>:<key>` beside each shared
+        # key (search_spaces/space.py): show the plain one only.
+        params = {k: v for k, v in (trial.config or {}).items() if "/" not in k and QUALIFIER not in k}
         method = params.get("method", "")
         self.running[trial.trial_id] = {"method": method, "params": self._short(params), "step": 0,
                                         "score": None, "steps": self._steps(params)}

@@ -317,7 +317,7 @@ def _train_and_report(trainer: Any, cfg: SweepConfig, evaluator: Evaluator | Non
     if trainer.global_step >= total:  # restored a finished trial (resumable_checkpoint)
         _report_end_again(trainer, trial_dir)
         return
-    samples_per_step = trainer.cfg.train_batch_size * trainer.cfg.gradient_accumulation_steps
+    samples_per_step = trainer.examples_per_step  # examples through the UNet: images_seen's unit
     first = True
     while trainer.global_step < total:
         target = min(total, (trainer.global_step // every + 1) * every)

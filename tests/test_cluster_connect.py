@@ -64,21 +64,31 @@ def test_auto_names_the_dead_cluster_the_address_file_points_at(dead_cluster_add
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # RAY_AUTH_MODE as in a fresh shell: unset (an in-process Ray earlier in this pytest process
+    # sets it to token in os.environ).
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env.update(OMP_NUM_THREADS="1", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", HF_HUB_OFFLINE="1")
     return env
 
 
 def test_without_an_address_a_local_ray_is_started_despite_a_dead_clusters_address_file(
         dead_cluster_address_file):
-    code = ("import ray\nfrom sweeps.config import load_sweep\nfrom sweeps.driver import ensure_ray\n"
+    code = ("import os, ray\nfrom sweeps.config import load_sweep\nfrom sweeps.driver import ensure_ray\n"
+            "from ray._raylet import AuthenticationMode, get_authentication_mode\n"
             f"cfg = load_sweep({str(TINY)!r})\nassert ensure_ray(cfg)\n"
-            "print('GCS', ray.get_runtime_context().gcs_address)\nray.shutdown()\n")
+            "print('GCS', ray.get_runtime_context().gcs_address)\n"
+            "print('AUTH', get_authentication_mode() == AuthenticationMode.TOKEN,"
+            " ray.get(ray.remote(lambda: os.environ.get('RAY_AUTH_MODE')).remote()))\nray.shutdown()\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=REPO,
                           timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     gcs = next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("GCS"))
     assert gcs != dead_cluster_address_file
+    # Token authentication stays on (the driver's mode, and the workers the local Ray started run
+    # under it), and Ray's notice that it turned it on by default is not printed
+    # (sweeps/ray_auth.py).
+    assert "AUTH True token" in proc.stdout.splitlines(), proc.stdout
+    assert "Token authentication" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
 
 
 def test_sdsweep_run_with_a_dead_address_exits_with_the_error_not_a_hang(tmp_path):

@@ -59,19 +59,19 @@ def test_same_checkpoint_prompts_and_seeds_give_same_images_and_scores(tiny_sd_d
 @pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++", "euler"])
 def test_each_sampler_runs_and_uses_its_scheduler(tiny_model, sampler, monkeypatch) -> None:
     seen = []
-    real = ev.make_scheduler
+    real = ev.make_sampling_scheduler
 
     def spy(name, config):
         sched = real(name, config)
         seen.append(type(sched).__name__)
         return sched
 
-    monkeypatch.setattr(ev, "make_scheduler", spy)
+    monkeypatch.setattr(ev, "make_sampling_scheduler", spy)
     out = generate(tiny_model, EvalSettings(prompts=("x",), seeds=(0,), sampler=sampler, **FAST))
     assert len(out) == 1 and np.isfinite(_arrays(out)[0]).all()
     assert seen == [ev.SAMPLERS[sampler][0].__name__]
     if sampler == "dpmsolver++":
-        assert ev.make_scheduler(sampler, tiny_model.scheduler_config).config.algorithm_type == "dpmsolver++"
+        assert ev.make_sampling_scheduler(sampler, tiny_model.scheduler_config).config.algorithm_type == "dpmsolver++"
 
 
 def test_token_placeholder_is_substituted() -> None:
@@ -96,7 +96,7 @@ def test_bad_sampler_names_the_key_and_valid_choices() -> None:
     assert "sampler" in msg and "k_lms" in msg
     assert all(name in msg for name in ("ddim", "dpmsolver++", "euler"))
     with pytest.raises(KeyError, match=r"unknown sampler 'k_lms'.*ddim, dpmsolver\+\+, euler"):
-        ev.make_scheduler("k_lms", {})
+        ev.make_sampling_scheduler("k_lms", {})
 
 
 def test_unknown_settings_key_and_bad_resolution_are_errors() -> None:

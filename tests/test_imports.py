@@ -78,6 +78,19 @@ def test_no_import_cycles_between_our_modules() -> None:
     assert _cycles(graph) == []
 
 
+def test_each_factory_name_is_defined_in_one_module() -> None:
+    """A public ``make_*`` names one thing across our packages: ``make_scheduler`` once named both the
+    Tune trial scheduler (sweeps/schedulers.py) and diffusers' sampling scheduler
+    (trainers/evaluate.py, now ``make_sampling_scheduler``); Optuna's sampler is ``make_sampler``."""
+    where: dict[str, list[str]] = {}
+    for name, f in _module_files().items():
+        for node in ast.parse(f.read_text(), str(f)).body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("make_"):
+                where.setdefault(node.name, []).append(name)
+    assert {n: m for n, m in where.items() if len(m) > 1} == {}
+    assert {"make_scheduler", "make_sampler", "make_sampling_scheduler"} <= set(where)
+
+
 def test_reading_results_does_not_import_the_trial_worker_or_ray() -> None:
     code = ("import sys, sweeps.results, sweeps.cli; "
             "print(sorted(m for m in ('sweeps.trial', 'sweeps.driver', 'ray') if m in sys.modules))")

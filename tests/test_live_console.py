@@ -121,3 +121,33 @@ def test_without_a_terminal_plain_lines_only() -> None:
     assert 2 <= len(headers) <= 5, lines
     assert headers[-1].startswith("trials 2 done (1 stopped, 1 errored), 1 running, 0 left")
     assert not any(line.startswith("  a1") for line in lines)  # no per-trial bars in a log
+
+
+def test_a_mixed_sweeps_trial_shows_each_parameter_once() -> None:
+    """The configs Ray's OptunaSearch hands the trials of a LoRA + textual-inversion sweep (built
+    through the real search space and Optuna) carry `<method>:train.learning_rate` beside
+    `train.learning_rate`; the start line names each of the trial's parameters once."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    from search_spaces import SamplerSettings, build_search_space, load_space, make_sampler
+    from sweeps.board import compact
+
+    space = build_search_space([load_space("lora"), load_space("textual_inversion")])
+    search = OptunaSearch(space=space.define_by_run, metric="fixed_train_loss", mode="min",
+                          sampler=make_sampler(SamplerSettings(seed=0)), points_to_evaluate=space.warm_start_points())
+    configs = [search.suggest(f"t{i}") for i in range(4)]
+    assert {c["method"] for c in configs} == {"lora", "textual_inversion"}
+    assert all(f"{c['method']}:train.learning_rate" in c for c in configs)  # the case under test
+    out = io.StringIO()
+    console = LiveConsole(_cfg(), stream=out, tty=False, clock=Clock())
+    for i, config in enumerate(configs):
+        console.on_trial_start(0, [], FakeTrial(f"t{i}", config))
+    starts = [line for line in out.getvalue().splitlines() if line.startswith("start ")]
+    assert len(starts) == len(configs)
+    for line, config in zip(starts, configs):
+        plain = space.flat_params(config)  # the trial's own parameters, as the space defines them
+        _, method, shown = line.split("  ", 2)
+        names = [item.partition("=")[0] for item in shown.split()]
+        assert method == plain["method"] and ":" not in shown, line
+        assert len(names) == len(set(names)) == len(plain) - 1, line  # each once, "method" aside
+        assert f"lr={compact(plain['train.learning_rate'])}" in shown.split(), line

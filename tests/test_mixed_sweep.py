@@ -64,6 +64,13 @@ def test_each_trial_reports_what_it_spent_and_the_leaderboard_shows_it(mixed_run
         # images seen: examples through the UNet; DreamBooth's prior puts a class example beside each
         per_step = 4 * (2 if r.method == "dreambooth" and r.params["dreambooth.prior_loss_weight"] > 0 else 1)
         assert r.cost["images_seen"] == r.steps * per_step, (r.method, r.params, r.cost, r.steps)
+        # samples_per_s counts the same unit: per step (samples_per_s / steps_per_s, one interval's
+        # rates) it is what images_seen grew by per step between that report and the one before
+        reports = [h for h in r.history if "samples_per_s" in h]
+        assert reports, r.history
+        for before, h in zip([{"step": 0, "images_seen": 0}, *reports], reports):
+            grew = (h["images_seen"] - before["images_seen"]) / (h["step"] - before["step"])
+            assert h["samples_per_s"] / h["steps_per_s"] == pytest.approx(grew, rel=1e-9), (r.method, r.params, h)
     sizes = {r.method: r.cost["artifact_bytes"] for r in rows}
     assert sizes["textual_inversion"] < sizes["lora"] < sizes["dreambooth"]  # a few rows < adapters < a UNet
     assert all(h in stdout for h in COST_HEAD) and "best per method" in stdout

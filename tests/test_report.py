@@ -115,16 +115,28 @@ def _env(cache: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory: pytest.TempPathFactory, sdsweep_cache: Path) -> tuple[Path, str]:
-    """A finished 3-trial demo sweep with image evaluation and two objectives: (run dir, CLI stdout)."""
+def sweep_run(tmp_path_factory: pytest.TempPathFactory,
+              sdsweep_cache: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """A finished 3-trial demo sweep with image evaluation and two objectives: (run dir, the CLI
+    process with both streams)."""
     run_dir = tmp_path_factory.mktemp("report-sweep") / "run"
     cmd = [sys.executable, "-m", "sweeps.cli", "run", str(DEMO), "--run-dir", str(run_dir),
            "--set", "search.num_samples=3", "--set", "base.train.max_train_steps=40",
            "--set", "evaluation.objectives=[clip_t, clip_i]", "--set", "tracking.wandb=false",
            "--set", f"search.storage=sqlite:///{run_dir.parent / 'optuna.db'}"]  # for optuna-dashboard
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(sdsweep_cache), cwd=REPO, timeout=600)
+    env = _env(sdsweep_cache)
+    # A newcomer's shell has no RAY_AUTH_MODE; an in-process Ray started earlier in this pytest
+    # process (the ray_local fixture) sets it in os.environ, which would hide Ray's notice.
+    env.pop("RAY_AUTH_MODE", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0, f"sdsweep run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return run_dir, proc.stdout
+    return run_dir, proc
+
+
+@pytest.fixture(scope="module")
+def sweep(sweep_run: tuple[Path, subprocess.CompletedProcess[str]]) -> tuple[Path, str]:
+    """(run dir, CLI stdout) of the sweep above."""
+    return sweep_run[0], sweep_run[1].stdout
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +181,18 @@ def test_sweep_run_writes_the_report_into_the_run_dir(sweep: tuple[Path, str]) -
     index = run_dir / "report" / "index.html"
     assert f"report: {index}" in stdout
     assert index.is_file() and (run_dir / "report" / "images" / "baseline" / "grid.png").is_file()
+
+
+@pytest.mark.slow
+def test_a_newcomers_sweep_prints_no_ray_token_notice(
+        sweep_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    """`sdsweep run` with RAY_AUTH_MODE unset: Ray's "Token authentication is enabled" WARNING
+    (logged when ray.init starts a Ray and no mode is set) is on neither stream: sdsweep turns
+    token auth on itself (sweeps/ray_auth.py; that it stays on is checked in
+    tests/test_cluster_connect.py)."""
+    _, proc = sweep_run
+    for stream in (proc.stdout, proc.stderr):
+        assert "Token authentication" not in stream and "RAY_AUTH_MODE" not in stream, stream[-3000:]
 
 
 @pytest.mark.slow

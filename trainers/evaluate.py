@@ -107,7 +107,7 @@ SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
 }
 
 
-def make_scheduler(name: str, scheduler_config: dict[str, Any]) -> SchedulerMixin:
+def make_sampling_scheduler(name: str, scheduler_config: dict[str, Any]) -> SchedulerMixin:
     """A sampling scheduler ``name`` built from the model's own scheduler config (betas etc.)."""
     if name not in SAMPLERS:
         raise KeyError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
@@ -140,7 +140,7 @@ def generate(model: BaseModel, settings: EvalSettings, prediction_type: str | No
     sched_cfg = dict(model.scheduler_config)
     if prediction_type is not None:
         sched_cfg["prediction_type"] = prediction_type
-    scheduler = make_scheduler(settings.sampler, sched_cfg)
+    scheduler = make_sampling_scheduler(settings.sampler, sched_cfg)
     pipe = model.pipeline(scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     size = settings.resolution or int(model.unet.config.sample_size) * 8
