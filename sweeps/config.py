@@ -391,9 +391,14 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     raw = read_yaml(path)
     if overrides:
         raw = apply_hyperparameters(raw, overrides)
-    cfg = validate_mapping(raw, SweepConfig, str(path))
+    return sweep_from_mapping(raw, str(path))
+
+
+def sweep_from_mapping(raw: Any, source: str) -> SweepConfig:
+    """:func:`load_sweep` of an already parsed sweep file (``source`` names it in errors)."""
+    cfg = validate_mapping(raw, SweepConfig, source)
     cfg = absolute_paths(cfg, Path.cwd())
-    check_space_against_base(cfg, str(path))
+    check_space_against_base(cfg, source)
     return cfg
 
 

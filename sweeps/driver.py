@@ -29,6 +29,7 @@ from sweeps.searched import data_variant_id, data_variants
 from sweeps.confirm import confirm_sweep
 from sweeps.console import QUIET_TRIAL_ERRORS, FailureLines, condense_ray_notices
 from sweeps.live import LiveConsole
+from sweeps.preflight import preflight_sweep
 from sweeps.ray_auth import token_auth_for_local_ray
 from sweeps.results import SWEEP_STATE, SweepError
 from sweeps.schedulers import make_scheduler
@@ -414,8 +415,7 @@ def _prepare(cfg: SweepConfig, verbose: bool = False) -> None:
     # sweep config already guarantees the metric exists, so Tune's strict check is redundant.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     os.environ.update(QUIET_TRIAL_ERRORS)  # one line per lost worker instead (sweeps/console.py)
-    for data, _ in data_variants(cfg).values():  # every bad file, before Ray or any GPU
-        preflight(data, require_captions=True)
+    preflight_sweep(cfg)  # every bad file (each data variant) and each method's own checks, before Ray
     if not verbose:
         # Tune's newer console output prints its experiment box and paths at any verbosity; its
         # classic one prints nothing at verbose=0 (sdsweep's live view replaces both).

@@ -56,10 +56,16 @@ def _cmd_init(args: Any) -> int:
     if out.exists() and not args.force:
         raise SweepError(f"{out} exists; choose another --out or pass --force to overwrite it")
     text, facts = write_sweep_text(args)
-    out.write_text(text)
-    from sweeps.config import load_sweep
+    from sweeps.config import sweep_from_mapping
+    from sweeps.preflight import preflight_sweep
+    from trainers.config import yaml_load
+    from trainers.tensor_files import atomic_write_text
 
-    cfg = load_sweep(out)  # what `sdsweep run` will read: fails here, naming the key, if anything is off
+    # Checked as `sdsweep run` will read and check it before the file exists: a problem names the
+    # key, and nothing is written.
+    cfg = sweep_from_mapping(yaml_load(text), str(out))
+    preflight_sweep(cfg, source=str(out))
+    atomic_write_text(out, text)
     print(f"wrote {out}: {', '.join(facts['methods'])} on {facts['images']} images from {facts['data']} "
           f"({facts['caption_note']}), {facts['resolution']} px for {args.model}")
     for line in cost_lines(cfg):
@@ -84,15 +90,14 @@ def write_sweep_text(args: Any) -> tuple[str, dict[str, Any]]:
     from trainers import TRAINERS, get_trainer_class
     from trainers.config import ModelSpec
     from trainers.data import DataConfig, preflight
-    from trainers.memory import Architecture
+    from trainers.model_configs import native_resolution
 
     methods = list(TRAINERS) if args.method == "all" else [args.method]
     trainers = [get_trainer_class(m) for m in methods]
     # CLIP's vocabulary has "sks": a method that adds its token to the tokenizer needs a new one
     token = args.token or ("<sks>" if any(t.needs_new_token for t in trainers) else "sks")
     data_path = str(Path(args.data).resolve())
-    arch = Architecture.from_spec(ModelSpec(source=args.model))
-    resolution = arch.default_resolution
+    resolution = native_resolution(ModelSpec(source=args.model))  # what data.resolution defaults to
     records = preflight(DataConfig(path=data_path, resolution=resolution), require_captions=False)
     captioned = sum(1 for r in records if r.caption)
     if captioned and captioned < len(records):

@@ -65,7 +65,7 @@ def fail(cfg: DataConfig, **kw: bool) -> dict[str, str]:
 
 
 def cfg_for(folder: Path, **kw: object) -> DataConfig:
-    return DataConfig(path=str(folder), **kw)
+    return DataConfig(path=str(folder), **{"resolution": 64, **kw})
 
 
 # --- config ---------------------------------------------------------------------------------
@@ -73,11 +73,11 @@ def cfg_for(folder: Path, **kw: object) -> DataConfig:
 
 def test_unknown_config_key_is_rejected() -> None:
     with pytest.raises(ValidationError, match="center_crp"):
-        DataConfig(path="x", center_crp=True)
+        DataConfig(path="x", center_crp=True, resolution=64)
 
 
 def test_config_is_frozen() -> None:
-    cfg = DataConfig(path="x")
+    cfg = DataConfig(path="x", resolution=64)
     with pytest.raises(ValidationError):
         cfg.resolution = 128  # type: ignore[misc]
 
@@ -90,19 +90,19 @@ def test_resolution_must_be_a_positive_multiple_of_8(resolution: int) -> None:
 
 def test_instance_source_requires_instance_prompt() -> None:
     with pytest.raises(ValidationError, match="instance_prompt"):
-        DataConfig(path="x", caption_source="instance")
+        DataConfig(path="x", caption_source="instance", resolution=64)
     with pytest.raises(ValidationError, match="instance_prompt"):
-        DataConfig(path="x", caption_source="instance", instance_prompt="  ")
+        DataConfig(path="x", caption_source="instance", instance_prompt="  ", resolution=64)
 
 
 def test_instance_prompt_that_would_be_ignored_is_rejected() -> None:
     with pytest.raises(ValidationError, match="instance_prompt is unused"):
-        DataConfig(path="x", caption_source="txt", instance_prompt="sks dog")
+        DataConfig(path="x", caption_source="txt", instance_prompt="sks dog", resolution=64)
 
 
 def test_caption_extension_must_not_be_an_image_extension() -> None:
     with pytest.raises(ValidationError, match="caption_extension"):
-        DataConfig(path="x", caption_extension=".png")
+        DataConfig(path="x", caption_extension=".png", resolution=64)
 
 
 # --- folder-level problems ------------------------------------------------------------------
@@ -471,5 +471,5 @@ def test_builtin_demo_is_materialized_once_in_the_cache(sdsweep_cache: Path) -> 
     folder = resolve_data_path("builtin:demo")
     assert folder == sdsweep_cache / "builtin" / "demo-v1"
     assert resolve_data_path("builtin:demo") == folder
-    records = preflight(DataConfig(path="builtin:demo"))
+    records = preflight(DataConfig(path="builtin:demo", resolution=64))
     assert len(records) == 8 and records[0].path.parent == folder

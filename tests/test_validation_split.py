@@ -46,4 +46,4 @@ def test_validation_images_are_never_trained_on_and_val_loss_is_measured_on_them
 
 def test_both_kinds_of_validation_at_once_is_an_error(demo_dir):
     with pytest.raises(ValueError, match="validation_split or validation_path, not both"):
-        DataConfig(path=str(demo_dir), validation_split=0.2, validation_path=str(demo_dir))
+        DataConfig(path=str(demo_dir), resolution=64, validation_split=0.2, validation_path=str(demo_dir))

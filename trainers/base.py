@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -131,6 +131,19 @@ class Trainer(abc.ABC):
         or per sweep in the cache task) and shared by every trial, with a report of what was
         built. ``cfg`` is the run config (in a sweep: with ``extra_data_keys`` at their largest)."""
         return {}, {}
+
+    # Run-config keys :meth:`check_run` depends on: a sweep checks the run config at every value of
+    # them its search space bounds (a range's ends, each choice), in every combination.
+    check_keys: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def check_run(cls, cfg: Any, captions: Sequence[str], validation_captions: Sequence[str],
+                  tokenizer: Callable[[], Any]) -> None:
+        """Raise ValueError (naming the key and the fix) where this method's setup would refuse run
+        config ``cfg`` on a dataset with these training and validation captions; ``tokenizer()``
+        gives the base model's tokenizer, loaded alone (no weights) on first use. The setup runs the
+        same checks; a sweep runs this before Ray, the cache build or the baseline start, and
+        ``sdsweep init`` before it writes. Nothing by default."""
 
     @classmethod
     def extra_data_summary(cls, cfg: Any) -> list[str]:

@@ -251,6 +251,32 @@ class RunConfig(Frozen):
 
     @model_validator(mode="before")
     @classmethod
+    def _native_resolution(cls, data: Any) -> Any:
+        # data.resolution defaults to the base model's own, read from its configs (no weights):
+        # 512 for SD 1.5. Filled here, where every run config is made (a sweep's base, `sdsweep
+        # train`, `sdsweep init`'s check), so everything that reads it sees the same number; an
+        # explicit value always wins, and a dumped config carries the filled one.
+        if not isinstance(data, dict) or not isinstance(data.get("data"), dict):
+            return data
+        if data["data"].get("resolution") is not None:
+            return data
+        model = data.get("model")
+        try:
+            spec = ModelSpec.model_validate({"source": model} if isinstance(model, str) else model)
+        except ValidationError:
+            return data  # the model's own errors are reported, and the missing resolution beside them
+        from trainers.model_configs import native_resolution
+
+        try:
+            resolution = native_resolution(spec)
+        except (ValueError, OSError) as err:  # ModelLoadError is a ValueError
+            raise ValueError(f"data.resolution: not set, and the base model's native resolution (its default) "
+                             f"could not be read: {err}. Set data.resolution (e.g. 512 for SD 1.5), or fix "
+                             "`model`") from None
+        return {**data, "data": {**data["data"], "resolution": resolution}}
+
+    @model_validator(mode="before")
+    @classmethod
     def _method_section(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data

@@ -66,7 +66,9 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     path: str = Field(min_length=1, json_schema_extra=LOCAL_PATH)  # a folder, or "builtin:demo"
-    resolution: int = 64  # training side length in pixels
+    # Training side length in pixels. Required here; in a run config (RunConfig, a sweep's base)
+    # it defaults to the base model's native resolution (trainers/model_configs.py).
+    resolution: int
     # True: resize the short side to `resolution`, crop the centre. False: same resize, crop the
     # top-left. diffusers' scripts crop at random instead; we need a deterministic crop because
     # the latent cache encodes each image once.

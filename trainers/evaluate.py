@@ -43,6 +43,7 @@ from trainers.metrics import (
     get_metric,
     scorer_identity,
 )
+from trainers.model_configs import native_resolution_of
 from trainers.models import BaseModel
 from trainers.paths import LOCAL_PATH, MAYBE_PATH
 from trainers.tensor_files import atomic_write_text
@@ -66,7 +67,7 @@ class EvalSettings(PydanticModel):
     sampler: SamplerName = "ddim"
     steps: int = Field(default=20, ge=1)
     guidance_scale: float = 5.0
-    resolution: int | None = Field(default=None, ge=8)  # None: the UNet's sample_size * 8
+    resolution: int | None = Field(default=None, ge=8)  # None: the model's native (UNet sample_size x VAE scale)
     negative_prompt: str | None = None
     batch_size: int = Field(default=8, ge=1)
     token: str | None = None  # replaces "{token}" in every prompt, e.g. "sks toy"
@@ -143,7 +144,7 @@ def generate(model: BaseModel, settings: EvalSettings, prediction_type: str | No
     scheduler = make_sampling_scheduler(settings.sampler, sched_cfg)
     pipe = model.pipeline(scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
-    size = settings.resolution or int(model.unet.config.sample_size) * 8
+    size = settings.resolution or native_resolution_of(model.unet.config, model.vae.config, where=model.source)
     jobs = [(p, s) for p in settings.resolved_prompts() for s in settings.seeds]
     out: list[GeneratedImage] = []
     with _eval_mode(model.unet, model.vae, model.text_encoder):

@@ -88,27 +88,10 @@ class Architecture:
     @classmethod
     def from_spec(cls, spec: Any) -> "Architecture":
         """From a run config's ``model`` (builtin, diffusers directory, single file with its
-        config, or a Hub id already in the local cache)."""
-        from trainers import models
+        config, or a Hub id), found as the loader finds it (``trainers.model_configs.config_dir``)."""
+        from trainers.model_configs import config_dir
 
-        source = spec.source
-        if source.startswith(models.BUILTIN_PREFIX):
-            return cls.from_directory(models.builtin_dir(source, "base model"), source)
-        path = Path(source).expanduser()
-        if path.is_dir():
-            return cls.from_directory(path, source)
-        if path.suffix.lower() == ".safetensors" or path.suffix.lower() in models.PICKLE_SUFFIXES:
-            return cls.from_directory(models._single_file_config_dir(path, spec.single_file_config), source)
-        from huggingface_hub import snapshot_download
-
-        try:
-            root = snapshot_download(source, revision=spec.revision, allow_patterns=["*/config.json"],
-                                     local_files_only=True)
-        except Exception as err:  # noqa: BLE001 - any miss means "not in the local cache"
-            raise FileNotFoundError(f"model {source!r}: its configs are not in the local Hugging Face cache "
-                                    f"({type(err).__name__}); download the model once, or point model.source "
-                                    "at a local diffusers directory") from None
-        return cls.from_directory(Path(root), source)
+        return cls.from_directory(config_dir(spec), spec.source)
 
     @functools.cached_property
     def _counts(self) -> dict[str, int]:
@@ -123,7 +106,9 @@ class Architecture:
     @property
     def default_resolution(self) -> int:
         """The resolution the model was trained at (UNet sample size x the VAE's downsampling)."""
-        return int(self.unet.get("sample_size", 64)) * self.vae_scale
+        from trainers.model_configs import native_resolution_of
+
+        return native_resolution_of(self.unet, self.vae, where=self.source)
 
     @property
     def vae_scale(self) -> int:

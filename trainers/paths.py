@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+from trainers.tensor_files import fsync_path, fsync_tree, temp_beside
 
 CACHE_ENV = "SDSWEEP_CACHE"
 
@@ -30,15 +31,19 @@ def materialize_dir(final: Path, build: Callable[[Path], None]) -> Path:
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    # Made with the mode any new directory gets (0o777 & ~umask), which the rename keeps:
+    # tempfile.mkdtemp's 0700 made the built-in models and datasets private to their builder.
+    tmp = temp_beside(final, directory=True)
     try:
         build(tmp)
+        fsync_tree(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
             # Another process finished first (rename onto a non-empty dir fails): keep theirs.
             if not final.is_dir():
                 raise
+        fsync_path(final.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

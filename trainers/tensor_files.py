@@ -3,7 +3,9 @@
 Every writer goes through a temp file in the target directory plus ``os.replace``, so a reader sees
 either nothing or the complete file (DESIGN.md rule 6); ``atomic_directory`` does the same for a
 directory of files (a checkpoint). Written files get the mode any new file
-gets (``0o666 & ~umask``), so reports and exports are readable where the user's umask allows.
+gets (``0o666 & ~umask``, directories ``0o777 & ~umask``), so reports and exports are readable where
+the user's umask allows. The new file (every file of a new directory) is fsynced before the rename
+and its directory after it, so after a crash or power loss the name points at complete contents.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _temp_beside(path: Path, *, directory: bool = False) -> Path:
+def temp_beside(path: Path, *, directory: bool = False) -> Path:
     """Create an empty, uniquely named temp file (or directory) next to ``path``; return its name.
 
     Created with mode ``0o666`` (``0o777`` for a directory) so the kernel applies the process
@@ -61,6 +63,25 @@ def _temp_beside(path: Path, *, directory: bool = False) -> Path:
     raise FileExistsError(f"{path.parent}: could not create a temp entry beside {path.name}")
 
 
+def fsync_path(path: Path) -> None:
+    """``fsync`` a file or a directory by name (a directory's fsync makes a rename in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """``fsync`` every file and directory under ``root`` (symbolic links are left alone), deepest
+    first, then ``root`` itself: a directory about to be renamed into place is complete on disk."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            if not os.path.islink(os.path.join(folder, name)):
+                fsync_path(Path(folder) / name)
+        fsync_path(Path(folder))
+
+
 @contextmanager
 def atomic_directory(path: Path) -> Iterator[Path]:
     """Fill a directory that appears at ``path`` only complete: ``with atomic_directory(p) as tmp:``.
@@ -73,12 +94,13 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(path, directory=True)
+    tmp = temp_beside(path, directory=True)
     old: Path | None = None
     try:
         yield tmp
+        fsync_tree(tmp)
         if path.is_dir() and any(path.iterdir()):
-            old = _temp_beside(path, directory=True)
+            old = temp_beside(path, directory=True)
             os.replace(path, old)  # rename(2) replaces an empty directory only
         try:
             os.replace(tmp, path)
@@ -87,6 +109,7 @@ def atomic_directory(path: Path) -> Iterator[Path]:
                 os.replace(old, path)
                 old = None
             raise
+        fsync_path(path.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -107,14 +130,16 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
     The file gets the usual mode of a new file (``0o666 & ~umask``).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(path)
+    tmp = temp_beside(path)
     try:
         # safetensors 0.8's save_file leaves the file it writes at 0600 whatever was there, so
         # the mode the kernel gave our temp file (umask applied) is put back afterwards.
         mode = stat.S_IMODE(os.stat(tmp).st_mode)
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.chmod(tmp, mode)
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -123,11 +148,14 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a text file atomically (temp file + rename), mode ``0o666 & ~umask``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(path)
+    tmp = temp_beside(path)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -33,7 +33,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
@@ -64,6 +64,69 @@ def spread(k: int, n: int) -> list[int]:
     ``floor(i * k / n)`` (A1111's rule), so the initializer's tokens stay in order, each over a
     contiguous block of vectors (k=2, n=4: 0 0 1 1; k=4, n=2: 0 2)."""
     return [i * k // n for i in range(n)]
+
+
+def expanded(text: str, placeholder: str, tokens: Sequence[str]) -> str:
+    """``text`` with the placeholder written as all its tokens (what the text encoder reads)."""
+    return text.replace(placeholder, " ".join(tokens))
+
+
+def check_new_tokens(tok: Any, placeholder: str, tokens: Sequence[str]) -> None:
+    """Every token to add must be new: not in the vocabulary, not added before, and the
+    placeholder not already one token (CLIP's vocabulary has ``sks</w>``, not ``sks``)."""
+    vocab = tok.get_vocab()
+    taken = [t for t in tokens if t in vocab]
+    one = tok(placeholder, add_special_tokens=False).input_ids
+    if not taken and len(one) == 1 and one[0] != tok.unk_token_id:
+        taken = [placeholder]
+    if taken:
+        raise ValueError(f"textual_inversion.placeholder_token {placeholder!r}: {taken[0]!r} is already a "
+                         "token of the base model's vocabulary, so its meaning cannot be learned anew; "
+                         "choose a new string such as '<my-concept>'")
+
+
+def with_new_tokens(tok: Any, placeholder: str, tokens: Sequence[str]) -> tuple[Any, int]:
+    """A copy of ``tok`` with ``tokens`` added, and the first new id; refused unless the copy
+    reads the expanded placeholder back as exactly those consecutive new ids."""
+    tok = copy.deepcopy(tok)
+    tok.add_tokens(list(tokens))
+    ids = tok.convert_tokens_to_ids(list(tokens))
+    first = ids[0]
+    if ids != list(range(first, first + len(ids))) or tok(expanded(placeholder, placeholder, tokens),
+                                                          add_special_tokens=False).input_ids != ids:
+        raise ValueError(f"textual_inversion.placeholder_token {placeholder!r}: the tokenizer does not "
+                         "read it back as its own new token(s) (its normalizer changes the text); use a "
+                         "lowercase placeholder such as '<my-concept>'")
+    return tok, first
+
+
+def initializer_ids(tok: Any, text: str) -> list[int]:
+    """The token ids of ``textual_inversion.initializer``; refused if the tokenizer cannot encode it."""
+    ids = tok(text, add_special_tokens=False).input_ids
+    if not ids or tok.unk_token_id in ids:
+        raise ValueError(f"textual_inversion.initializer {text!r}: the tokenizer cannot encode it "
+                         f"({'no tokens' if not ids else 'unknown characters'}); use words the base "
+                         "model knows, e.g. the concept's class ('dog', 'shape')")
+    return ids
+
+
+def check_captions(tok: Any, placeholder: str, tokens: Sequence[str], captions: Sequence[str],
+                   validation_captions: Sequence[str] = ()) -> None:
+    """Every caption must fit the text encoder once expanded (truncation would silently cut
+    vectors off), and at least one training caption must contain the placeholder (else nothing
+    trains). ``tok`` is the tokenizer with the new tokens (:func:`with_new_tokens`)."""
+    limit = tok.model_max_length
+    if not any(placeholder in c for c in captions):
+        example = f" (e.g. {captions[0]!r})" if captions else ""
+        raise ValueError(f"textual_inversion.placeholder_token {placeholder!r} appears in none of the "
+                         f"training captions{example}; put it in the captions or set "
+                         "it (or `token`) to the words that name the concept there")
+    for c in sorted(set(captions) | set(validation_captions)):
+        n = len(tok(expanded(c, placeholder, tokens)).input_ids)
+        if n > limit:
+            raise ValueError(f"caption {c!r} becomes {n} tokens with {len(tokens)} vectors per "
+                             f"token, more than the text encoder's {limit}: lower "
+                             "textual_inversion.vectors_per_token or shorten the caption")
 
 
 class ConceptEmbedding(torch.nn.Module):
@@ -143,36 +206,34 @@ class TextualInversionTrainer(Trainer):
 
     def configure_trainable(self) -> list[dict[str, Any]]:
         base_tok = self.model.tokenizer
-        self._check_new(base_tok)
-        tok = copy.deepcopy(base_tok)
-        tok.add_tokens(self.tokens)
-        ids = tok.convert_tokens_to_ids(self.tokens)
-        first = ids[0]
-        if ids != list(range(first, first + len(ids))) or tok(self._expanded(self.placeholder),
-                                                              add_special_tokens=False).input_ids != ids:
-            raise ValueError(f"textual_inversion.placeholder_token {self.placeholder!r}: the tokenizer does not "
-                             "read it back as its own new token(s) (its normalizer changes the text); use a "
-                             "lowercase placeholder such as '<my-concept>'")
+        check_new_tokens(base_tok, self.placeholder, self.tokens)
+        tok, first = with_new_tokens(base_tok, self.placeholder, self.tokens)
         self.tokenizer = tok
         base = self.model.text_encoder.get_input_embeddings()
         rows = self._initial_rows(base_tok, base.weight.detach()).to(self.device, torch.float32)
-        self._check_captions()
+        check_captions(tok, self.placeholder, self.tokens, self.data.captions,
+                       self.validation_data.captions if self.validation_data else [])
         self._embedding = ConceptEmbedding(base, first, rows)
         self.model.text_encoder.set_input_embeddings(self._embedding)
         return [{"params": [self._embedding.rows], "lr": self.cfg.learning_rate}]
 
-    def _check_new(self, tok: Any) -> None:
-        """Every token to add must be new: not in the vocabulary, not added before, and the
-        placeholder not already one token (CLIP's vocabulary has ``sks</w>``, not ``sks``)."""
-        vocab = tok.get_vocab()
-        taken = [t for t in self.tokens if t in vocab]
-        one = tok(self.placeholder, add_special_tokens=False).input_ids
-        if not taken and len(one) == 1 and one[0] != tok.unk_token_id:
-            taken = [self.placeholder]
-        if taken:
-            raise ValueError(f"textual_inversion.placeholder_token {self.placeholder!r}: {taken[0]!r} is already a "
-                             "token of the base model's vocabulary, so its meaning cannot be learned anew; "
-                             "choose a new string such as '<my-concept>'")
+    check_keys = ("textual_inversion.placeholder_token", "textual_inversion.vectors_per_token",
+                  "textual_inversion.initializer")
+
+    @classmethod
+    def check_run(cls, cfg: Any, captions: Sequence[str], validation_captions: Sequence[str],
+                  tokenizer: Callable[[], Any]) -> None:
+        """The checks of :meth:`configure_trainable` that need only the tokenizer and the captions
+        (the same functions): a new placeholder, read back as its own tokens, an initializer the
+        tokenizer encodes, captions that name it and fit the text encoder once expanded."""
+        ti = cfg.settings
+        tokens = token_names(ti.placeholder_token, ti.vectors_per_token)
+        base_tok = tokenizer()
+        check_new_tokens(base_tok, ti.placeholder_token, tokens)
+        tok, _ = with_new_tokens(base_tok, ti.placeholder_token, tokens)
+        if ti.initializer is not None:
+            initializer_ids(base_tok, ti.initializer)
+        check_captions(tok, ti.placeholder_token, tokens, captions, validation_captions)
 
     def _initial_rows(self, tok: Any, weight: torch.Tensor) -> torch.Tensor:
         """Starting vectors: the initializer's token embeddings spread over the vectors
@@ -181,32 +242,11 @@ class TextualInversionTrainer(Trainer):
         text = self.ti.initializer
         if text is None:
             return weight[: len(tok)].float().mean(dim=0).expand(n, -1).clone()
-        ids = tok(text, add_special_tokens=False).input_ids
-        if not ids or tok.unk_token_id in ids:
-            raise ValueError(f"textual_inversion.initializer {text!r}: the tokenizer cannot encode it "
-                             f"({'no tokens' if not ids else 'unknown characters'}); use words the base "
-                             "model knows, e.g. the concept's class ('dog', 'shape')")
+        ids = initializer_ids(tok, text)
         return weight[[ids[j] for j in spread(len(ids), n)]].float().clone()
 
     def _expanded(self, text: str) -> str:
-        return text.replace(self.placeholder, " ".join(self.tokens))
-
-    def _check_captions(self) -> None:
-        """Every caption must fit the text encoder once expanded (truncation would silently cut
-        vectors off), and at least one must contain the placeholder (else nothing trains)."""
-        limit = self.tokenizer.model_max_length
-        captions = set(self.data.captions) | set(self.validation_data.captions if self.validation_data else [])
-        with_token = [c for c in self.data.captions if self.placeholder in c]
-        if not with_token:
-            raise ValueError(f"textual_inversion.placeholder_token {self.placeholder!r} appears in none of the "
-                             f"training captions (e.g. {self.data.captions[0]!r}); put it in the captions or set "
-                             "it (or `token`) to the words that name the concept there")
-        for c in sorted(captions):
-            n = len(self.tokenizer(self._expanded(c)).input_ids)
-            if n > limit:
-                raise ValueError(f"caption {c!r} becomes {n} tokens with {self.ti.vectors_per_token} vectors per "
-                                 f"token, more than the text encoder's {limit}: lower "
-                                 "textual_inversion.vectors_per_token or shorten the caption")
+        return expanded(text, self.placeholder, self.tokens)
 
     def tokenize_captions(self, captions: list[str]) -> torch.Tensor:
         return tokenize(self.tokenizer, [self._expanded(c) for c in captions])

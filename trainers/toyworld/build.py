@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any, Callable, TypeVar
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from trainers.tensor_files import atomic_write_text
+from trainers.tensor_files import atomic_write_text, temp_beside
 from trainers.tiny import SCHEDULER_CONFIG, char_tokenizer
 from trainers.toyworld import checker as chk
 from trainers.toyworld import clip as tw_clip
@@ -182,7 +181,7 @@ def build(out: Path, recipe: Recipe = FULL, threads: int = 1, overwrite: bool = 
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_beside(out, directory=True)  # 0o777 & ~umask, not mkdtemp's 0700
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     try:
