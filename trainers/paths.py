@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from trainers.tensor_files import fsync_path, fsync_tree, temp_beside
+from trainers.tensor_files import fsync_path, fsync_tree, temp_beside, usual_modes
 
 CACHE_ENV = "SDSWEEP_CACHE"
 
@@ -31,11 +31,13 @@ def materialize_dir(final: Path, build: Callable[[Path], None]) -> Path:
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    # Made with the mode any new directory gets (0o777 & ~umask), which the rename keeps:
-    # tempfile.mkdtemp's 0700 made the built-in models and datasets private to their builder.
+    # Made with the mode any new directory gets (0o777 & ~umask), which the rename keeps, and so
+    # is everything in it: tempfile.mkdtemp's 0700 (and save_pretrained's 0600 weight files) made
+    # the built-in models and datasets private to their builder. Complete on disk before the rename.
     tmp = temp_beside(final, directory=True)
     try:
         build(tmp)
+        usual_modes(tmp)
         fsync_tree(tmp)
         try:
             os.rename(tmp, final)

@@ -63,6 +63,19 @@ def temp_beside(path: Path, *, directory: bool = False) -> Path:
     raise FileExistsError(f"{path.parent}: could not create a temp entry beside {path.name}")
 
 
+def usual_modes(root: Path) -> None:
+    """Give every entry under ``root`` the mode a new one gets: ``root``'s own for directories
+    (``temp_beside`` made it ``0o777 & ~umask``) and that ``& 0o666`` for files. Library writers
+    leave narrower ones (safetensors' ``save_file``, under diffusers' and transformers'
+    ``save_pretrained``, writes 0600), which made a built model unreadable to anyone else."""
+    dir_mode = stat.S_IMODE(os.stat(root).st_mode)
+    for folder, dirs, files in os.walk(root):
+        for name, mode in [*((d, dir_mode) for d in dirs), *((f, dir_mode & 0o666) for f in files)]:
+            entry = os.path.join(folder, name)
+            if not os.path.islink(entry):
+                os.chmod(entry, mode)
+
+
 def fsync_path(path: Path) -> None:
     """``fsync`` a file or a directory by name (a directory's fsync makes a rename in it durable)."""
     fd = os.open(path, os.O_RDONLY)
@@ -98,6 +111,7 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     old: Path | None = None
     try:
         yield tmp
+        usual_modes(tmp)
         fsync_tree(tmp)
         if path.is_dir() and any(path.iterdir()):
             old = temp_beside(path, directory=True)
