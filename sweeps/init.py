@@ -9,7 +9,8 @@ a memory estimate; no weights are loaded), and writes a commented sweep file: th
 from the folder, or an instance prompt built around the token when it has none), evaluation
 prompts built around the token, the method's search space (several methods: one space each),
 per-trial resources from what a local Ray would see on this machine, a scheduler and a held-out
-confirmation. Then it prints what the sweep will cost (trials x steps, images generated for
+confirmation. The file is checked before it is written, as ``sdsweep run`` will read and check it
+(``sweep_from_mapping``, ``sweeps.preflight``): a problem names the key and nothing is written. Then it prints what the sweep will cost (trials x steps, images generated for
 evaluation, GPU memory per trial) and the command that runs it.
 """
 
