@@ -112,3 +112,25 @@ def test_an_unreadable_model_without_a_resolution_names_the_key_and_the_fix(tmp_
     assert "data.resolution: not set" in msg and "no-such-model" in msg and "Set data.resolution" in msg
     # With the resolution given, the sweep file loads (the model is then loaded, and checked, by the sweep).
     assert load_sweep(_sweep(tmp_path, str(tmp_path / "no-such-model"), 32)).base.data.resolution == 32
+
+
+def test_a_single_files_architecture_is_inferred_from_its_header_as_from_its_weights(tmp_path: Path) -> None:
+    """Online without ``single_file_config`` the loader lets diffusers infer the architecture from the
+    loaded checkpoint; the native resolution reads the same inference off the header alone."""
+    from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES, fetch_diffusers_config
+    from safetensors.torch import load_file, save_file
+
+    from trainers.model_configs import header_shapes
+
+    v2, inpaint = CHECKPOINT_KEY_NAMES["v2"], CHECKPOINT_KEY_NAMES["inpainting"]
+    cases = {"sd1": {inpaint: torch.zeros(2, 4, 1, 1), v2: torch.zeros(3, 768)},
+             "sd2": {inpaint: torch.zeros(2, 4, 1, 1), v2: torch.zeros(3, 1024)},
+             "sd2-inpainting": {inpaint: torch.zeros(2, 9, 1, 1), v2: torch.zeros(3, 1024)}}
+    inferred = set()
+    for name, tensors in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(tensors, path)
+        from_header = fetch_diffusers_config(header_shapes(path))
+        assert from_header == fetch_diffusers_config(load_file(path)), name
+        inferred.add(from_header["pretrained_model_name_or_path"])
+    assert len(inferred) == 3  # three architectures told apart by shapes alone
