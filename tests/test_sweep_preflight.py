@@ -88,8 +88,7 @@ def test_a_good_sweep_passes_the_checks_loading_only_the_tokenizer(tmp_path, mon
         raise AssertionError("the preflight loaded the base model's weights")
 
     monkeypatch.setattr(models, "load_base_model", no_weights)
-    records = preflight_sweep(load_sweep(DEMO_TI))  # placeholder "sks shape", vectors up to 8: all fit
-    assert len(records) == 8
+    preflight_sweep(load_sweep(DEMO_TI))  # placeholder "sks shape", vectors up to 8: all fit
 
 
 # ----- sdsweep init: checked before it writes -------------------------------------------------
