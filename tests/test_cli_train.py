@@ -136,7 +136,7 @@ def test_progress_bar_starts_only_after_preflight_and_loading(tmp_path, monkeypa
         return wrapped
 
     monkeypatch.setattr(tqdm, "tqdm", Bar)
-    monkeypatch.setattr(run, "load_base_model", after("model loaded", run.load_base_model))
+    monkeypatch.setattr(run, "load_model", after("model loaded", run.load_model))
     monkeypatch.setattr(run, "prepare_data", after("preflight and cache done", run.prepare_data))
     path = _write(tmp_path, _base(tmp_path, train={"max_train_steps": 2, "train_batch_size": 1}))
     assert main(["train", str(path)]) == 0
