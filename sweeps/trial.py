@@ -33,6 +33,7 @@ from trainers import devices
 from sweeps.constants import ERROR_FILE, QUIET_ENV
 from sweeps.rows import OWN_ROWS, trial_rows
 from sweeps.searched import data_variant_id
+from sweeps.trial_checkpoints import checkpoint_to_report
 from trainers.evaluate import GRID_FILE, Evaluator, load_references, write_samples
 from trainers.checkpoints import STATE_JSON, STATE_TENSORS
 from trainers.latents import CachedDataset
@@ -306,9 +307,9 @@ def _report_end_again(trainer: Any, trial_dir: Path) -> None:
     metrics = {k: v for k, v in (rows[-1] if rows else {"step": trainer.global_step}).items()
                if k not in ("trial_id", "pid") and not isinstance(v, dict)}
     metrics.update(trial_status="completed", reported_at=time.time())
-    with tempfile.TemporaryDirectory(prefix="sdsweep-ckpt-") as tmp:
-        trainer.save_checkpoint(tmp)
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+    with checkpoint_to_report() as (directory, checkpoint):
+        trainer.save_checkpoint(directory, optimizer_state=False)  # the last one: nothing trains on
+        tune.report(metrics, checkpoint=checkpoint)
 
 
 def _train_and_report(trainer: Any, cfg: SweepConfig, evaluator: Evaluator | None, trial_dir: Path, *,
@@ -348,21 +349,25 @@ def _train_and_report(trainer: Any, cfg: SweepConfig, evaluator: Evaluator | Non
         if first:
             metrics.update(setup_s=setup_s, model_reused=model_reused, started_at=started_at)
             first = False
-        with tempfile.TemporaryDirectory(prefix="sdsweep-ckpt-") as tmp:
-            trainer.save_checkpoint(tmp)
+        # Written once, into the run directory (sweeps/trial_checkpoints.py); the last checkpoint
+        # without optimizer state: a resume from it only reports the end again (_report_end_again).
+        with checkpoint_to_report() as (directory, checkpoint):
+            trainer.save_checkpoint(directory, optimizer_state=trainer.global_step < total)
             # What the method ships (its weight files; not the resume state): budgets compare by it.
-            metrics["artifact_bytes"] = sum(f.stat().st_size for f in Path(tmp).rglob("*")  # DreamBooth: unet/
+            metrics["artifact_bytes"] = sum(f.stat().st_size for f in directory.rglob("*")  # DreamBooth: unet/
                                             if f.is_file() and f.name not in RESUME_STATE)
             _append_own_row(trial_dir, metrics)  # straight to the run directory (sweeps/rows.py)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+            tune.report(metrics, checkpoint=checkpoint)
 
 
 class KeepResumeStateInNewest(tune.Callback):
     """On the driver, once a trial has finished (completed, or stopped by the scheduler): drop the
-    resume tensors (trainable weights + optimizer state, ``trainer_state.safetensors``) from all
-    its checkpoints but the newest. A finished trial is never trained again; its checkpoints keep
-    what is scored and exported (the method's weights) and the small JSON state. At SD 1.5 a
-    DreamBooth checkpoint's resume tensors are ~10 GB (docs/METHODS.md).
+    resume tensors (optimizer state and whatever trained tensors the export does not hold,
+    ``trainer_state.safetensors``) from all its checkpoints but the newest. A finished trial is
+    never trained again; its checkpoints keep what is scored and exported (the method's weights)
+    and the small JSON state. At SD 1.5 a DreamBooth checkpoint's resume tensors are 6.9 GB
+    (AdamW's state; +3.4 GB of live UNet weights with EMA), none in a trial's last checkpoint
+    but the live weights with EMA (docs/METHODS.md).
 
     Not earlier: while a trial runs, Tune may resume it from a checkpoint older than the newest
     (a driver killed before its experiment state caught up restores the last checkpoint that

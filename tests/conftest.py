@@ -159,12 +159,22 @@ def model_digest(model) -> dict:
     return out
 
 
+def safetensors_data_bytes(path: Path) -> int:
+    """The tensor bytes of a safetensors file, read from its header (the format's spec: an 8-byte
+    little-endian header length, then JSON with each tensor's ``data_offsets``)."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return sum(end - start for name, entry in header.items() if name != "__metadata__"
+               for start, end in [entry["data_offsets"]])
+
+
 def run_shipped_sweep(config: Path, run_dir: Path, cache: Path, timeout: int = 1700, wandb: bool = False,
-                      sets: tuple[str, ...] = ()) -> str:
+                      sets: tuple[str, ...] = (), persist_log: Path | None = None) -> str:
     """Run a shipped sweep file as the README does (``sdsweep run``; W&B off unless ``wandb``, then
     offline) in a subprocess with its own Ray, into ``run_dir``, exporting the pick to
     ``run_dir.parent / "best"``, with ``sets`` as more ``--set KEY=VALUE`` items; returns its stdout.
-    A failure shows the tails of both streams."""
+    With ``persist_log``, every process of the sweep logs what Tune copied for each reported
+    checkpoint there (tests/probes/sitecustomize.py). A failure shows the tails of both streams."""
     import subprocess
     import sys
 
@@ -177,6 +187,10 @@ def run_shipped_sweep(config: Path, run_dir: Path, cache: Path, timeout: int = 1
            *(arg for item in sets for arg in ("--set", item))]
     if wandb:
         env["WANDB_MODE"] = "offline"
+    if persist_log is not None:
+        probes = str(Path(__file__).resolve().parent / "probes")
+        env.update(SDSWEEP_PERSIST_LOG=str(persist_log),
+                   PYTHONPATH=os.pathsep.join(p for p in (probes, env.get("PYTHONPATH")) if p))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1],
                           timeout=timeout)
     assert proc.returncode == 0, f"{config.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"

@@ -313,3 +313,58 @@ def test_the_single_file_export_reloads_the_base_model_the_way_the_trial_loaded_
     (tmp_path / "best").mkdir()
     files = DreamBoothTrainer.export_files(ckpt, tmp_path / "best", "run-1", {"trial_id": "t1"})
     assert (tmp_path / "best" / files[-1]).is_file()
+
+
+@pytest.mark.parametrize("variant", [{}, {"train_text_encoder": True}, {"use_ema": True, "ema_decay": 0.9}],
+                         ids=["unet", "text_encoder", "ema"])
+def test_a_checkpoint_holds_each_tensor_once_and_the_last_one_no_optimizer_state(variant, tmp_path):
+    """The bytes docs/METHODS.md states (bench/checkpoint_bytes.py's design applied to these modules'
+    shapes), and what is left out is still restored exactly: a checkpoint loads back into a fresh
+    trainer with every trained weight, AdamW slot and EMA weight equal to the saver's."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from checkpoint_bytes import checkpoint_bytes
+    from conftest import safetensors_data_bytes
+    from trainers.checkpoints import STATE_TENSORS
+
+    def make(sub: str, steps: int = 2) -> DreamBoothTrainer:
+        return _trainer(load_base_model("builtin:toyworld"), tmp_path / sub, train={"max_train_steps": steps},
+                        **variant)
+
+    def state(tr: DreamBoothTrainer) -> dict[str, torch.Tensor]:
+        out = {f"param.{n}": p.detach().clone() for n, p in tr.named_trainable.items()}
+        for i, st in tr.optimizer.state_dict()["state"].items():
+            out.update({f"optim.{i}.{k}": torch.as_tensor(v).clone() for k, v in st.items()})
+        out.update({f"ema.{i}": t.clone() for i, t in enumerate(tr.ema.shadow_params if tr.ema else [])})
+        return out
+
+    def check_bytes(ckpt: Path, is_last: bool) -> None:
+        export = sum(safetensors_data_bytes(f) for f in ckpt.glob("*/*.safetensors"))
+        written = {"export": export, "resume": safetensors_data_bytes(ckpt / STATE_TENSORS)}
+        assert written == checkpoint_bytes(unet, te, ema=bool(variant.get("use_ema")), design="after", last=is_last)
+
+    tr = make("a")
+    unet = list(tr.model.unet.parameters())
+    te = list(tr.model.text_encoder.parameters()) if variant.get("train_text_encoder") else None
+    tr.train(until_step=1)
+    mid, at_mid = tr.save_checkpoint(tmp_path / "mid"), state(tr)
+    check_bytes(mid, is_last=False)
+    tr.train()
+    last = tr.save_checkpoint(tmp_path / "last", optimizer_state=False)
+    check_bytes(last, is_last=True)
+    resumed = make("b")
+    resumed.load_checkpoint(mid)
+    got = state(resumed)
+    assert got.keys() == at_mid.keys() and all(torch.equal(got[k], at_mid[k]) for k in got)
+    finished = make("c")
+    finished.load_checkpoint(last)
+    want = {k: v for k, v in state(tr).items() if not k.startswith("optim.")}
+    got = state(finished)
+    assert finished.global_step == 2 and all(torch.equal(got[k], want[k]) for k in want)
+    assert finished.train() == []  # nothing left to train: the optimizer state is never needed
+    longer = make("d", steps=4)
+    with pytest.raises(ValueError, match=r"last checkpoint of a finished run.*without optimizer state.*max_train_steps 4"):
+        longer.load_checkpoint(last)
+    for t in (tr, resumed, finished, longer):
+        t.teardown()

@@ -234,6 +234,12 @@ class Trainer(abc.ABC):
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`extra_state` saved."""
 
+    def tensors_in_export(self, directory: Path) -> dict[str, tuple[str, str]]:
+        """Resume tensors (``param.<trainable name>``, ``extra.<extra_state key>``) that the export
+        just written into ``directory`` holds exactly: name -> (file relative to ``directory``, key).
+        They are not stored a second time (trainers/checkpoints.py); default: none."""
+        return {}
+
     def tokenize_captions(self, captions: list[str]) -> torch.Tensor:
         """Token ids of ``captions`` as this method trains on them (padded to the model's length)."""
         return tokenize(self.model.tokenizer, captions)
@@ -556,8 +562,9 @@ class Trainer(abc.ABC):
 
     # ----- checkpoints -------------------------------------------------------------------------
 
-    def save_checkpoint(self, directory: str | Path) -> Path:
-        """Write weights + optimizer/scheduler state so training can resume bit-exactly.
+    def save_checkpoint(self, directory: str | Path, *, optimizer_state: bool = True) -> Path:
+        """Write weights + optimizer/scheduler state so training can resume bit-exactly
+        (without ``optimizer_state``: a last checkpoint, never trained on; trainers/checkpoints.py).
 
         Atomically: the files go into a temp directory beside ``directory``, renamed into place
         when complete, so a save interrupted by a crash or a full disk never leaves a
@@ -565,12 +572,12 @@ class Trainer(abc.ABC):
         """
         directory = Path(directory)
         with atomic_directory(directory) as tmp:
-            self._write_checkpoint(tmp)
+            self._write_checkpoint(tmp, optimizer_state)
         return directory
 
-    def _write_checkpoint(self, directory: Path) -> None:
+    def _write_checkpoint(self, directory: Path, optimizer_state: bool = True) -> None:
         self.export_weights(directory)
-        write_trainer_state(self, directory)
+        write_trainer_state(self, directory, optimizer_state=optimizer_state)
 
     def load_checkpoint(self, directory: str | Path) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint` of the same method and setup."""

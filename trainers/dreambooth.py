@@ -41,6 +41,7 @@ from typing import Any, Iterator
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
+from safetensors import safe_open
 from transformers import CLIPTextModel
 
 from trainers.base import Trainer
@@ -295,6 +296,23 @@ class DreamBoothTrainer(Trainer):
                 "dreambooth": self.db.model_dump(mode="json")}
         atomic_write_text(directory / INFO_FILE, json.dumps(info, indent=1, sort_keys=True))
         return directory / UNET_DIR
+
+    def tensors_in_export(self, directory: Path) -> dict[str, tuple[str, str]]:
+        """The export holds every trained weight in fp32 under its own name: the UNet's is the EMA
+        (``extra.ema.<i>``, the i-th UNet parameter) when ``use_ema``, else the trained UNet
+        (``param.unet.<name>``); the text encoder's is always the trained one. So a checkpoint
+        stores each of them once; with EMA the live UNet weights stay in the resume state."""
+        out: dict[str, tuple[str, str]] = {}
+        for sub, module in self._trained().items():
+            held: dict[str, str] = {}  # key -> file (save_pretrained may shard a large module)
+            for file in sorted((Path(directory) / sub).glob("*.safetensors")):
+                with safe_open(str(file), framework="pt") as f:
+                    held.update({k: f"{sub}/{file.name}" for k in f.keys()})
+            for i, (name, _) in enumerate(module.named_parameters()):
+                if name in held:
+                    key = f"extra.ema.{i}" if sub == UNET_DIR and self.ema is not None else f"param.{sub}.{name}"
+                    out[key] = (held[name], name)
+        return out
 
     @classmethod
     def _load_into(cls, model: Any, checkpoint: Path) -> Any:
