@@ -23,6 +23,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces import make_sampler, make_storage
+from sweeps.checkpoint_keeping import checkpoint_config
 from sweeps.config import SweepConfig, extra_data_run_config
 from sweeps.searched import data_variant_id, data_variants
 from sweeps.confirm import confirm_sweep
@@ -425,15 +426,14 @@ def _tuner(cfg: SweepConfig, run_dir: Path, trainable: Any, run_id: str, console
         metric=cfg.evaluation.metric, mode=cfg.mode, search_alg=make_search(cfg), scheduler=make_scheduler(cfg),
         num_samples=cfg.search.num_samples, max_concurrent_trials=cfg.search.max_concurrent_trials,
         reuse_actors=cfg.reuse_workers)
+    # checkpoints_to_keep is applied by sdsweep, never deleting what a resume restores (sweeps/checkpoint_keeping.py)
+    checkpoint_cfg, keeping = checkpoint_config(cfg.checkpoints_to_keep, cfg.evaluation.metric, cfg.mode)
     run_cfg = tune.RunConfig(
-        name=run_dir.name, storage_path=str(run_dir.parent),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep,
-                                                checkpoint_score_attribute=cfg.evaluation.metric,
-                                                checkpoint_score_order=cfg.mode),
+        name=run_dir.name, storage_path=str(run_dir.parent), checkpoint_config=checkpoint_cfg,
         failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
         callbacks=[*make_callbacks(cfg.tracking, run_dir=run_dir, sweep_name=cfg.name, run_id=run_id,
                                    metric=cfg.evaluation.metric, metric_mode=cfg.mode),
-                   *tensorboard_callbacks(), KeepResumeStateInNewest(), FailureLines(cfg.max_failures),
+                   *tensorboard_callbacks(), *keeping, KeepResumeStateInNewest(), FailureLines(cfg.max_failures),
                    *([console] if console is not None else [])],
         verbose=0 if console is not None else 1)  # Ray Tune's own tables only with --verbose
     return tune.Tuner(trainable, tune_config=tune_cfg, run_config=run_cfg)
