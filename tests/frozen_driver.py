@@ -19,6 +19,15 @@ driver stops copying state, writes ``RUN_PARENT/frozen`` and sleeps; the test ki
   on this registration).
 
 ``resume`` continues the run with ``Tuner.restore`` (never freezes).
+
+``python tests/frozen_driver.py sdsweep SWEEP.yaml RUN_DIR``: ``sdsweep run`` itself (sdsweep's
+real trainable, driver and callbacks), frozen at one moment (the marker is ``RUN_DIR/../frozen``):
+
+- (the only moment here) the state in the run directory stops at the one that recorded the
+  checkpoint of step 20 (no later snapshot reaches it); the trial goes on to its last step and
+  finishes, sdsweep's driver drops the resume tensors of its older checkpoints
+  (``KeepResumeStateInNewest``), then the driver freezes: the state names step 20's checkpoint,
+  without its resume tensors, of a trial that has finished.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ from trainers.checkpoints import STATE_JSON  # noqa: E402
 
 LOSS = {10: 0.1, 20: 0.5, 30: 0.6, 40: 0.7, 50: 0.8, 60: 0.9}  # the best checkpoint is the first
 EXPERIMENT = "exp"
-FROZEN = {"now": False}
+FROZEN = {"now": False, "syncs_left": None}  # syncs_left: None = every snapshot is copied
 
 
 def trainable(config: dict) -> None:
@@ -64,8 +73,11 @@ _sync = experiment_state._ExperimentCheckpointManager.sync_up_experiment_state
 
 
 def _synchronous_sync(self, save_fn, force=False, wait=False):  # noqa: ANN001 - Tune's signature
-    if not FROZEN["now"]:
-        _sync(self, save_fn, force=True, wait=True)
+    if FROZEN["now"] or FROZEN["syncs_left"] == 0:
+        return
+    if FROZEN["syncs_left"] is not None:
+        FROZEN["syncs_left"] -= 1
+    _sync(self, save_fn, force=True, wait=True)
 
 
 class Freeze(tune.Callback):
@@ -91,13 +103,42 @@ class Freeze(tune.Callback):
 
     def on_trial_save(self, iteration: int, trials: list, trial, **info) -> None:
         latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
-        if self.moment == "superseded" and latest is not None and latest.metrics.get("step") == 30:
+        step = latest.metrics.get("step") if latest is not None else None
+        if self.moment == "superseded" and step == 30:
             self._freeze("step 30's checkpoint registered")
 
 
+def sdsweep_run(sweep_file: str, run_dir: str) -> int:
+    """``sdsweep run SWEEP --run-dir RUN_DIR``, its ``KeepResumeStateInNewest`` callback extended
+    with the ``finished-unrecorded`` moment (it freezes after the callback has done its work)."""
+    import sweeps.driver
+    from sweeps.cli import main as sdsweep
+    from sweeps.trial import KeepResumeStateInNewest
+
+    marker = Path(run_dir).parent / "frozen"
+
+    class ThenFreeze(KeepResumeStateInNewest):
+        def on_trial_save(self, iteration: int, trials: list, trial, **info) -> None:
+            latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
+            if sys.argv[1] == "sdsweep" and latest is not None and latest.metrics.get("step") == 20:
+                FROZEN["syncs_left"] = 1  # this step's snapshot (step 20's checkpoint registered), no later one
+
+        def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+            super().on_trial_complete(iteration, trials, trial, **info)
+            if sys.argv[1] == "sdsweep":  # not in a resume, which restores this callback from Tune's state
+                FROZEN["now"] = True
+                marker.write_text("the trial finished; the state names step 20's checkpoint")
+                time.sleep(3600)
+
+    sweeps.driver.KeepResumeStateInNewest = ThenFreeze
+    return sdsweep(["run", sweep_file, "--run-dir", run_dir])
+
+
 def main() -> None:
-    action, parent, moment, keep = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     experiment_state._ExperimentCheckpointManager.sync_up_experiment_state = _synchronous_sync
+    if sys.argv[1] == "sdsweep":
+        sys.exit(sdsweep_run(sys.argv[2], sys.argv[3]))
+    action, parent, moment, keep = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     runnable = tune.with_resources(trainable, {"cpu": 1})
     if action == "run":

@@ -23,6 +23,7 @@ from sweeps.checkpoint_keeping import restore_points, superfluous
 from trainers.checkpoints import STATE_JSON
 
 pytestmark = pytest.mark.timeout(900)
+slow = pytest.mark.slow  # each starts Ray twice
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "frozen_driver.py"
@@ -82,6 +83,7 @@ def _steps_on_disk(trial: Path) -> dict[str, int]:
     return {d.name: json.loads((d / STATE_JSON).read_text())["step"] for d in sorted(trial.glob("checkpoint_*"))}
 
 
+@slow
 def test_killed_between_a_report_and_its_checkpoint_the_trial_resumes_from_the_checkpoint_tune_named(tmp_path):
     trial = _run_then_kill(tmp_path / "p", "save-pending", keep=10)
     point = restore_points(tmp_path / "p" / "exp")[trial.name]
@@ -99,6 +101,7 @@ def test_killed_between_a_report_and_its_checkpoint_the_trial_resumes_from_the_c
     assert _steps_on_disk(trial) == {f"checkpoint_{i:06d}": s for i, s in enumerate(range(10, 61, 10))}
 
 
+@slow
 def test_killed_after_a_worse_checkpoint_was_superseded_the_trial_still_resumes(tmp_path):
     trial = _run_then_kill(tmp_path / "p", "superseded", keep=1)
     point = restore_points(tmp_path / "p" / "exp")[trial.name]
@@ -148,3 +151,52 @@ def test_the_kept_checkpoints_are_the_ones_rays_own_manager_keeps(tmp_path):
                     (d / STATE_JSON).write_text(json.dumps({"step": 10 * (i + 1)}))
             dropped = {p.name for _, p in superfluous(trial, keep, "loss", mode)}
             assert sorted({d.name for d in trial.glob("checkpoint_*")} - dropped) == ray_kept, (mode, keep)
+
+
+@slow
+def test_a_trial_that_finished_unrecorded_is_reported_again_without_rewriting_a_kept_checkpoint(tmp_path):
+    """sdsweep's own driver and trainable: the trial finished, its older checkpoints lost their
+    resume tensors (KeepResumeStateInNewest), and the driver was killed while the state in the run
+    directory still named step 20's checkpoint. The restored trial loads its newest complete
+    checkpoint and reports its end again (sweeps/trial.py ``resumable_checkpoint``): that report
+    must not land in a checkpoint directory that holds another step (Tune names the next one
+    after the checkpoint it restored, ``checkpoint_000002``, step 30's)."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(json.dumps({
+        "name": "unrecorded",
+        "base": {"model": "builtin:tiny-sd", "data": {"path": "builtin:demo", "resolution": 64},
+                 "train": {"max_train_steps": 60, "train_batch_size": 2}},
+        "search": {"spaces": ["lora"], "sampler": {"type": "random", "seed": 0}, "num_samples": 1,
+                   "max_concurrent_trials": 1, "warm_start": True},
+        "scheduler": {"type": "none"}, "evaluation": {"every": 10, "metric": "fixed_train_loss"},
+        "resources": {"cpu": 1, "gpu": 0}, "checkpoints_to_keep": 10,
+        "storage_path": str(tmp_path / "runs"), "tracking": {"wandb": False}}))
+    run_dir = tmp_path / "runs" / "run"
+    env = {**_env(), "OMP_NUM_THREADS": "1", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, str(DRIVER), "sdsweep", str(sweep), str(run_dir)], env=env, cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while not (tmp_path / "runs" / "frozen").exists():
+            assert proc.poll() is None, f"the sweep ended without freezing:\n{log.read_text()[-3000:]}"
+            assert time.time() < deadline, "the sweep never froze"
+            time.sleep(0.3)
+    finally:
+        _kill_tree(proc)
+    (trial,) = [d for d in run_dir.iterdir() if d.is_dir() and (d / "params.json").is_file()]
+    point = restore_points(run_dir)[trial.name]
+    assert (point.status, point.step) == ("RUNNING", 20)
+    first_written = {f"checkpoint_{i:06d}": s for i, s in enumerate(range(10, 61, 10))}
+    assert _steps_on_disk(trial) == first_written
+    assert [d.name for d in sorted(trial.glob("checkpoint_*")) if (d / "trainer_state.safetensors").is_file()] \
+        == ["checkpoint_000005"]
+    done = subprocess.run([sys.executable, "-m", "sweeps.cli", "resume", str(run_dir)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert _steps_on_disk(trial) == first_written, "a checkpoint directory now holds another step"
+    from sweeps.results import leaderboard
+
+    (row,), _ = leaderboard(run_dir)
+    assert row.status == "completed" and [h["step"] for h in row.history] == list(range(10, 61, 10))
