@@ -444,6 +444,10 @@ def _prepare(cfg: SweepConfig, verbose: bool = False) -> None:
     # sweep config already guarantees the metric exists, so Tune's strict check is redundant.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     os.environ.update(QUIET_TRIAL_ERRORS)  # one line per lost worker instead (sweeps/console.py)
+    # Tune deletes no checkpoint itself (sweeps/checkpoint_keeping.py), so its experiment state lists
+    # every checkpoint of every trial: with each entry's metrics (~2.5 KB) it would grow by that per
+    # evaluation. Only the score is needed there (the latest keeps all its metrics, for restoring).
+    os.environ["TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE"] = "1"
     for data, _ in data_variants(cfg).values():  # every bad file, before Ray or any GPU
         preflight(data, require_captions=True)
     if not verbose:
