@@ -175,9 +175,9 @@ class KeepBestCheckpoints(tune.Callback):
         self._waiting: set[Path] = set()
         self._retried = 0.0
 
-    def prune(self, trial_dir: Path) -> None:
+    def prune(self, trial_dir: Path | None) -> None:
         """Delete what may go now; remember the trial if some deletions must wait."""
-        if not trial_dir.is_dir():  # not a local/shared filesystem path: leave remote storage alone
+        if trial_dir is None or not trial_dir.is_dir():  # not started, or not a local/shared filesystem path
             return
         drop = superfluous(trial_dir, self.keep, self.metric, self.mode)
         floor = deletable_below(trial_dir) if drop else 0
@@ -190,13 +190,13 @@ class KeepBestCheckpoints(tune.Callback):
             self._waiting.discard(trial_dir)
 
     def on_trial_save(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.prune(Path(trial.path))
+        self.prune(_trial_dir(trial))
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.prune(Path(trial.path))
+        self.prune(_trial_dir(trial))
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.prune(Path(trial.path))
+        self.prune(_trial_dir(trial))
 
     def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
         if self._waiting and time.monotonic() - self._retried >= RETRY_S:
@@ -206,7 +206,17 @@ class KeepBestCheckpoints(tune.Callback):
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         for trial in trials:
-            self.prune(Path(trial.path))
+            self.prune(_trial_dir(trial))
+
+
+def _trial_dir(trial: Any) -> Path | None:
+    """The trial's directory in the run directory; None for a trial that never started (Ray 2.60's
+    ``Trial.path`` raises until the trial has a directory name: a sweep interrupted with trials
+    still pending ends its experiment with such trials)."""
+    try:
+        return Path(trial.path)
+    except RuntimeError:
+        return None
 
 
 def checkpoint_config(keep: int, metric: str, mode: str) -> tuple[tune.CheckpointConfig, list[tune.Callback]]:

@@ -200,3 +200,17 @@ def test_a_trial_that_finished_unrecorded_is_reported_again_without_rewriting_a_
 
     (row,), _ = leaderboard(run_dir)
     assert row.status == "completed" and [h["step"] for h in row.history] == list(range(10, 61, 10))
+
+
+def test_keeping_ends_an_experiment_with_trials_that_never_started(tmp_path):
+    """An interrupted sweep ends its experiment with trials still pending, which have no directory
+    yet (a real Tune ``Trial``: its ``path`` raises until it starts)."""
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    from sweeps.checkpoint_keeping import KeepBestCheckpoints
+
+    pending = Trial("f", stub=True, storage=StorageContext(storage_path=str(tmp_path), experiment_dir_name="exp"))
+    with pytest.raises(RuntimeError):
+        pending.path
+    KeepBestCheckpoints(1, "loss", "min").on_experiment_end(trials=[pending])
