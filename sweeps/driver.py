@@ -24,6 +24,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces import make_sampler, make_storage
 from sweeps.baseline import save_baselines, score_baselines
+from sweeps.checkpoint_keeping import checkpoint_config
 from sweeps.config import SweepConfig, extra_data_run_config
 from sweeps.searched import data_variant_id, data_variants
 from sweeps.confirm import confirm_sweep
@@ -396,15 +397,14 @@ def _tuner(cfg: SweepConfig, run_dir: Path, trainable: Any, run_id: str, console
         metric=cfg.evaluation.metric, mode=cfg.mode, search_alg=make_search(cfg), scheduler=make_scheduler(cfg),
         num_samples=cfg.search.num_samples, max_concurrent_trials=cfg.search.max_concurrent_trials,
         reuse_actors=cfg.reuse_workers)
+    # checkpoints_to_keep is applied by sdsweep, never deleting what a resume restores (sweeps/checkpoint_keeping.py)
+    checkpoint_cfg, keeping = checkpoint_config(cfg.checkpoints_to_keep, cfg.evaluation.metric, cfg.mode)
     run_cfg = tune.RunConfig(
-        name=run_dir.name, storage_path=str(run_dir.parent),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep,
-                                                checkpoint_score_attribute=cfg.evaluation.metric,
-                                                checkpoint_score_order=cfg.mode),
+        name=run_dir.name, storage_path=str(run_dir.parent), checkpoint_config=checkpoint_cfg,
         failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
         callbacks=[*make_callbacks(cfg.tracking, run_dir=run_dir, sweep_name=cfg.name, run_id=run_id,
                                    metric=cfg.evaluation.metric, metric_mode=cfg.mode),
-                   *tensorboard_callbacks(), KeepResumeStateInNewest(), FailureLines(cfg.max_failures),
+                   *tensorboard_callbacks(), *keeping, KeepResumeStateInNewest(), FailureLines(cfg.max_failures),
                    *([console] if console is not None else [])],
         verbose=0 if console is not None else 1)  # Ray Tune's own tables only with --verbose
     return tune.Tuner(trainable, tune_config=tune_cfg, run_config=run_cfg)
@@ -416,6 +416,10 @@ def _prepare(cfg: SweepConfig, verbose: bool = False) -> None:
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     os.environ.update(QUIET_TRIAL_ERRORS)  # one line per lost worker instead (sweeps/console.py)
     preflight_sweep(cfg)  # every bad file (each data variant) and each method's own checks, before Ray
+    # Tune deletes no checkpoint itself (sweeps/checkpoint_keeping.py), so its experiment state lists
+    # every checkpoint of every trial: with each entry's metrics (~2.5 KB) it would grow by that per
+    # evaluation. Only the score is needed there (the latest keeps all its metrics, for restoring).
+    os.environ["TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE"] = "1"
     if not verbose:
         # Tune's newer console output prints its experiment box and paths at any verbosity; its
         # classic one prints nothing at verbose=0 (sdsweep's live view replaces both).

@@ -259,7 +259,7 @@ def _candidates(rows: list[TrialRow], metric: str, mode: str) -> list[tuple[Tria
 
 
 def kept_steps(trial_dir: Path | None) -> list[int]:
-    """The steps of the checkpoints Tune kept for a trial (``checkpoints_to_keep`` of them), in order."""
+    """The steps of the checkpoints kept for a trial (``checkpoints_to_keep`` of them), in order."""
     if trial_dir is None:
         return []
     steps = []
@@ -292,7 +292,7 @@ def pick_checkpoint(run_dir: Path, trial: str, step: int | None = None, metric: 
     if ckpt is None:
         evaluated = [int(h["step"]) for h in row.history if _has(h, metric)]
         raise SweepError(f"{run_dir}: trial {trial} has no kept checkpoint at step {step}; its kept steps: "
-                         f"{kept or 'none'} (evaluated at {evaluated or 'no step'}; Tune keeps checkpoints_to_keep "
+                         f"{kept or 'none'} (evaluated at {evaluated or 'no step'}; the sweep keeps checkpoints_to_keep "
                          "per trial, the best by the sweep's metric: raise it to keep more)")
     h = next((e for e in row.history if e.get("step") == step), {"step": step})
     auto = next(((r, e) for r, e in _candidates(rows, metric, mode)
@@ -316,7 +316,7 @@ def select_checkpoint(run_dir: Path, metric: str | None = None, pareto: int | No
 
     By ``metric`` (default: the sweep's) over every evaluated checkpoint of every trial; or, with
     ``pareto=k``, the k-th point (0-based, best first on the first objective) of the Pareto front
-    of ``evaluation.objectives``. A checkpoint Tune did not keep (``checkpoints_to_keep`` retains
+    of ``evaluation.objectives``. A checkpoint the sweep did not keep (``checkpoints_to_keep`` retains
     the best by the sweep's metric) cannot be exported: the best *kept* one is, and ``why`` says so.
     With ``method``, only that method's trials compete (the best LoRA of a sweep across methods).
     """

@@ -31,7 +31,8 @@ def once_per_step(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     A trial resumes from the checkpoint Tune's experiment state last recorded: after the driver
     was killed, that can be older than the trial's newest (the state is saved every few seconds,
-    ``TUNE_GLOBAL_CHECKPOINT_S``), and the steps since are trained again -- bit-exactly, the
+    ``TUNE_GLOBAL_CHECKPOINT_S``, and a checkpoint is recorded a moment after its result;
+    sweeps/checkpoint_keeping.py), and the steps since are trained again -- bit-exactly, the
     training is deterministic -- and reported again in ``result.json``. Rows without a step
     (none today) are kept as they are.
 

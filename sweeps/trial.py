@@ -302,14 +302,17 @@ def resumable_checkpoint(trial_dir: Path, given: Path) -> Path:
 
 def _report_end_again(trainer: Any, trial_dir: Path) -> None:
     """A restored trial that had already reached its last step: report that step's row again (Tune
-    and Optuna then see it completed; the readers and W&B keep each step once)."""
+    and Optuna then see it completed; the readers and W&B keep each step once).
+
+    Without a checkpoint: its checkpoints are all on disk, and Tune would persist one reported here
+    as the checkpoint after the one it restored (an older one, :func:`resumable_checkpoint`),
+    over a kept checkpoint of another step (tests/test_resume_restore_point.py).
+    """
     rows = [r for r in trial_rows(trial_dir) if r.get("step") == trainer.global_step and "trial_status" in r]
     metrics = {k: v for k, v in (rows[-1] if rows else {"step": trainer.global_step}).items()
                if k not in ("trial_id", "pid") and not isinstance(v, dict)}
     metrics.update(trial_status="completed", reported_at=time.time())
-    with checkpoint_to_report() as (directory, checkpoint):
-        trainer.save_checkpoint(directory, optimizer_state=False)  # the last one: nothing trains on
-        tune.report(metrics, checkpoint=checkpoint)
+    tune.report(metrics)
 
 
 def _train_and_report(trainer: Any, cfg: SweepConfig, evaluator: Evaluator | None, trial_dir: Path, *,

@@ -10,8 +10,10 @@ plain JSON; only Tune's own objects (storage, resources, results) are cloudpickl
 never read here. The trial's directory is ``RUN_DIR/relative_logdir``, where ``ExperimentAnalysis``
 puts it for a run directory on a local or shared filesystem. A hyperparameter Tune could only
 cloudpickle (sdsweep's search spaces give numbers, strings, booleans and null) is an error, never
-unpickled. ``tests/test_results_light.py`` checks this reader against ``ExperimentAnalysis`` on a
-real sweep.
+unpickled. The checkpoint a resume restores a trial from is one of those pickled objects (Tune's
+checkpoint manager): ``sweeps.checkpoint_keeping.restore_points`` reads it, with Ray. (The last
+result, plain JSON here, is not it: it can be one report ahead.) ``tests/test_results_light.py``
+checks this reader against ``ExperimentAnalysis`` on a real sweep.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ class TuneTrial:
     status: str  # Tune's PENDING | PAUSED | TERMINATED | ERROR (RUNNING reads back as PENDING, as in Tune)
     config: dict[str, Any]
     path: Path  # the trial's directory in the run directory
-    last_step: int | None = None  # the training step of the last report Tune recorded (None: none yet)
 
 
 def newest_state_file(run_dir: Path) -> Path:
@@ -59,7 +60,7 @@ def _plain(value: Any, where: str) -> Any:
     return value
 
 
-def _load(path: Path, tries: int = 3) -> Any:
+def read_state(path: Path, tries: int = 3) -> Any:
     """The JSON of ``path``; while a sweep runs, Tune copies a new state over it every few seconds
     (not atomically), so a cut-short read is retried before it is reported."""
     for attempt in range(tries):
@@ -76,17 +77,15 @@ def read_trials(run_dir: Path) -> list[TuneTrial]:
     """Every trial of the run directory's newest experiment state, in Tune's order."""
     run_dir = Path(run_dir).resolve()
     path = newest_state_file(run_dir)
-    state = _load(path)
+    state = read_state(path)
     try:
         trials = []
-        for trial_json, run_metadata in state["trial_data"]:
+        for trial_json, _run_metadata in state["trial_data"]:
             t = json.loads(trial_json)
             status = "PENDING" if t["status"] == "RUNNING" else str(t["status"])  # Trial.__setstate__ does this
             where = f"{path}: trial {t['trial_id']} config"
-            step = (json.loads(run_metadata).get("last_result") or {}).get("step")  # plain JSON in Tune's metadata
             trials.append(TuneTrial(trial_id=str(t["trial_id"]), status=status,
-                                    config=_plain(dict(t["config"]), where), path=run_dir / t["relative_logdir"],
-                                    last_step=int(step) if isinstance(step, (int, float)) else None))
+                                    config=_plain(dict(t["config"]), where), path=run_dir / t["relative_logdir"]))
     except (ValueError, KeyError, TypeError) as err:
         if isinstance(err, SweepError):
             raise

@@ -501,7 +501,7 @@ def test_the_report_gives_each_grid_its_scores_and_the_command_that_exports_it(d
         caption = " ".join(fig.find("figcaption").text().split())
         for m in ("clip_t", "clip_i", "composite"):  # each score at that step, with its gain over the base model
             assert f"{m} {r.best_metrics[m]:.4g}{r.best_metrics[m] - base[m]:+.3g}" in caption, (m, caption)
-        assert find_checkpoint(r.path, r.best_step) is not None  # Tune keeps each trial's best
+        assert find_checkpoint(r.path, r.best_step) is not None  # the sweep keeps each trial's best
         cmd = fig.find("code", "cmd")
         assert (cmd.attrs["data-trial"], int(cmd.attrs["data-step"])) == (r.trial_id, r.best_step)
         assert shlex.split(cmd.text()) == ["sdsweep", "best", str(sweep[0].resolve()), "--trial", r.trial_id,

@@ -93,16 +93,16 @@ def _trial_dirs(run_dir: Path) -> list[Path]:
 
 
 def _assert_resumed_from_recorded(name: str, old: list[dict], new: list[dict], from_step: int) -> None:
-    """Tune restores the checkpoint its experiment state last recorded (every report carries one)
-    and appends the restored trial's reports to the ``result.json`` it had: ``new`` is ``old``
-    unchanged, then the steps after ``from_step``. Those reported before the kill too are
-    trained again from that checkpoint (sweeps/rows.py): bit-exactly. Nothing earlier is
-    retrained."""
+    """Tune restores the checkpoint its experiment state names (``from_step``: not the step of the
+    last result it recorded, which can be one report ahead, sweeps/checkpoint_keeping.py) and
+    appends the restored trial's reports to the ``result.json`` it had: ``new`` is ``old``
+    unchanged, then the steps after ``from_step``. Those reported before the kill too are trained
+    again from that checkpoint (sweeps/rows.py): bit-exactly. Nothing earlier is retrained."""
     steps = [r["step"] for r in new]
     assert new[: len(old)] == old, f"{name}: the rows reported before the kill changed: {steps}"
     again = new[len(old):]
     assert [r["step"] for r in again] == list(range(from_step + 10, 61, 10)), \
-        f"{name}: not resumed from the recorded step {from_step}: {steps}"
+        f"{name}: not resumed from the checkpoint Tune named, at step {from_step}: {steps}"
     for r_old in (r for r in old if r["step"] > from_step):  # reported before the kill, trained again after it
         r_new = next(r for r in again if r["step"] == r_old["step"])
         for key in ("train_loss", "fixed_train_loss", "images_seen"):
@@ -110,10 +110,11 @@ def _assert_resumed_from_recorded(name: str, old: list[dict], new: list[dict], f
 
 
 def _recorded_steps(run_dir: Path) -> dict[str, int]:
-    """Each trial's last reported step in Tune's newest experiment state, by trial directory name."""
-    from sweeps.tune_state import read_trials
+    """The step of the checkpoint each trial is restored from, as Tune's newest experiment state
+    names it, by trial directory name (0: none, the trial starts afresh)."""
+    from sweeps.checkpoint_keeping import restore_points
 
-    return {t.path.name: t.last_step or 0 for t in read_trials(run_dir)}
+    return {name: p.step or 0 for name, p in restore_points(run_dir).items()}
 
 
 def _rows(trial_dir: Path) -> list[dict]:
