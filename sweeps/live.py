@@ -12,7 +12,7 @@ By default (Ray Tune's own tables only with ``--verbose``):
   plain lines, the header at most every ``PLAIN_STATUS_S`` seconds; no control codes.
 
 The trial lines come from Tune's callback hooks on the driver (this module never reads files);
-the cache progress comes from the cache task (``sweeps.driver.build_cache``, ``on_progress``).
+the cache progress comes from the cache task (``sweeps.cache_task.build_cache``, ``on_progress``).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class LiveConsole(Callback):
     # ----- the cache task's stages ---------------------------------------------------------------
 
     def progress(self, stage: str, done: int, total: int) -> None:
-        """A progress report of the cache task (``sweeps.driver.build_cache``'s ``on_progress``)."""
+        """A progress report of the cache task (``sweeps.cache_task.build_cache``'s ``on_progress``)."""
         new = stage not in self.stages
         self.stages[stage] = (done, total)
         line = f"{stage:<16} {bar(done, total)} {done}/{total}"

@@ -1,4 +1,4 @@
-"""Token authentication for the local Ray that sdsweep starts (``sweeps.driver.ensure_ray``).
+"""Token authentication for the local Ray that sdsweep starts (``sweeps.ray_setup.ensure_ray``).
 
 What Ray 2.60 does (``ray/_private/worker.py`` ``init``, ``ray/_private/authentication/
 authentication_token_setup.py``): when ``ray.init`` *starts* a Ray (``address="local"``) and
