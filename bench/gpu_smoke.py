@@ -1,6 +1,6 @@
 """GPU smoke: a 2-trial sweep on CUDA that asserts where every module runs, and in what dtype.
 
-CI has no GPU (DESIGN.md "On a GPU"), so the code paths only a GPU exercises are checked here,
+CI has no GPU (docs/ARCHITECTURE.md "On a GPU"), so the code paths only a GPU exercises are checked here,
 whenever a GPU machine is lent:
 
     python bench/gpu_smoke.py                 # CUDA: 2 trials of the toy world per method

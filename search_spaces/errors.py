@@ -7,7 +7,7 @@ class SearchSpaceError(ValueError):
     """A search space, sampler setting or storage URL that cannot be used.
 
     The message names the source (a file path, or ``inline``), the parameter and the field, and
-    says how to fix it (DESIGN.md rule 1).
+    says how to fix it (docs/ARCHITECTURE.md rule 1).
     """
 
 

@@ -8,7 +8,7 @@ A space file has exactly two keys::
       lora.rank:           {type: categorical, choices: [4, 8, 16, 32], default: 8}
 
 Every problem in a file is reported at once, each naming the source, the parameter, the field
-and the fix (DESIGN.md rule 1).
+and the fix (docs/ARCHITECTURE.md rule 1).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each class mirrors one Optuna suggest method, and its validators reject exactly what that method
 would reject, warn about or silently adjust (Optuna rounds ``high`` down to the step grid with a
-warning; we refuse instead, DESIGN.md rule 1). Values are checked strictly: YAML ``true`` is not
+warning; we refuse instead, docs/ARCHITECTURE.md rule 1). Values are checked strictly: YAML ``true`` is not
 a number and ``8.0`` is not an int.
 """
 

@@ -1,4 +1,4 @@
-"""Everything heavy on the run's device, at the run's precision (DESIGN.md "On a GPU"), checked on
+"""Everything heavy on the run's device, at the run's precision (docs/ARCHITECTURE.md "On a GPU"), checked on
 the CPU: one placement rule shared by the trainer, the evaluator, the cache build and the
 baseline; scoring models cached per device; reference embeddings computed once per evaluator.
 What only a GPU can show is in bench/gpu_smoke.py."""

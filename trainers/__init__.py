@@ -1,6 +1,6 @@
 """Everything that runs inside one trial: models, data, latent cache, trainers, evaluation.
 
-Never imports ray, optuna or wandb (DESIGN.md: frameworks at the edges).
+Never imports ray, optuna or wandb (docs/ARCHITECTURE.md: frameworks at the edges).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def get_trainer_class(method: str) -> Any:
     return getattr(importlib.import_module(module), cls)
 
 
-# transformers 5 without torchvision (never installed here: DESIGN.md, "Environment facts") logs,
+# transformers 5 without torchvision (never installed here: docs/ARCHITECTURE.md, "Environment facts") logs,
 # once per class, that `CLIPImageProcessor` (and `SiglipImageProcessor`) "requires torchvision;
 # falling back to `...Pil`" the first time anything looks the name up -- diffusers' pipeline
 # modules do on import, so every `import trainers.*` that reaches diffusers printed two lines.

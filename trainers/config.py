@@ -2,7 +2,7 @@
 
 Every config object is a pydantic model with ``extra="forbid"`` and ``frozen=True``: an unknown
 key or a bad value is an error that names the file and the dotted key, and nothing mutates a
-config after validation (DESIGN.md, rules 1 and 2).
+config after validation (docs/ARCHITECTURE.md, rules 1 and 2).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Caption sources (``DataConfig.caption_source``):
   ``instance_prompt`` if given, else no captions. When metadata.jsonl AND sidecars both give a
   caption for one image and the texts differ, that is a problem: we never silently pick one.
 
-Mode policy (DESIGN.md rule 1: never silently "fix" input): RGB is used as is; grayscale ``L``
+Mode policy (docs/ARCHITECTURE.md rule 1: never silently "fix" input): RGB is used as is; grayscale ``L``
 and bilevel ``1`` are accepted because their RGB conversion is unambiguous (R=G=B). CMYK,
 16-bit/float (``I;16*``, ``I``, ``F``), palette (``P``) and alpha (``RGBA``, ``LA``, ``PA``,
 ``RGBa``) images are refused unless ``convert_modes: true``; then alpha (and palette

@@ -2,7 +2,7 @@
 
 A trial's trainer, its evaluator (sampling and scoring), the latent-cache build and the baseline
 all need the same answer to "which device, which weight dtype, which autocast", or a score is
-partly a device or precision shift (DESIGN.md, "On a GPU"). :func:`run_placement` gives it from
+partly a device or precision shift (docs/ARCHITECTURE.md, "On a GPU"). :func:`run_placement` gives it from
 the run config's ``train.device`` and ``train.mixed_precision``, using the trainer's own
 precision rule (:func:`resolve_mixed_precision`), which ``Trainer.__init__`` calls through it, so
 the answer cannot drift from what a trainer computes.

@@ -1,6 +1,6 @@
 """Image metrics the evaluator scores checkpoints with, and the scoring models behind them.
 
-Every metric implements the interface of DESIGN.md ("New metric"): ``name``,
+Every metric implements the interface of docs/ARCHITECTURE.md ("Extension points"): ``name``,
 ``higher_is_better``, ``scale`` and ``score(images, prompts, references)``; one line in
 :data:`METRICS` registers it. Shipped metrics:
 
@@ -37,7 +37,7 @@ from PIL import Image
 
 from trainers.metric_modes import COMPOSITE  # defined light: the results readers rank by it without torch
 # The scoring models and their embeddings live in trainers.scoring_models; re-exported here
-# because callers (and the metric interface of DESIGN.md) know them as trainers.metrics.*.
+# because callers (and the metric interface of docs/ARCHITECTURE.md) know them as trainers.metrics.*.
 from trainers.scoring_models import (  # noqa: F401 - re-exports
     DEFAULT_CLIP,
     Device,
@@ -76,7 +76,7 @@ class MetricResult:
 
 
 class Metric(Protocol):
-    """The metric interface (DESIGN.md "New metric"): register the class in ``METRICS``.
+    """The metric interface (docs/ARCHITECTURE.md, "Extension points"): register the class in ``METRICS``.
 
     ``scale`` maps a value onto the composite's common scale (a cosine-like 0..1 range),
     ``scorer`` names the scoring model a value depends on (``"clip"``, ``"vision"``,
@@ -260,7 +260,7 @@ class PriorKept(_TruthRate):
     concept_prompts = False
 
 
-# Plain dict registry (DESIGN.md): one line per metric.
+# Plain dict registry (docs/ARCHITECTURE.md): one line per metric.
 METRICS: dict[str, type] = {
     "clip_t": ClipTScore,
     "clip_i": ClipIScore,

@@ -1,7 +1,7 @@
 """Tensor and text files written the house way: safetensors, atomically, with verifiable digests.
 
 Every writer goes through a temp file in the target directory plus ``os.replace``, so a reader sees
-either nothing or the complete file (DESIGN.md rule 6); ``atomic_directory`` does the same for a
+either nothing or the complete file (docs/ARCHITECTURE.md rule 6); ``atomic_directory`` does the same for a
 directory of files (a checkpoint). Written files get the mode any new file
 gets (``0o666 & ~umask``, directories ``0o777 & ~umask``), so reports and exports are readable where
 the user's umask allows. The new file (every file of a new directory) is fsynced before the rename
