@@ -81,8 +81,9 @@ def hyperparameter_names() -> tuple[set[str], set[str]]:
             hparams.add(key.rsplit(".", 1)[-1])
     # Sweep-file sections (search, scheduler, evaluation, ...) that Ray's launcher never uses.
     ray_keys = schema_keys(json.loads(RAY_SCHEMA.read_text()))
-    sweep_only = class_fields(REPO / "sweeps" / "config.py", "SweepConfig", "SearchSettings",
-                              "SchedulerSettings", "EvaluationSettings") - ray_keys - {"type", "mode", "name"}
+    sweep_only = (class_fields(REPO / "sweeps" / "config.py", "SweepConfig")
+                  | class_fields(REPO / "sweeps" / "sections.py", "SearchSettings", "SchedulerSettings",
+                                 "EvaluationSettings")) - ray_keys - {"type", "mode", "name"}
     words = {h for h in hparams if "_" in h} | dotted  # distinctive enough to search inside commands
     return hparams | dotted | sweep_only, words
 
