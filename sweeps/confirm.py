@@ -3,8 +3,9 @@ seeds (and optionally prompts) that picking never saw, with paired bootstrap int
 
 Why: the leaderboard's scores are the maxima over many checkpoints of noisy estimates on the same
 few images, so the winner's score is biased upwards (the winner's curse) and its margin over the
-runner-up may be noise. Re-scoring on fresh seeds removes that bias; resampling the (prompt, seed)
-pairs -- the same pairs for every model, hence *paired* -- gives the margin's uncertainty.
+runner-up may be noise. Re-scoring on fresh seeds removes that bias; resampling the prompts and the
+seeds (a two-way cluster bootstrap, :mod:`sweeps.bootstrap`) of the images -- the same images for
+every model, hence *paired* -- gives the margin's uncertainty.
 
 Written to ``RUN_DIR/confirm/confirm.json`` (plus each model's images and scores.json under
 ``RUN_DIR/confirm/<label>/``); ``sdsweep results``, ``best.json`` and the report read it back.
@@ -16,12 +17,11 @@ import json
 import math
 from contextlib import nullcontext
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any, Sequence
 
-import numpy as np
 import ray
 
+from sweeps.bootstrap import paired_bootstrap
 from sweeps.config import SweepConfig, trial_run_config
 from sweeps.results import (
     CONFIRM_DIR,
@@ -38,69 +38,6 @@ from sweeps.results import (
 from trainers.tensor_files import atomic_write_text
 
 BASELINE = "baseline"
-
-
-# --------------------------------------------------------------------------------------------
-# Statistics
-# --------------------------------------------------------------------------------------------
-
-
-def _values(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> np.ndarray:
-    """Per-image scores as a (images, metrics) array, NaN where a metric does not score an image."""
-    return np.array([[np.nan if r.get(m) is None else float(r[m]) for m in metrics] for r in rows], dtype=float)
-
-
-def _aggregate(values: np.ndarray, counts: np.ndarray, metrics: Sequence[str], target: str,
-               weights: dict[str, float]) -> np.ndarray:
-    """``target`` (a metric or the composite) for each row of image multiplicities ``counts``.
-
-    Each metric is the mean over the images it scores, as the evaluator computes it (CLIP-T's
-    clamp at 0 is not applied: it only matters for a mean below 0, i.e. an unusable model).
-    """
-    from trainers.metrics import METRICS
-
-    mask = ~np.isnan(values)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = (counts @ np.where(mask, values, 0.0)) / (counts @ mask)
-    if target != "composite":
-        return means[:, list(metrics).index(target)]
-    total = sum(weights.values())
-    return sum(w * METRICS[k].scale * means[:, list(metrics).index(k)] for k, w in weights.items()) / total
-
-
-def paired_bootstrap(rows_a: Sequence[dict[str, Any]], rows_b: Sequence[dict[str, Any]], metrics: Sequence[str],
-                     target: str, weights: dict[str, float], *, resamples: int = 2000,
-                     confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
-    """Margin ``target(a) - target(b)`` over the same images, with a percentile bootstrap interval.
-
-    ``rows_a[i]`` and ``rows_b[i]`` must be the same (prompt, seed) (checked). Each resample draws
-    the image pairs with replacement and recomputes both models' scores on it. Returns the margin,
-    its interval, its bootstrap standard error, the one-sided bootstrap p-value of margin <= 0,
-    whether the interval excludes 0, and ``images_needed``: about how many images per model would
-    make an interval of this confidence exclude 0 for a margin of this size (the standard error
-    shrinks as 1/sqrt(n); at or below ``images`` when the interval only just reaches 0); None
-    when the margin is 0.
-    """
-    keys_a = [(r["prompt"], r["seed"]) for r in rows_a]
-    keys_b = [(r["prompt"], r["seed"]) for r in rows_b]
-    if keys_a != keys_b:
-        raise ValueError("paired bootstrap needs both models' images in the same (prompt, seed) order")
-    n = len(rows_a)
-    va, vb = _values(rows_a, metrics), _values(rows_b, metrics)
-    ones = np.ones((1, n))
-    margin = float(_aggregate(va, ones, metrics, target, weights)[0] - _aggregate(vb, ones, metrics, target, weights)[0])
-    rng = np.random.default_rng(seed)
-    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(float)
-    diffs = _aggregate(va, counts, metrics, target, weights) - _aggregate(vb, counts, metrics, target, weights)
-    diffs = diffs[np.isfinite(diffs)]
-    alpha = 1.0 - confidence
-    low, high = (float(q) for q in np.quantile(diffs, [alpha / 2, 1 - alpha / 2]))
-    se = float(diffs.std(ddof=1))
-    z = NormalDist().inv_cdf(1 - alpha / 2)
-    needed = None if margin == 0 else math.ceil(n * (z * se / abs(margin)) ** 2)
-    return {"margin": margin, "low": low, "high": high, "se": se, "confidence": confidence,
-            "p_one_sided": float(np.mean(diffs <= 0)), "separated": bool(low > 0 or high < 0),
-            "images": n, "images_needed": needed}
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,6 +196,9 @@ def verdict(margins: dict[str, dict[str, Any]], metric: str, n: int, prompts: in
         if m["separated"]:
             lines.append(f"held-out {metric} margin over {names[name]}: {span}: the winner is "
                          f"{'better' if m['margin'] > 0 else 'worse'}")
+        elif m["images_needed"] is None and m.get("limit"):  # more seeds alone would not separate it
+            lines.append(f"held-out {metric} margin over {names[name]}: {span}: indistinguishable at this "
+                         f"evaluation size; {m['limit']}")
         elif m["images_needed"] is None:
             lines.append(f"held-out {metric} margin over {names[name]}: {span}: no difference measured")
         elif m["images_needed"] <= n:

@@ -73,7 +73,7 @@ class ConfirmSettings(Frozen):
     top_k: int = Field(3, ge=1, le=20)
     seeds: tuple[int, ...] = Field(tuple(range(1000, 1008)), min_length=1)
     prompts: tuple[str, ...] | None = Field(None, min_length=1, description="default: the evaluation prompts")
-    bootstrap: int = Field(2000, ge=100, description="bootstrap resamples of the (prompt, seed) pairs")
+    bootstrap: int = Field(2000, ge=100, description="bootstrap resamples (prompts and seeds drawn with replacement)")
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
 
 

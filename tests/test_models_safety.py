@@ -185,3 +185,35 @@ def test_pickle_scan_names_globals_of_every_protocol_without_running_them(tmp_pa
     state = tmp_path / "state.pt"
     torch.save({"w": torch.ones(2)}, state)
     assert unsafe_globals(state) == []
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_torch_own_scan_is_no_substitute(tmp_path: Path) -> None:
+    """Pins the reasons trainers/pickles.py gives for not using torch's
+    ``get_unsafe_globals_in_checkpoint`` (torch 2.13): where torch's scan answers (torch.save's
+    layout, protocol 2) it names the same globals as ours, but it raises instead of naming any for
+    legacy files, plain pickles, other zips and protocol 4+ pickles, where ours names them. If a
+    torch upgrade makes this fail, revisit that docstring (torch may now do the job)."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint as torch_scan
+
+    from trainers.pickles import unsafe_globals
+
+    marker = tmp_path / "pwned"
+    evil = {"w": _TouchOnUnpickle(marker)}
+    files = {"tensors.pt": ({"w": torch.ones(2)}, {}), "evil.pt": (evil, {})}
+    for name, (obj, kw) in files.items():
+        torch.save(obj, tmp_path / name, **kw)
+        assert sorted(torch_scan(tmp_path / name)) == sorted(unsafe_globals(tmp_path / name)), name
+    assert unsafe_globals(tmp_path / "tensors.pt") == [] and "pathlib.Path" in unsafe_globals(tmp_path / "evil.pt")
+
+    torch.save(evil, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps(evil))
+    torch.save(evil, tmp_path / "evil4.pt", pickle_protocol=4)
+    with zipfile.ZipFile(tmp_path / "flat.ckpt", "w") as z:
+        z.writestr("data.pkl", pickle.dumps(evil, protocol=2))
+    for name, error in (("legacy.pt", ValueError), ("plain.pkl", ValueError), ("flat.ckpt", RuntimeError),
+                        ("evil4.pt", pickle.UnpicklingError)):
+        with pytest.raises(error):
+            torch_scan(tmp_path / name)
+        assert any(g.startswith("pathlib.") for g in unsafe_globals(tmp_path / name)), name
+    assert not marker.exists()

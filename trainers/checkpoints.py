@@ -19,6 +19,35 @@ DreamBooth checkpoint (docs/METHODS.md, "What a checkpoint holds").
 but the optimizer's per-parameter state (AdamW's two moments: 2x the trainable weights): a sweep
 asks for it in a trial's last checkpoint (``max_train_steps`` reached), from which nothing is ever
 trained again. Reading such a checkpoint into a trainer with steps left is an error naming the file.
+
+Why not accelerate's ``Accelerator.save_state``/``load_state`` (accelerate 1.15.0, read in
+``accelerator.py`` and ``checkpointing.py``, and run on the tiny UNet with a LoRA):
+
+* it pickles: the optimizer (``optimizer.bin``), the LR scheduler (``scheduler.bin``), the RNG
+  states (``random_states_0.pkl``) and the grad scaler (``scaler.pt``) are ``torch.save`` files, and
+  objects registered with ``register_for_checkpointing`` are read back with
+  ``torch.load(weights_only=False)``. A resume state here is one safetensors file plus JSON, never
+  a pickle (docs/DEVELOPING.md);
+* it saves each prepared model's whole ``state_dict``: with the LoRA UNet prepared it wrote 272
+  tensors for 64 trainable ones (the frozen base weights too: ~3.4 GB per checkpoint at SD 1.5).
+  Our trainers prepare only the optimizer, and then it saves no weights at all;
+* it writes each file in place into the folder (no temp + rename; ``model.safetensors`` 0600), so
+  a crash leaves a half-written checkpoint; ours go through ``atomic_directory`` and the
+  ``trainers.tensor_files`` writers;
+* it saves RNG states a step-seeded loop does not need, and ``load_state`` carries on silently
+  (an info-level log) when they fail to load; its layout is accelerate's own files, not the
+  method's export + ``trainer_state.*`` that every method shares here.
+
+Why not diffusers' LoRA writer (``StableDiffusionLoraLoaderMixin.save_lora_weights``, diffusers
+0.42.1, ``loaders/lora_base.py: write_lora_layers``) for ``pytorch_lora_weights.safetensors``: it
+would keep alpha (given ``unet_lora_adapter_metadata`` it writes the same
+``lora_adapter_metadata`` header ``trainers/lora.py`` writes), but it calls
+``safetensors.torch.save_file`` on the final path (not atomic; the file comes out 0600), its
+header holds only ``format`` and ``lora_adapter_metadata`` (no room for the ``sdsweep`` provenance
+header: base model, step, prediction type, settings), and a custom ``save_function`` receives only
+``(weights, filename)`` -- the adapter metadata is then dropped (checked), so keeping alpha would
+mean rewriting its writer. What remains of it is prefixing keys with ``unet.``/``text_encoder.``,
+which ``LoraTrainer.lora_state_dict`` does. It is LoRA-only, too; this module serves every method.
 """
 
 from __future__ import annotations

@@ -7,6 +7,26 @@ hasRecord("version")``). The refusals here say instead what made the file unsafe
 globals its pickle references, read with :mod:`pickletools` (which parses opcodes and executes
 nothing), or what is wrong with a zip's layout.
 
+Why not ``torch.serialization.get_unsafe_globals_in_checkpoint`` (torch 2.13.0): it does the same
+kind of static scan (``_weights_only_unpickler.get_globals_in_pkl`` reads opcodes and runs nothing:
+no malicious file below ran its payload), but only on part of what we must name. Checked by running
+it on files made with torch 2.13 (``tests/test_models_safety.py::test_torch_own_scan_is_no_substitute``):
+
+* a legacy (non-zip) ``torch.save(..., _use_new_zipfile_serialization=False)`` file, or a plain
+  pickle: ``ValueError: Expected input to be a checkpoint returned by torch.save``, no names;
+* a zip that is not torch.save's layout (``archive/data.pkl`` without ``version``, or a flat
+  ``data.pkl``): the C++ reader's ``RuntimeError`` (``Expected hasRecord("version")``, ``file in
+  archive is not in a subdirectory``), the message this module exists to keep from users;
+* a pickle of protocol 4 or 5 inside torch.save's own layout (``torch.save(obj, f,
+  pickle_protocol=4)``): its scanner knows the opcodes torch.save's default protocol 2 uses and
+  raises ``UnpicklingError: Unsupported operand 149`` (``FRAME``), so a malicious file of that kind
+  is refused without naming what it would run. (``torch.load(weights_only=True)`` refuses such
+  files too, harmless ones included, with the same operand error.)
+
+Where it does answer (a protocol-2 pickle in torch.save's layout) it names the same globals as
+:func:`unsafe_globals` (as a set; its allowlist is also whatever ``add_safe_globals`` put in the
+process). The hand-written scan is kept for the rest; revisit when torch's scanner grows.
+
 Imports no other loader (only ``trainers.errors``), so every loader may import it.
 """
 
