@@ -73,3 +73,13 @@ def optuna_dashboard(storage: str) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def beyond_seed_noise(gain: dict) -> float:
+    """The lower end of a margin's interval over the seeds alone, the prompts held fixed: what the
+    confirmation's seed part of the two-way bootstrap (``se_seeds``, sweeps/bootstrap.py) says of
+    the claim "on these prompts, the seeds' noise cannot explain it" -- a claim about these held-out
+    prompts, narrower than the two-way interval's claim about prompts like them."""
+    from scipy.stats import t
+
+    return gain["margin"] - t.ppf(1 - (1 - gain["confidence"]) / 2, gain["seeds"] - 1) * gain["se_seeds"]
