@@ -30,7 +30,10 @@ the trial. Snapshots only move forward (a later one names the same checkpoint or
 such a checkpoint is never restored again; the others wait (on disk at most a snapshot period of
 checkpoints longer than under Tune's rule) and are deleted once the state has moved past them, or
 once it records the trial finished (Tune never restores a TERMINATED or ERROR trial; ``sdsweep
-resume`` does not restart errored ones).
+resume`` does not restart errored ones). Once it records the trial finished, every resume-tensor
+file that holds optimizer state goes, the newest checkpoint's too: a trial the scheduler stopped
+(or that errored) kept its newest checkpoint's AdamW state (2x the trained weights) until then. A
+completed trial's last checkpoint was written without optimizer state and keeps its small file.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from ray import tune
 from sweeps.errors import SweepError
 from sweeps.rows import trial_rows
 from sweeps.tune_state import newest_state_file, read_state
-from trainers.checkpoints import STATE_JSON
+from trainers.checkpoints import STATE_JSON, STATE_TENSORS
 
 FINISHED = ("TERMINATED", "ERROR")  # Tune statuses a resume never restores from a checkpoint
 RETRY_S = 5.0  # how often deferred deletions are retried while no trial reports
@@ -126,6 +129,16 @@ def _checkpoints(trial_dir: Path) -> list[tuple[int, int, Path]]:
     return sorted(found)
 
 
+def holds_optimizer_state(checkpoint: Path) -> bool:
+    """Whether a checkpoint's resume tensors include the optimizer's state (a trial's last
+    checkpoint is written without it: trainers/checkpoints.py)."""
+    try:
+        state = json.loads((checkpoint / STATE_JSON).read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(state.get("optimizer_state", True)) and (checkpoint / STATE_TENSORS).is_file()
+
+
 def superfluous(trial_dir: Path, keep: int, metric: str, mode: str) -> list[tuple[int, Path]]:
     """The checkpoints Tune's ``num_to_keep`` rule would have deleted: all but the best ``keep``
     by ``metric`` (``mode`` min or max; the later of two equal scores counts as better and NaN as
@@ -180,10 +193,14 @@ class KeepBestCheckpoints(tune.Callback):
         if trial_dir is None or not trial_dir.is_dir():  # not started, or not a local/shared filesystem path
             return
         drop = superfluous(trial_dir, self.keep, self.metric, self.mode)
-        floor = deletable_below(trial_dir) if drop else 0
+        floor = deletable_below(trial_dir)
         for index, path in drop:
             if index < floor:
                 shutil.rmtree(path, ignore_errors=True)
+        if floor == math.inf:  # recorded finished: never restored, so no checkpoint needs its optimizer state
+            for _, _, path in _checkpoints(trial_dir):
+                if holds_optimizer_state(path):
+                    (path / STATE_TENSORS).unlink(missing_ok=True)
         if any(index >= floor for index, _ in drop):
             self._waiting.add(trial_dir)
         else:

@@ -293,7 +293,16 @@ def check_space_against_base(cfg: SweepConfig, source: str) -> None:
     except ValueError as err:
         raise ConfigError(f"{source}: search.spaces: {err}") from None
     check_searched_keys(build_search_space(spaces), source)
-    data_variants(cfg, source)  # every data configuration the space can produce is valid
+    variants = data_variants(cfg, source)  # every data configuration the space can produce is valid
+    ev = cfg.evaluation
+    losses = sorted({"val_loss", "fixed_train_loss"} & {ev.metric, *(ev.objectives or ())})
+    if len(variants) > 1 and losses:
+        searched_data = sorted({p.key for entries in build_search_space(spaces).entries for p in entries
+                                if p.key.startswith("data.")})
+        raise ConfigError(f"{source}: evaluation ranks by {losses[0]}, but the search space trains trials on "
+                          f"{len(variants)} data configurations ({', '.join(searched_data)}): a loss measured on "
+                          "each trial's own latents (another resolution, crop, flip or captions) does not compare "
+                          "across them; rank by an image score (evaluation.images) or search no data.* key")
     searched = [s.method for s in spaces]
     if cfg.base.method not in searched:
         raise ConfigError(f"{source}: base.method {cfg.base.method!r} is not searched (search.spaces are for "

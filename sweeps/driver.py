@@ -190,7 +190,7 @@ def resume_sweep(run_dir: Path, address: str | None = None, verbose: bool = Fals
         data_refs, summary = build_cache(cfg, baseline=need_baseline, expect=expect,
                                          on_progress=console.progress if console else None)
         if "keys" in summary:  # nothing was encoded or scored
-            _refuse_changed_data(run_dir, expect, summary["keys"])
+            _refuse_changed_data(run_dir, expect, summary["keys"], recorded="cache_keys" in state)
         report = {**summary["report"], "extra": summary["extra"]}
         if "baseline" in summary:
             state["baseline"], state["baselines"] = save_baselines(run_dir, summary["baseline"])
@@ -207,10 +207,17 @@ def resume_sweep(run_dir: Path, address: str | None = None, verbose: bool = Fals
     return SweepRun(run_dir, results, report, offline_sync_command(run_dir))
 
 
-def _refuse_changed_data(run_dir: Path, expect: dict[str, Any], found: dict[str, Any]) -> None:
+def _refuse_changed_data(run_dir: Path, expect: dict[str, Any], found: dict[str, Any], *,
+                         recorded: bool = True) -> None:
     """Raise the error that says what changed since the sweep started: its dataset or base model
-    (a training cache key), its validation images, or the data configurations it searches."""
+    (a training cache key), its validation images, or the data configurations it searches.
+    ``recorded``: the sweep recorded its data configurations (``cache_keys``, since searched data
+    keys take effect); an older sweep recorded one key pair, its base data's."""
     if set(found) != set(expect):
+        if not recorded:
+            raise SweepError(f"{run_dir}: this sweep started before searched data.* keys took effect (every trial "
+                             "then trained on base.data, whatever it searched); resuming it now would train its "
+                             f"remaining trials on {len(found)} data configurations: start a new sweep")
         raise SweepError(f"{run_dir}: the data configurations the search space produces changed since the sweep "
                          "started (data.* keys or their choices); start a new sweep")
     for vid, (key, val_key) in found.items():

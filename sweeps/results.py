@@ -52,15 +52,16 @@ class TrialRow:
     rank: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # every evaluation's numeric results
     cost: dict[str, float] = field(default_factory=dict)  # what the trial spent (COST_KEYS)
-    # How its evaluations sampled (trainers.devices.placement_key) and, when the sweep scored the
-    # base model at that placement apart from its primary baseline, those scores: gains compare
-    # like with like (sweeps/baseline.py). Empty: the sweep's baseline is the trial's.
+    # How its evaluations sampled (trainers.devices.placement_key) and the base model's scores at
+    # that placement: gains compare like with like (sweeps/baseline.py). None: the sweep's baseline
+    # (a sweep from before placements were recorded); empty: the sweep has no baseline at this
+    # trial's placement, so no gain is shown rather than one that is partly a precision shift.
     placement: str | None = None
-    baseline: dict[str, float] = field(default_factory=dict)
+    baseline: dict[str, float] | None = None
 
     def gain_base(self, sweep_baseline: dict[str, float]) -> dict[str, float]:
         """The baseline scores this trial's gains are measured against."""
-        return self.baseline or sweep_baseline
+        return sweep_baseline if self.baseline is None else self.baseline
 
 
 # What a trial spent, as every trial reports it: budgets compare across methods by these (the
@@ -160,8 +161,7 @@ def leaderboard(run_dir: Path, metric: str | None = None) -> tuple[list[TrialRow
     metric, mode = metric_and_mode(state, metric)
     max_steps = cfg["base"]["train"]["max_train_steps"]
     rows = [_trial_row(t, metric, mode, max_steps) for t in read_trials(Path(run_dir))]
-    for r in rows:  # a trial sampled at another placement than the primary baseline's: its own
-        r.baseline = baseline_scores(state, r.placement) if r.placement in (state.get("baselines") or {}) else {}
+    assign_baselines(rows, state)
     reported = {k for r in rows for h in r.history for k in h}
     if reported and metric not in reported:
         raise SweepError(f"{run_dir}: no trial reported {metric!r}; reported metrics: "
@@ -183,6 +183,16 @@ def image_metrics(state: dict[str, Any]) -> list[str]:
     """The image scores this sweep's trials report (empty without ``evaluation.images``)."""
     images = state["config"]["evaluation"].get("images")
     return [*images["metrics"], "composite"] if images else []
+
+
+def assign_baselines(rows: list[TrialRow], state: dict[str, Any]) -> None:
+    """Give each trial the base model's scores at the placement it sampled with (sweeps/baseline.py):
+    those of ``state["baselines"]``; none (no gain shown) when the sweep has no baseline there; the
+    sweep's own when the trial recorded no placement (a sweep from before placements were kept)."""
+    baselines = state.get("baselines") or {}
+    for r in rows:
+        if r.placement is not None and baselines:
+            r.baseline = baseline_scores(state, r.placement) if r.placement in baselines else {}
 
 
 def baseline_scores(state: dict[str, Any], placement: str | None = None) -> dict[str, float]:
@@ -393,7 +403,7 @@ def export_best(run_dir: Path, dest: Path, metric: str | None = None, pareto: in
             "evaluator": (state.get("baseline") or {}).get("identity"),
             "samples": str(samples) if samples and samples.is_file() else None,
             "base_model": cfg["base"]["model"]["source"], "base_model_identity": state["base_model_identity"],
-            "cache_key": state["cache_key"], "sweep_file": state.get("sweep_file"),
+            "cache_key": _trained_on(ckpt, state), "sweep_file": state.get("sweep_file"),
             "package_version": state.get("package_version"), "run_dir": str(Path(run_dir).resolve()),
             "checkpoint": str(ckpt), **why,
             "why": why["why"] if why["picked_by"] == "manual" else
@@ -408,6 +418,15 @@ def export_best(run_dir: Path, dest: Path, metric: str | None = None, pareto: in
     info["files"] = _export_weights(ckpt, dest, state, row.method, provenance)
     atomic_write_text(dest / "best.json", json.dumps(info, indent=1, default=str))
     return info
+
+
+def _trained_on(ckpt: Path, state: dict[str, Any]) -> str:
+    """The latent cache key of the data the checkpoint was trained on (its data variant's, when the
+    sweep searched data keys), from its own trainer state; else the sweep's first cache key."""
+    try:
+        return str(json.loads((ckpt / "trainer_state.json").read_text())["dataset_key"])
+    except (OSError, ValueError, KeyError):
+        return state["cache_key"]
 
 
 def _heldout_entry(run_dir: Path, label: str) -> dict[str, Any] | None:

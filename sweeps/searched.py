@@ -50,11 +50,15 @@ def refusal(key: str) -> str | None:
 
 
 def check_searched_keys(space: Any, source: str) -> None:
-    """Refuse a compiled ``SearchSpace`` that searches a key a trial cannot change, or a data key
-    as a range (each value would need its own latent cache)."""
+    """Refuse a compiled ``SearchSpace`` that searches a key a trial cannot change (the sweep's, or
+    one its method builds once for every trial: ``Trainer.fixed_keys``), or a data key as a range
+    (each value would need its own latent cache)."""
+    from trainers import get_trainer_class  # here: `sdsweep results` imports this module, light
+
     for method, entries in zip(space.methods, space.entries):
+        own = get_trainer_class(method).fixed_keys
         for p in entries:
-            why = refusal(p.key)
+            why = own.get(p.key) or refusal(p.key)
             if why is not None:
                 raise ConfigError(f"{source}: search space of {method} searches {p.key!r}, which a trial cannot "
                                   f"change: {why}")

@@ -209,7 +209,7 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: dict[str,
     started, started_at = time.perf_counter(), time.time()
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per checkpoint otherwise
     trial_dir = storage_trial_dir()
-    if _already_failed_on_device(trial_dir):
+    if _already_failed(trial_dir):
         return
     trainer = None
     failure: str | None = None
@@ -227,9 +227,15 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: dict[str,
         if trainer.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.device)  # reused workers: per-trial peak
         checkpoint = tune.get_checkpoint()
+        finished = False
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
-                trainer.load_checkpoint(resumable_checkpoint(trial_dir, Path(d)))
+                restored = resumable_checkpoint(trial_dir, Path(d))
+                trainer.load_checkpoint(restored)
+                finished = restored != Path(d)  # only a finished trial's checkpoints lose their resume tensors
+        if finished or trainer.global_step >= trainer.cfg.max_train_steps:
+            _report_end_again(trainer, trial_dir)  # completed, stopped by the scheduler: never trained on
+            return
         evaluator = worker_evaluator(cfg, trainer.device)
         setup_s = time.perf_counter() - started
         _train_and_report(trainer, cfg, evaluator, trial_dir, setup_s=setup_s, model_reused=reused,
@@ -272,14 +278,15 @@ def _append_own_row(trial_dir: Path, metrics: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def _already_failed_on_device(trial_dir: Path) -> bool:
-    """On Ray's retry of a trial whose worker was replaced: re-report its error, do not train."""
+def _already_failed(trial_dir: Path) -> bool:
+    """A trial that already ended with an error in its own code (its error file exists): re-report
+    the error, do not train. Reached on Ray's retry of a trial whose worker was replaced after a
+    sticky CUDA error, and on a resumed sweep whose driver was killed before Tune's experiment
+    state recorded the error (errors are never retried, whatever restarts the trial)."""
     path = trial_dir / ERROR_FILE
     if not path.is_file():
         return False
     info = json.loads(path.read_text())
-    if not info.get("worker_replaced"):
-        return False
     tune.report({"trial_status": "error", "error_type": info["error_type"], "error": info["error"],
                  "step": info["step"]})
     return True
@@ -292,7 +299,8 @@ def resumable_checkpoint(trial_dir: Path, given: Path) -> Path:
     state recorded it: :class:`KeepResumeStateInNewest` had already dropped them from every
     checkpoint but the newest, and the restored state names an older one (seen in the kill -9 e2e
     test). The newest checkpoint that still has them is then the trial's own last state, with
-    every step before it reported; :func:`_train_and_report` reports its end again.
+    every step before it reported; :func:`run_trial` reports its end again and never trains on
+    (the scheduler may have stopped the trial before its last step: it stays stopped).
     """
     if (given / STATE_TENSORS).is_file() or not trial_dir.is_dir():
         return given
@@ -301,8 +309,9 @@ def resumable_checkpoint(trial_dir: Path, given: Path) -> Path:
 
 
 def _report_end_again(trainer: Any, trial_dir: Path) -> None:
-    """A restored trial that had already reached its last step: report that step's row again (Tune
-    and Optuna then see it completed; the readers and W&B keep each step once).
+    """A restored trial that had already finished (reached its last step, or was stopped by the
+    scheduler): report its last row again, as it ended (Tune and Optuna then see it completed, or
+    stopped: PRUNED; the readers and W&B keep each step once).
 
     Without a checkpoint: its checkpoints are all on disk, and Tune would persist one reported here
     as the checkpoint after the one it restored (an older one, :func:`resumable_checkpoint`),
@@ -311,16 +320,15 @@ def _report_end_again(trainer: Any, trial_dir: Path) -> None:
     rows = [r for r in trial_rows(trial_dir) if r.get("step") == trainer.global_step and "trial_status" in r]
     metrics = {k: v for k, v in (rows[-1] if rows else {"step": trainer.global_step}).items()
                if k not in ("trial_id", "pid") and not isinstance(v, dict)}
-    metrics.update(trial_status="completed", reported_at=time.time())
+    if trainer.global_step >= trainer.cfg.max_train_steps:
+        metrics["trial_status"] = "completed"
+    metrics["reported_at"] = time.time()
     tune.report(metrics)
 
 
 def _train_and_report(trainer: Any, cfg: SweepConfig, evaluator: Evaluator | None, trial_dir: Path, *,
                       setup_s: float, model_reused: bool, started_at: float) -> None:
     every, total = cfg.evaluation.every, trainer.cfg.max_train_steps
-    if trainer.global_step >= total:  # restored a finished trial (resumable_checkpoint)
-        _report_end_again(trainer, trial_dir)
-        return
     samples_per_step = trainer.examples_per_step  # examples through the UNet: images_seen's unit
     first = True
     while trainer.global_step < total:

@@ -75,3 +75,10 @@ def test_relative_paths_everywhere_in_a_sweep_become_absolute_against_the_workin
     monkeypatch.chdir(Path("/"))
     run = trial_run_config(cfg, {"method": "dreambooth"})
     assert run.settings.class_data_path == expect["classes"] and run.data.path == expect["imgs"]
+
+
+def test_a_home_relative_path_is_expanded_once_at_load():
+    from trainers.paths import absolute_path
+
+    assert absolute_path("~/photos", Path("/elsewhere")) == os.path.expanduser("~/photos")
+    assert absolute_path("builtin:demo", Path("/elsewhere")) == "builtin:demo"

@@ -103,7 +103,9 @@ def test_each_checkpoint_is_written_once_in_the_run_directory_holding_each_tenso
         assert ckpts
         for c in ckpts:
             files = {str(f.relative_to(c)) for f in c.rglob("*") if f.is_file()}
-            newest = c == ckpts[-1]  # KeepResumeStateInNewest dropped the others' resume tensors
+            # Resume tensors only in a completed trial's last checkpoint (no optimizer state in it):
+            # KeepResumeStateInNewest dropped the others', sweeps/checkpoint_keeping.py a stopped trial's newest.
+            newest = c == ckpts[-1] and not json.loads((c / "trainer_state.json").read_text())["optimizer_state"]
             assert files == base | ({"trainer_state.safetensors"} if newest else set()), (c, files)
             last = json.loads((c / "trainer_state.json").read_text())["step"] == 600
             want = checkpoint_bytes(unet, None, ema=False, design="after", last=last)

@@ -52,3 +52,20 @@ def test_resume_with_a_changed_dataset_is_refused_before_any_encode(ray_local, t
     assert not (run_dir / "baseline").exists(), "the baseline was scored before the refusal"
     assert (run_dir / SWEEP_STATE).read_text() == before
     assert json.loads(before)["cache_builds"] == []
+
+
+def test_resume_names_what_changed_among_the_data_configurations(tmp_path) -> None:
+    from sweeps.driver import _refuse_changed_data
+    from sweeps.results import SweepError
+
+    recorded = {"a": ["k1", None], "b": ["k2", None]}
+    with pytest.raises(SweepError, match="data configurations the search space produces changed"):
+        _refuse_changed_data(tmp_path, recorded, {"a": ["k1", None]})
+    with pytest.raises(SweepError, match=r"dataset or base model changed .*cache key k3"):
+        _refuse_changed_data(tmp_path, recorded, {"a": ["k1", None], "b": ["k3", None]})
+    with pytest.raises(SweepError, match="validation images .* changed"):
+        _refuse_changed_data(tmp_path, recorded, {"a": ["k1", None], "b": ["k2", "v"]})
+    _refuse_changed_data(tmp_path, recorded, {"a": ["k1", None], "b": ["k2", None]})  # nothing changed
+    # A sweep from before data variants recorded its base data's keys only.
+    with pytest.raises(SweepError, match=r"started before searched data.\* keys took effect .* 2 data configurations"):
+        _refuse_changed_data(tmp_path, {"a": ["k1", None]}, recorded, recorded=False)

@@ -53,3 +53,49 @@ def test_a_retrained_step_still_replaces_its_earlier_report_and_errors_replace_e
     # A worker replaced after a CUDA error: Ray's retry reports the same error again.
     rows = [_eval(10, 0.2), _error(10), _error(10)]
     assert [(r["step"], r["trial_status"]) for r in once_per_step(rows)] == [(10, "running"), (10, "error")]
+
+
+def test_each_trials_gain_is_over_the_base_model_at_its_own_placement_or_none():
+    from sweeps.results import TrialRow, assign_baselines
+
+    bf16, fp32 = "cuda unet=bfloat16 ...", "cuda unet=float32 ..."
+    state = {"baseline": {"scores": {"composite": 0.1}},
+             "baselines": {bf16: {"scores": {"composite": 0.1}}, fp32: {"scores": {"composite": 0.3}}}}
+    rows = [TrialRow("a", "completed", "lora", {}, placement=bf16),
+            TrialRow("b", "completed", "dreambooth", {}, placement=fp32),
+            TrialRow("c", "completed", "dreambooth", {}, placement="cuda unet=float16 ..."),  # no baseline there
+            TrialRow("d", "completed", "lora", {})]  # recorded no placement (an older sweep)
+    assign_baselines(rows, state)
+    sweep = state["baseline"]["scores"]
+    assert [r.gain_base(sweep).get("composite") for r in rows] == [0.1, 0.3, None, 0.1]
+    older = {"baseline": {"scores": {"composite": 0.1}}}  # a sweep without per-placement baselines
+    assign_baselines(rows := [TrialRow("e", "completed", "lora", {}, placement=bf16)], older)
+    assert rows[0].gain_base(older["baseline"]["scores"]) == {"composite": 0.1}
+
+
+def test_a_restored_trial_that_had_finished_reports_its_end_as_it_ended(tmp_path, monkeypatch):
+    """A trial the scheduler stopped at step 20 of 40, restored after a driver kill: its end is
+    reported again as it ended (still running: Optuna PRUNED, the leaderboard "stopped"), never as
+    completed; a trial restored at its last step reports completed; an errored one its error."""
+    from types import SimpleNamespace
+
+    from ray import tune
+
+    from sweeps import trial
+    from sweeps.constants import ERROR_FILE
+
+    told: list[dict] = []
+    monkeypatch.setattr(tune, "report", lambda metrics, **kw: told.append(metrics))
+    _write(tmp_path / "result.json", [_eval(10, 0.2), _eval(20, 0.5)])
+    stopped = SimpleNamespace(global_step=20, cfg=SimpleNamespace(max_train_steps=40))
+    trial._report_end_again(stopped, tmp_path)
+    done = SimpleNamespace(global_step=20, cfg=SimpleNamespace(max_train_steps=20))
+    trial._report_end_again(done, tmp_path)
+    assert [(t["step"], t["trial_status"], t["composite"]) for t in told] == [(20, "running", 0.5),
+                                                                              (20, "completed", 0.5)]
+    told.clear()
+    assert not trial._already_failed(tmp_path)
+    (tmp_path / ERROR_FILE).write_text(json.dumps({"error_type": "NonFiniteLossError", "error": "nan", "step": 20,
+                                                   "worker_replaced": False}))
+    assert trial._already_failed(tmp_path)  # an errored trial is never trained again, whatever restarts it
+    assert told == [{"trial_status": "error", "error_type": "NonFiniteLossError", "error": "nan", "step": 20}]

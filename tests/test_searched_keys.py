@@ -19,6 +19,12 @@ from sweeps.config import load_sweep
 from trainers.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
+# Image evaluation on the tiny model (one prompt, one seed): what ranks trials trained on different
+# data configurations (a loss measured on each trial's own latents would not compare).
+IMAGES = {"every": 10, "images": {"generation": {"prompts": ["a photo of {token}"], "token": "sks toy", "seeds": [0],
+                                                 "steps": 2},
+                                  "clip": "builtin:tiny-clip", "metrics": ["clip_t", "clip_i"]},
+          "confirm": None}
 
 
 def _sweep(tmp_path: Path, params: dict, **over) -> Path:
@@ -57,11 +63,27 @@ def test_a_key_no_trial_can_change_is_refused_at_load_naming_it(tmp_path, key, w
         load_sweep(path)
 
 
+def test_a_key_its_method_builds_once_for_every_trial_is_refused(tmp_path):
+    path = _sweep(tmp_path, {}, search={"spaces": [{"method": "dreambooth", "params": {
+        "dreambooth.class_prompt": {"type": "categorical", "choices": ["a dog", "a photo of a dog"]}}}]})
+    with pytest.raises(ConfigError, match=r"searches 'dreambooth.class_prompt', which a trial cannot change: "
+                                          r"a sweep draws .* class images once"):
+        load_sweep(path)
+
+
+def test_a_loss_does_not_rank_trials_trained_on_different_data_configurations(tmp_path):
+    path = _sweep(tmp_path, {"data.resolution": {"type": "categorical", "choices": [32, 64]}})
+    with pytest.raises(ConfigError, match=r"ranks by fixed_train_loss, but .* 2 data configurations "
+                                          r"\(data.resolution\).*rank by an image score"):
+        load_sweep(path)
+
+
 def test_a_data_key_searched_as_a_range_or_an_invalid_data_combination_is_refused(tmp_path):
-    path = _sweep(tmp_path, {"data.resolution": {"type": "int", "low": 32, "high": 64, "step": 8}})
+    path = _sweep(tmp_path, {"data.resolution": {"type": "int", "low": 32, "high": 64, "step": 8}},
+                  evaluation=IMAGES)
     with pytest.raises(ConfigError, match=r"'data.resolution' as a range.*its own latent cache.*categorical"):
         load_sweep(path)
-    path = _sweep(tmp_path, {"data.resolution": {"type": "categorical", "choices": [32, 60]}})
+    path = _sweep(tmp_path, {"data.resolution": {"type": "categorical", "choices": [32, 60]}}, evaluation=IMAGES)
     with pytest.raises(ConfigError, match=r"data.resolution=60 is not a valid data section.*multiple of 8"):
         load_sweep(path)
 
@@ -119,7 +141,7 @@ def test_searched_resolution_and_steps_take_effect_in_each_trial(tmp_path):
         "data.resolution": {"type": "categorical", "choices": [32, 64], "default": 64},
         "train.max_train_steps": {"type": "categorical", "choices": [20, 40], "default": 20},
         "train.learning_rate": {"type": "float", "low": 1.0e-4, "high": 1.0e-3, "log": True, "default": 3.0e-4}},
-        search=None)
+        search=None, evaluation=IMAGES)
     run_dir, cache = tmp_path / "runs" / "run", tmp_path / "cache"
     env = {**os.environ, "SDSWEEP_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}

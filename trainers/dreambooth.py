@@ -121,6 +121,11 @@ class DreamBoothTrainer(Trainer):
     # ----- prior preservation ---------------------------------------------------------------------
 
     extra_data_keys = ("dreambooth.prior_loss_weight", "dreambooth.num_class_images")
+    fixed_keys = {f"dreambooth.{k}": "a sweep draws (or reads) its class images once, from the base section's "
+                                     "settings, for every trial; set it under base.dreambooth, or run one sweep "
+                                     "per value"
+                  for k in ("class_prompt", "class_data_path", "class_sampler", "class_steps",
+                            "class_guidance_scale", "class_seed")}
     dtype_keys = ("dreambooth.train_text_encoder",)  # the text encoder samples in fp32 when trained
 
     @classmethod

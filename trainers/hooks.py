@@ -31,6 +31,11 @@ class MethodHooks(abc.ABC):
     # once for the largest value its search space can give each of them.
     extra_data_keys: ClassVar[tuple[str, ...]] = ()
 
+    # Run-config keys of this method that a sweep builds once for all its trials (its extra data
+    # beyond ``extra_data_keys``), with why and the fix: a search space may not search them
+    # (``sweeps.searched.check_searched_keys``), since every trial would get the one build.
+    fixed_keys: ClassVar[dict[str, str]] = {}
+
 
     @abc.abstractmethod
     def configure_trainable(self) -> list[dict[str, Any]]:

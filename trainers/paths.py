@@ -68,8 +68,10 @@ MAYBE_PATH: dict[str, str] = {PATH_KIND: "maybe"}
 def absolute_path(value: str | None, root: Path, *, must_exist: bool = False) -> str | None:
     """``value`` made absolute against ``root`` (``builtin:`` names and absolute paths unchanged;
     with ``must_exist``, a value that names nothing under ``root`` stays as given: a Hub id)."""
-    if value is None or value.startswith("builtin:") or Path(value).expanduser().is_absolute():
+    if value is None or value.startswith("builtin:"):
         return value
+    if Path(value).expanduser().is_absolute():  # "~/data" too: no reader in a Ray task expands it
+        return str(Path(value).expanduser())
     candidate = root / Path(value).expanduser()
     if must_exist and not candidate.exists():
         return value
