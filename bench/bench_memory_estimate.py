@@ -50,7 +50,7 @@ def measure(resolution: int, batch: int, checkpointing: bool, channels: tuple[in
     import torch
     from diffusers import UNet2DConditionModel
 
-    from trainers.memory import training_activation_bytes
+    from trainers.activations import training_activation_bytes
 
     torch.set_num_threads(1)
     cfg = dict(block_out_channels=channels, cross_attention_dim=256, attention_head_dim=8, sample_size=resolution // 8)
