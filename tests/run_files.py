@@ -1,16 +1,34 @@
-"""Shared by the e2e tests: readers for what a finished sweep left in its run directory, and the
-browser-side tools that look at it (headless Chromium, optuna-dashboard)."""
+"""Shared by the e2e tests: readers for what a finished sweep left in its run directory, the
+browser-side tools that look at it (headless Chromium, optuna-dashboard), and killing a driver."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a driver started in a session of its own and every process it started (its Ray),
+    and nothing else: not `ray stop --force`, which would also kill a Ray this pytest process uses."""
+    import psutil
+
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=60)
+    psutil.wait_procs(tree, timeout=60)
 
 
 def wandb_steps(run_dir: Path, trial_dir: Path) -> list[int]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from run_files import kill_tree
 from sweeps.checkpoint_keeping import restore_points, superfluous
 from trainers.checkpoints import STATE_JSON
 
@@ -33,20 +33,6 @@ LOSS = {10: 0.1, 20: 0.5, 30: 0.6, 40: 0.7, 50: 0.8, 60: 0.9}  # as in frozen_dr
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
 
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver and the Ray it started, nothing else (never `ray stop`)."""
-    import psutil
-
-    tree = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)
-    for child in tree:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=60)
-    psutil.wait_procs(tree, timeout=60)
 
 
 def _run_then_kill(parent: Path, moment: str, keep: int) -> Path:
@@ -63,7 +49,7 @@ def _run_then_kill(parent: Path, moment: str, keep: int) -> Path:
             assert time.time() < deadline, f"the driver never reached '{moment}'"
             time.sleep(0.2)
     finally:
-        _kill_tree(proc)
+        kill_tree(proc)
     (trial,) = [d for d in (parent / "exp").iterdir() if d.is_dir() and d.name.startswith("trainable_")]
     return trial
 
@@ -191,7 +177,7 @@ def test_a_trial_that_finished_unrecorded_is_reported_again_without_rewriting_a_
             assert time.time() < deadline, "the sweep never froze"
             time.sleep(0.3)
     finally:
-        _kill_tree(proc)
+        kill_tree(proc)
     (trial,) = [d for d in run_dir.iterdir() if d.is_dir() and (d / "params.json").is_file()]
     point = restore_points(run_dir)[trial.name]
     assert (point.status, point.step) == ("RUNNING", 20)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from run_files import wandb_steps
+from run_files import kill_tree, wandb_steps
 
 pytestmark = pytest.mark.slow
 
@@ -203,21 +202,6 @@ def test_sweep_ranks_trials_fails_the_impossible_one_exports_the_best_and_logs_t
             assert vals and min(vals) == pytest.approx(r.best)
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver and every process it started (its Ray), and nothing else: not
-    `ray stop --force`, which would also kill a Ray runtime this pytest process is using."""
-    import psutil
-
-    tree = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)
-    for child in tree:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=60)
-    psutil.wait_procs(tree, timeout=60)
-
 
 def test_kill_9_the_driver_then_resume_finishes_without_rerunning(tmp_path):
     # A continuous axis: a searcher that replayed its proposals after resume would repeat values.
@@ -248,7 +232,7 @@ def test_kill_9_the_driver_then_resume_finishes_without_rerunning(tmp_path):
             break
         assert proc.poll() is None, "the sweep ended before it could be killed mid-way"
     assert done_before, "the sweep never reached a state with a finished and a running trial"
-    _kill_tree(proc)
+    kill_tree(proc)
     before = {t.name: _rows(t) for t in _trial_dirs(run_dir)}
     recorded = _recorded_steps(run_dir)  # what Tune's experiment state holds when the driver died
 
@@ -337,7 +321,9 @@ def _image_sweep(tmp_path: Path) -> Path:
         evaluation={"every": 10, "objectives": ["clip_t", "clip_i"], "images": {
             "generation": {"prompts": ["a photo of {token}", "{token} on a beach"], "token": "sks toy",
                            "seeds": [0, 1], "steps": 3},
-            "metrics": ["clip_t", "clip_i"], "clip": "builtin:tiny-clip"}},
+            "metrics": ["clip_t", "clip_i"], "clip": "builtin:tiny-clip"},
+            # The held-out confirmation (~17 s of a tiny sweep) is checked by tests/test_report.py.
+            "confirm": None},
         checkpoints_to_keep=1)
 
 
