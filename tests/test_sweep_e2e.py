@@ -96,10 +96,20 @@ def _assert_resumed_from_recorded(name: str, old: list[dict], new: list[dict], f
     last result it recorded, which can be one report ahead, sweeps/checkpoint_keeping.py) and
     appends the restored trial's reports to the ``result.json`` it had: ``new`` is ``old``
     unchanged, then the steps after ``from_step``. Those reported before the kill too are trained
-    again from that checkpoint (sweeps/rows.py): bit-exactly. Nothing earlier is retrained."""
+    again from that checkpoint (sweeps/rows.py): bit-exactly. Nothing earlier is retrained.
+
+    ``from_step`` 0 (the state named no checkpoint: the kill came before the trial's first one was
+    in a saved snapshot): the trial starts afresh, and ``result.json`` holds the new run's rows
+    only -- Tune's logger writes it in the new driver session's staging folder and syncs it over
+    the stored one, and copies the stored one back only with a checkpoint
+    (``LoggerCallback._restore_from_remote``). The steps reported before the kill are then all
+    retrained, bit-exactly."""
     steps = [r["step"] for r in new]
-    assert new[: len(old)] == old, f"{name}: the rows reported before the kill changed: {steps}"
-    again = new[len(old):]
+    if from_step:
+        assert new[: len(old)] == old, f"{name}: the rows reported before the kill changed: {steps}"
+        again = new[len(old):]
+    else:
+        again = new
     assert [r["step"] for r in again] == list(range(from_step + 10, 61, 10)), \
         f"{name}: not resumed from the checkpoint Tune named, at step {from_step}: {steps}"
     for r_old in (r for r in old if r["step"] > from_step):  # reported before the kill, trained again after it
