@@ -161,8 +161,8 @@ def test_a_worker_node_killed_mid_trial_the_trial_resumes_on_another_node(cluste
     trial_id = rows[0]["trial_id"]
     said = [ln for ln in text.splitlines() if ln.startswith(f"trial {trial_id}:")]
     # The line names the checkpoint Tune held when the node died: at or past the one its saved state
-    # named then, not past the last step the trial had written when it died. Restored from it, not from the start: the
-    # first report (step EVERY, long checkpointed) is in Tune's result.json once.
+    # named then, not past the last step the trial had written when it died. Restored from it, not
+    # from the start: the first report (step EVERY, long checkpointed) is in Tune's result.json once.
     assert len(said) == 1 and "requeued from its checkpoint at step " in said[0], said
     named = int(said[0].split("requeued from its checkpoint at step ")[1].split()[0])
     assert held <= named <= last_written and named % EVERY == 0, (held, named, last_written)
