@@ -13,9 +13,9 @@ fit (``sweeps/plan.py``). The estimate is built from the model's own architectur
 * **Activations** are the bytes autograd saves for the backward pass of one training forward,
   measured (``trainers/activations.py``) by running the real diffusers UNet (and, when it is
   trained, the text encoder) on meta tensors under a saved-tensor hook, at the trial's batch
-  (doubled by DreamBooth's prior preservation), resolution and compute dtype, with the trial's gradient checkpointing. Attention
-  is counted as a fused kernel keeps it (PyTorch's SDPA flash / memory-efficient path on a GPU:
-  q, k, v, the output and its log-sum-exp; never the L x L matrix). With gradient checkpointing
+  (doubled by DreamBooth's prior preservation), resolution and compute dtype, with the trial's
+  gradient checkpointing. Attention is counted as a fused kernel keeps it (PyTorch's SDPA flash /
+  memory-efficient path on a GPU: q, k, v, the output and its log-sum-exp; never the L x L matrix). With gradient checkpointing
   the UNet keeps each checkpointed block's inputs, and the backward recomputes one block at a
   time: the largest block's own saved bytes are added once.
 * Mixed precision follows CUDA autocast's rules on the meta device: linear layers, convolutions
