@@ -15,9 +15,9 @@ fit (``sweeps/plan.py``). The estimate is built from the model's own architectur
   trained, the text encoder) on meta tensors under a saved-tensor hook, at the trial's batch
   (doubled by DreamBooth's prior preservation), resolution and compute dtype, with the trial's
   gradient checkpointing. Attention is counted as a fused kernel keeps it (PyTorch's SDPA flash /
-  memory-efficient path on a GPU: q, k, v, the output and its log-sum-exp; never the L x L matrix). With gradient checkpointing
-  the UNet keeps each checkpointed block's inputs, and the backward recomputes one block at a
-  time: the largest block's own saved bytes are added once.
+  memory-efficient path on a GPU: q, k, v, the output and its log-sum-exp; never the L x L
+  matrix). With gradient checkpointing the UNet keeps each checkpointed block's inputs, and the
+  backward recomputes one block at a time: the largest block's own saved bytes are added once.
 * Mixed precision follows CUDA autocast's rules on the meta device: linear layers, convolutions
   and attention compute in bf16/fp16 (fp32 weights, DreamBooth's UNet, are cast to a copy that is
   saved for the backward), group and layer norm in fp32 (so the activations around them are fp32).
