@@ -33,7 +33,7 @@ one() {  # name, test selector, wall limit (s), run number
   python3 -c $'import os\nos.setsid()\nwhile True: pass' & local l2=$!
   local t0 load0
   t0=$(date +%s); load0=$(cut -d' ' -f1 /proc/loadavg)
-  PYTHONPATH=$REPO timeout "$limit" python3 -m pytest "$sel" -q -p no:cacheprovider -o timeout="$PYTEST_TIMEOUT" \
+  PYTHONPATH=$REPO timeout "$limit" python3 -m pytest "$sel" -n 0 -q -p no:cacheprovider -o timeout="$PYTEST_TIMEOUT" \
     -o cache_dir="$OUT/.pytest_cache" > "$OUT/$name-$i.txt" 2>&1
   local rc=$?
   kill "$l1" "$l2"; wait "$l1" "$l2" 2>/dev/null

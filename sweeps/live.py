@@ -17,6 +17,7 @@ the cache progress comes from the cache task (``sweeps.cache_task.build_cache``,
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -54,8 +55,9 @@ class LiveConsole(Callback):
     """Tune callback printing the live view (module docstring)."""
 
     def __init__(self, cfg: Any, stream: TextIO | None = None, tty: bool | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, width: int | None = None) -> None:
         self.stream = stream or sys.stdout
+        self.width = width  # None: the terminal's own width, read at each redraw
         self.tty = self.stream.isatty() if tty is None else tty
         self.clock = clock
         self.started = clock()
@@ -83,7 +85,7 @@ class LiveConsole(Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.stream, self.clock = sys.stdout, time.monotonic
-        self.tty = self.stream.isatty()
+        self.tty, self.width = self.stream.isatty(), None  # the new process's terminal
         self.started = self.last_draw = self.last_status = self.clock()
 
     # ----- the cache task's stages ---------------------------------------------------------------
@@ -211,8 +213,15 @@ class LiveConsole(Callback):
             self.last_status = now
             self._write(self.header() + "\n")
 
+    def _columns(self) -> int:
+        """The width of the terminal this console writes to (not of whatever stdout is)."""
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns
+        except (AttributeError, OSError, ValueError):  # no file behind the stream, or not a terminal
+            return shutil.get_terminal_size((120, 24)).columns
+
     def _draw(self) -> None:
-        width = shutil.get_terminal_size((120, 24)).columns
+        width = self.width or self._columns()
         lines = [self.header()] + [self.trial_line(t, r) for t, r in sorted(self.running.items())]
         self._write("".join(line[:width - 1] + "\n" for line in lines))
         self.drawn = len(lines)

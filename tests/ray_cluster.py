@@ -67,7 +67,11 @@ class LocalCluster:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def _start(self, args: list[str], log: str, hide: Path | None = None) -> subprocess.Popen:
-        cmd = ["ray", "start", "--block", "--node-ip-address=127.0.0.1", f"--object-store-memory={self.store}", *args]
+        # Each node's dashboard agent on a port of its own: Ray's default (52365) is one per machine,
+        # and a node whose agent cannot bind it serves no HTTP (on the head: `ray job submit` then
+        # answers "No available agent" for good). Seen with a second Ray on the machine.
+        cmd = ["ray", "start", "--block", "--node-ip-address=127.0.0.1", f"--object-store-memory={self.store}",
+               f"--dashboard-agent-listen-port={_free_port()}", *args]
         if hide is not None:
             # A node on a filesystem of its own: in a private mount namespace, `hide` is an empty
             # tmpfs, so nothing the driver writes under it is visible there (as on a second machine).

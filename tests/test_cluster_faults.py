@@ -261,8 +261,9 @@ def test_ray_job_submit_runs_a_sweep_from_the_working_directory(cluster, tmp_pat
     deadline = time.time() + 180
     while True:
         proc = subprocess.run(cmd, cwd=REPO, env=cluster_env(), capture_output=True, text=True, timeout=900)
-        # Refused before anything ran while the head's job agent is not up yet (seen under load):
-        # Ray's own answer is "please try again later".
+        # Refused before anything ran while the head's job agent is not up yet: Ray's own answer is
+        # "please try again later". (It stays refused if the agent could not bind its port, which
+        # tests/ray_cluster.py now gives each node.)
         if "No available agent to submit job" not in proc.stderr or time.time() > deadline:
             break
         time.sleep(5)

@@ -31,9 +31,12 @@ DEMO = REPO / "sweeps" / "configs" / "demo-dreambooth.yaml"
 
 
 @pytest.fixture(scope="module")
-def db_run(tmp_path_factory: pytest.TempPathFactory, sdsweep_cache: Path) -> tuple[Path, str]:
+def db_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     run_dir = tmp_path_factory.mktemp("db-demo") / "run"
-    return run_dir, run_shipped_sweep(DEMO, run_dir, sdsweep_cache, persist_log=run_dir.parent / "persist.jsonl")
+    # A cache of its own: the mixed demo draws the same class images (same prompt, model and count),
+    # and what this sweep drew must not depend on which of the two ran first.
+    cache = tmp_path_factory.mktemp("db-demo-cache")
+    return run_dir, run_shipped_sweep(DEMO, run_dir, cache, persist_log=run_dir.parent / "persist.jsonl")
 
 
 def test_class_images_were_drawn_once_for_the_largest_searched_count_and_shared(db_run):

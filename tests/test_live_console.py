@@ -76,7 +76,7 @@ def _play(console: LiveConsole, clock: Clock) -> None:
 
 def test_on_a_terminal_the_block_is_redrawn_in_place() -> None:
     out, clock = io.StringIO(), Clock()
-    console = LiveConsole(_cfg(), stream=out, tty=True, clock=clock)
+    console = LiveConsole(_cfg(), stream=out, tty=True, clock=clock, width=WIDTH)
     _play(console, clock)
     screen = pyte.Screen(WIDTH, HEIGHT)
     pyte.Stream(screen).feed(out.getvalue())  # as a terminal with its LF -> CRLF translation off shows it
