@@ -1,0 +1,101 @@
+"""Probe for issue 21 item 1 (not yet a build stage): can the toy world's CLIP become competent on
+*generated* images without touching the diffusion model?
+
+Refines only the CLIP's vision tower and projection (the text tower is frozen, so the diffusion
+model's text encoder -- a copy of it -- and everything trained on it stay bit-identical) on fresh
+renders, the same renders passed through the toy VAE, and the base model's own drawings of the
+trained shapes (seeds 1000.., labelled by the prompt that drew them; never a star drawing, never a
+checker verdict). Classification against the frozen text embeddings of all 150 captions.
+Measures, before and after: zero-shot shape accuracy (the five shape captions with the asked
+colours) on the base model's drawings of every trained prompt at the gate seeds 0-3 (480 images,
+seeds the refinement never saw), on fresh renders and on VAE-passed renders, and the build's
+true-vs-swapped caption AUC gate.
+
+    python bench/clip_vision_refine_probe.py THREADS STEPS GEN_SEEDS   # e.g. 2 800 8 (~5 min)
+"""
+import sys, time
+import numpy as np, torch
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sweeps.cli import quiet_libraries
+quiet_libraries()
+from trainers.scoring_models import load_clip
+from trainers.toyworld import weights_dir
+from trainers.toyworld.scenes import make_scenes, SHAPES, caption, parse_caption, all_triples, to_tensor_range
+from trainers.toyworld.vae import reconstruct
+from trainers.toyworld.clip import normalize_pixels
+from trainers.models import load_base_model
+from trainers.evaluate import EvalSettings, generate
+from trainers.toyworld.gates import trained_prompts, clip_auc
+
+torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
+STEPS = int(sys.argv[2]) if len(sys.argv) > 2 else 800
+GEN_SEEDS = int(sys.argv[3]) if len(sys.argv) > 3 else 8
+root = weights_dir()
+clip, tok, proc = load_clip(str(root / "clip"))
+model = load_base_model(str(root))
+texts = [caption(*t) for t in all_triples()]
+row = {t: i for i, t in enumerate(texts)}
+with torch.no_grad():
+    enc = tok(texts, padding=True, return_tensors="pt")
+    T = clip.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).pooler_output
+    T = torch.nn.functional.normalize(T, dim=-1)
+
+def to_np(pils): return np.stack([np.asarray(p.convert("RGB")) for p in pils])
+def gen(seeds):
+    g = generate(model, EvalSettings(prompts=tuple(trained_prompts()), seeds=tuple(seeds), sampler="ddim", steps=25,
+                                     guidance_scale=5.0, resolution=32, batch_size=64))
+    return to_np([x.image for x in g]), [x.prompt for x in g]
+
+@torch.no_grad()
+def zero_shot(images, prompts):
+    img = torch.nn.functional.normalize(clip.get_image_features(pixel_values=normalize_pixels(images)).pooler_output, dim=-1)
+    right = 0
+    for i, p in enumerate(prompts):
+        s, c, b = parse_caption(p)
+        cand = [row[caption(o, c, b)] for o in SHAPES]
+        right += SHAPES[int((T[cand] @ img[i]).argmax())] == s
+    return right / len(prompts)
+
+t0 = time.time()
+ev_imgs, ev_prompts = gen(range(4))          # the gate's seeds
+print(f"gen eval {time.time()-t0:.0f}s", flush=True)
+fresh = make_scenes(2, seed=777)
+vae = model.vae
+def vae_pass(images):
+    x = torch.from_numpy(to_tensor_range(images))
+    r = reconstruct(vae, x)
+    return ((r.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+fresh_vae = vae_pass(fresh.images)
+before = {"gen": zero_shot(ev_imgs, ev_prompts), "renders": zero_shot(fresh.images, fresh.captions),
+          "vae_renders": zero_shot(fresh_vae, fresh.captions), "auc": clip_auc(clip, tok, proc, fresh)}
+print("before", before, flush=True)
+
+t0 = time.time()
+R = make_scenes(20, seed=303)
+RV = vae_pass(R.images)
+G, Gp = gen(range(1000, 1000 + GEN_SEEDS)) if GEN_SEEDS else (np.zeros((0, 32, 32, 3), np.uint8), [])
+print(f"data {time.time()-t0:.0f}s: {len(R)} renders, {len(G)} generations", flush=True)
+imgs = np.concatenate([R.images, RV, G]) if len(G) else np.concatenate([R.images, RV])
+labels = torch.tensor([row[c] for c in R.captions] * 2 + [row[p] for p in Gp])
+pix = normalize_pixels(imgs)
+for p in clip.text_model.parameters(): p.requires_grad_(False)
+for p in clip.text_projection.parameters(): p.requires_grad_(False)
+params = list(clip.vision_model.parameters()) + list(clip.visual_projection.parameters())
+opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.05)
+sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-4, total_steps=STEPS, pct_start=0.1)
+g = torch.Generator().manual_seed(0)
+scale = clip.logit_scale.exp().detach()
+clip.train(); t0 = time.time()
+for step in range(STEPS):
+    idx = torch.randint(0, len(pix), (128,), generator=g)
+    x = pix[idx]
+    if torch.rand((), generator=g) < 0.5: x = x.flip(-1)
+    img = torch.nn.functional.normalize(clip.get_image_features(pixel_values=x).pooler_output, dim=-1)
+    loss = torch.nn.functional.cross_entropy(scale * img @ T.T, labels[idx])
+    opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+    if step % 100 == 0: print(f"step {step} loss {loss.item():.3f} {time.time()-t0:.0f}s", flush=True)
+clip.eval()
+after = {"gen": zero_shot(ev_imgs, ev_prompts), "renders": zero_shot(fresh.images, fresh.captions),
+         "vae_renders": zero_shot(fresh_vae, fresh.captions), "auc": clip_auc(clip, tok, proc, fresh)}
+print("after", after, flush=True)
