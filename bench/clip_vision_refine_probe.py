@@ -11,7 +11,7 @@ colours) on the base model's drawings of every trained prompt at the gate seeds 
 seeds the refinement never saw), on fresh renders and on VAE-passed renders, and the build's
 true-vs-swapped caption AUC gate.
 
-    python bench/clip_vision_refine_probe.py THREADS STEPS GEN_SEEDS   # e.g. 2 800 8 (~5 min)
+    python bench/clip_vision_refine_probe.py THREADS STEPS GEN_SEEDS [OUT.pt]   # e.g. 2 800 8 (~5 min)
 """
 import sys, time
 import numpy as np, torch
@@ -99,3 +99,5 @@ clip.eval()
 after = {"gen": zero_shot(ev_imgs, ev_prompts), "renders": zero_shot(fresh.images, fresh.captions),
          "vae_renders": zero_shot(fresh_vae, fresh.captions), "auc": clip_auc(clip, tok, proc, fresh)}
 print("after", after, flush=True)
+if len(sys.argv) > 4:
+    torch.save(clip.state_dict(), sys.argv[4])
