@@ -5,8 +5,8 @@ lets the checker judge each image, and reports per-image AUC against the checker
 per-checkpoint Spearman against the concept rate, for CLIP-I (references raw or VAE-passed) and
 the zero-shot star probability, with the shipped CLIP and two refined ones.
 
-    python bench/clip_vision_refine_probe.py 2 800 0 A.pt; python bench/clip_vision_refine_probe.py 2 800 8 B.pt
-    python bench/clip_star_auc_probe.py RUN_DIR A.pt B.pt
+    python bench/clip_vision_refine_probe.py 2 800 0 A.safetensors; python bench/clip_vision_refine_probe.py 2 800 8 B.safetensors
+    python bench/clip_star_auc_probe.py RUN_DIR A.safetensors B.safetensors
 """
 import sys, json
 from pathlib import Path
@@ -15,8 +15,9 @@ from sweeps.cli import quiet_libraries
 quiet_libraries()
 import numpy as np, torch
 from PIL import Image
+from safetensors.torch import load_model
 from scipy.stats import spearmanr
-from bench_demo_heldout import prompts, KNOWN
+from bench_demo_heldout import prompts
 from trainers import get_trainer_class
 from trainers.evaluate import EvalSettings, generate
 from trainers.metrics import get_metric
@@ -27,8 +28,8 @@ from trainers.toyworld import weights_dir
 from trainers.toyworld.concept import TOKEN
 from trainers.toyworld.gates import auc
 from trainers.toyworld.clip import normalize_pixels
-from trainers.toyworld.scenes import to_tensor_range, SHAPES, caption, parse_caption
-from trainers.toyworld.vae import reconstruct
+from trainers.toyworld.scenes import SHAPES, caption, parse_caption
+from trainers.toyworld.vae import round_trip_images
 
 torch.set_num_threads(2)
 run = Path(sys.argv[1])
@@ -36,13 +37,10 @@ model = load_base_model("builtin:toyworld")
 clips = {}
 for name, pt in (("shipped", None), ("refined_r+v", sys.argv[2]), ("refined_r+v+g", sys.argv[3])):
     c, tok, _ = load_clip(str(weights_dir() / "clip"))
-    if pt: c.load_state_dict(torch.load(pt))
+    if pt: load_model(c, pt)
     clips[name] = c.eval()
 refs = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(Path(resolve_data_path("builtin:toystar")).glob("*.png"))])
-def vae_pass(images):
-    r = reconstruct(model.vae, torch.from_numpy(to_tensor_range(images)))
-    return ((r + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-refs_v = vae_pass(refs)
+refs_v = round_trip_images(model.vae, refs)
 @torch.no_grad()
 def emb(c, imgs): return torch.nn.functional.normalize(c.get_image_features(pixel_values=normalize_pixels(imgs)).pooler_output, dim=-1)
 ref_e = {(n, v): emb(c, r) for n, c in clips.items() for v, r in (("raw", refs), ("vae", refs_v))}

@@ -11,7 +11,7 @@ colours) on the base model's drawings of every trained prompt at the gate seeds 
 seeds the refinement never saw), on fresh renders and on VAE-passed renders, and the build's
 true-vs-swapped caption AUC gate.
 
-    python bench/clip_vision_refine_probe.py THREADS STEPS GEN_SEEDS [OUT.pt]   # e.g. 2 800 8 (~5 min)
+    python bench/clip_vision_refine_probe.py THREADS STEPS GEN_SEEDS [OUT.safetensors]   # e.g. 2 800 8 (~5 min)
 """
 import sys, time
 import numpy as np, torch
@@ -21,8 +21,8 @@ from sweeps.cli import quiet_libraries
 quiet_libraries()
 from trainers.scoring_models import load_clip
 from trainers.toyworld import weights_dir
-from trainers.toyworld.scenes import make_scenes, SHAPES, caption, parse_caption, all_triples, to_tensor_range
-from trainers.toyworld.vae import reconstruct
+from trainers.toyworld.scenes import make_scenes, SHAPES, caption, parse_caption, all_triples
+from trainers.toyworld.vae import round_trip_images
 from trainers.toyworld.clip import normalize_pixels
 from trainers.models import load_base_model
 from trainers.evaluate import EvalSettings, generate
@@ -62,10 +62,7 @@ ev_imgs, ev_prompts = gen(range(4))          # the gate's seeds
 print(f"gen eval {time.time()-t0:.0f}s", flush=True)
 fresh = make_scenes(2, seed=777)
 vae = model.vae
-def vae_pass(images):
-    x = torch.from_numpy(to_tensor_range(images))
-    r = reconstruct(vae, x)
-    return ((r.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+def vae_pass(images): return round_trip_images(vae, images)
 fresh_vae = vae_pass(fresh.images)
 before = {"gen": zero_shot(ev_imgs, ev_prompts), "renders": zero_shot(fresh.images, fresh.captions),
           "vae_renders": zero_shot(fresh_vae, fresh.captions), "auc": clip_auc(clip, tok, proc, fresh)}
@@ -100,4 +97,5 @@ after = {"gen": zero_shot(ev_imgs, ev_prompts), "renders": zero_shot(fresh.image
          "vae_renders": zero_shot(fresh_vae, fresh.captions), "auc": clip_auc(clip, tok, proc, fresh)}
 print("after", after, flush=True)
 if len(sys.argv) > 4:
-    torch.save(clip.state_dict(), sys.argv[4])
+    from safetensors.torch import save_model
+    save_model(clip, sys.argv[4])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
@@ -95,3 +96,10 @@ def reconstruct(vae: Any, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """Decode the posterior means of ``x``: the VAE's best reconstruction, in [-1, 1]."""
     out = [vae.decode(vae.encode(x[i : i + chunk]).latent_dist.mean).sample for i in range(0, len(x), chunk)]
     return torch.cat(out).clamp(-1, 1)
+
+
+def round_trip_images(vae: Any, images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) images through the VAE and back (:func:`reconstruct`), as uint8: what a
+    generated image's pixels have been through, for comparing like with like."""
+    out = reconstruct(vae, torch.from_numpy(to_tensor_range(images)))
+    return ((out + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
