@@ -9,7 +9,9 @@ By default (Ray Tune's own tables only with ``--verbose``):
   short hyperparameters, a bar of its steps, its last score); a line above it when a trial starts
   or ends (completed, stopped early by the scheduler at step N, errored with its one-line reason);
 * anywhere else (a CI log, a pipe, ``nohup``): the same start and end lines and the header as
-  plain lines, the header at most every ``PLAIN_STATUS_S`` seconds; no control codes.
+  plain lines; the header after a trial ends (at most every ``PLAIN_STATUS_S`` seconds) and
+  whenever nothing was printed for ``PLAIN_QUIET_S`` seconds, so a log's length follows what
+  happened, not how slow the machine was; no control codes.
 
 The trial lines come from Tune's callback hooks on the driver (this module never reads files);
 the cache progress comes from the cache task (``sweeps.cache_task.build_cache``, ``on_progress``).
@@ -29,7 +31,8 @@ from search_spaces.space import QUALIFIER
 from sweeps.board import compact, short_names
 from sweeps.searched import trial_value
 
-PLAIN_STATUS_S = 30.0  # without a terminal, the header line at most this often
+PLAIN_STATUS_S = 30.0  # without a terminal, the header line after a trial ends at most this often
+PLAIN_QUIET_S = 300.0  # without a terminal, the header line when nothing was printed for this long
 REDRAW_S = 0.5  # on a terminal, the block is redrawn at most this often
 BAR = 20  # characters of a trial's step bar
 
@@ -70,7 +73,8 @@ class LiveConsole(Callback):
         self.best: tuple[float, str, int] | None = None
         self.drawn = 0  # lines of the live block on screen (terminal mode)
         self.last_draw = 0.0
-        self.last_status = clock()
+        self.last_status = self.last_line = clock()
+        self.ended_since_status = False  # a trial ended since the last plain header
         self.stages: dict[str, tuple[int, int]] = {}
         self.names: dict[str, str] = {}
         self.steps_of: dict[str, int] = {}
@@ -86,7 +90,7 @@ class LiveConsole(Callback):
         self.__dict__.update(state)
         self.stream, self.clock = sys.stdout, time.monotonic
         self.tty, self.width = self.stream.isatty(), None  # the new process's terminal
-        self.started = self.last_draw = self.last_status = self.clock()
+        self.started = self.last_draw = self.last_status = self.last_line = self.clock()
 
     # ----- the cache task's stages ---------------------------------------------------------------
 
@@ -141,6 +145,7 @@ class LiveConsole(Callback):
         else:
             why, ended = f"stopped by {self.scheduler.upper()} at step {row['step']}", "stopped"
         self.done[trial.trial_id] = ended
+        self.ended_since_status = True
         best = row.get("best")
         score = f", best {self.metric} {compact(best[0])} @{best[1]}" if best else ""
         self._event(f"end   {trial.trial_id}  {row.get('method', '')}  {why}{score}")
@@ -148,6 +153,7 @@ class LiveConsole(Callback):
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         row = self.running.pop(trial.trial_id, {"method": ""})
         self.done[trial.trial_id] = "errored"
+        self.ended_since_status = True
         self._event(f"end   {trial.trial_id}  {row.get('method', '')}  lost its worker, no retries left "
                     f"(traceback: {trial.error_file})")
 
@@ -209,8 +215,9 @@ class LiveConsole(Callback):
             if now - self.last_draw >= REDRAW_S:
                 self._clear()
                 self._draw()
-        elif now - self.last_status >= PLAIN_STATUS_S:
-            self.last_status = now
+        elif ((self.ended_since_status and now - self.last_status >= PLAIN_STATUS_S)
+              or now - self.last_line >= PLAIN_QUIET_S):
+            self.last_status, self.ended_since_status = now, False
             self._write(self.header() + "\n")
 
     def _columns(self) -> int:
@@ -239,3 +246,4 @@ class LiveConsole(Callback):
             text = text.replace("\r\n", "\n").replace("\n", "\r\n")
         self.stream.write(text)
         self.stream.flush()
+        self.last_line = self.clock()

@@ -116,11 +116,33 @@ def test_without_a_terminal_plain_lines_only() -> None:
     assert lines[:2] == ["encode images    [#####...............] 2/8", "encode images    [####################] 8/8"]
     assert sum(line.startswith("start ") for line in lines) == 3
     assert sum(line.startswith("end ") for line in lines) == 2
-    # the header at most every PLAIN_STATUS_S (40 s between results here), and once at the end
+    # the header after the ends (b's, then c's under PLAIN_STATUS_S later: deferred to the next
+    # result), and once at the end
     headers = [line for line in lines if line.startswith("trials ")]
-    assert 2 <= len(headers) <= 5, lines
+    assert [h.split(" |")[0] for h in headers] == ["trials 1 done (1 stopped), 1 running, 1 left",
+                                                    "trials 2 done (1 stopped, 1 errored), 1 running, 0 left",
+                                                    "trials 2 done (1 stopped, 1 errored), 1 running, 0 left"], lines
     assert headers[-1].startswith("trials 2 done (1 stopped, 1 errored), 1 running, 0 left")
     assert not any(line.startswith("  a1") for line in lines)  # no per-trial bars in a log
+
+
+def test_without_a_terminal_a_slow_machine_does_not_lengthen_the_log() -> None:
+    """Results every 40 s for an hour and no trial ending: a header line each PLAIN_QUIET_S of
+    silence (the log's length follows what happened, not the machine's speed)."""
+    from sweeps.live import PLAIN_QUIET_S
+
+    out, clock = io.StringIO(), Clock()
+    console = LiveConsole(_cfg(), stream=out, tty=False, clock=clock)
+    a = FakeTrial("a1", {"method": "lora", "train.learning_rate": 3e-3, "lora.rank": 8})
+    console.on_trial_start(0, [], a)
+    for step in range(90):  # 3600 s
+        clock.t += 40
+        console.on_trial_result(0, [], a, {"step": step, "fixed_train_loss": 0.5, "trial_status": "running"})
+        console.on_step_end(0, [])
+    headers = [line for line in out.getvalue().splitlines() if line.startswith("trials ")]
+    # printed at the first result at least PLAIN_QUIET_S after the previous line: every 320 s
+    assert len(headers) == 3600 // (PLAIN_QUIET_S + 20), headers
+    assert headers[0].startswith("trials 0 done, 1 running, ") and "| 5m20s" in headers[0], headers
 
 
 def test_a_mixed_sweeps_trial_shows_each_parameter_once() -> None:
