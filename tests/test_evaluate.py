@@ -329,3 +329,42 @@ def test_evaluator_scores_writes_samples_and_records_what_the_scores_depend_on(t
     # The same checkpoint, prompts and seeds give the same scores (paired comparisons).
     again = ev.Evaluator(cfg, refs).run(tiny_model)
     assert again.scores == rec.scores and again.identity == rec.identity
+
+
+def test_vae_round_trip_is_diffusers_own_reconstruction(tiny_model) -> None:
+    """Against diffusers' AutoencoderKL.forward (encode, the posterior's mode, decode) and the
+    pipeline's own postprocessing (VaeImageProcessor, as every generated image is written)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    images = [_noise_image(1), _gradient_image()]
+    got = ev.vae_round_trip(tiny_model.vae, images)
+    x = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) for im in images]) / 127.5 - 1
+    with torch.no_grad():
+        y = tiny_model.vae(x, sample_posterior=False).sample
+    expected = VaeImageProcessor().postprocess(y, output_type="pil")
+    for a, b in zip(got, expected):
+        assert a.size == b.size and np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
+    assert np.abs(np.asarray(got[0], np.int16) - np.asarray(images[0], np.int16)).mean() > 1  # it did change them
+
+
+def test_reference_vae_scores_against_the_references_after_the_models_vae(tiny_model) -> None:
+    """`reference_vae: true`: clip_i compares each image with the references passed through the
+    model's VAE once (and only once for every later evaluation); false: with the references."""
+    refs = [_noise_image(3), _gradient_image()]
+    settings = EvalSettings(prompts=("a red cube",), seeds=(0, 1), **FAST)
+    records = {}
+    for flag in (False, True):
+        cfg = ev.EvaluatorConfig(generation=settings, metrics=("clip_i",), clip=CLIP, reference_vae=flag)
+        evaluator = ev.Evaluator(cfg, refs)
+        records[flag] = evaluator.run(tiny_model)
+        if flag:
+            passed = evaluator._vae_references
+            assert passed is not None and evaluator.run(tiny_model).scores == records[flag].scores
+            assert evaluator._vae_references is passed  # one round trip per evaluator
+    images = [g.image for g in records[True].images]
+    metric = get_metric("clip_i", clip=CLIP)
+    assert records[False].scores["clip_i"] == pytest.approx(metric.score(images, ["a red cube"] * 2, refs).value, abs=1e-6)
+    assert records[True].scores["clip_i"] == pytest.approx(
+        metric.score(images, ["a red cube"] * 2, ev.vae_round_trip(tiny_model.vae, refs)).value, abs=1e-6)
+    assert records[True].scores["clip_i"] != pytest.approx(records[False].scores["clip_i"], abs=1e-6)
+    assert records[True].identity["settings"]["reference_vae"] is True

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, NamedTuple, Sequence
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, SchedulerMixin
 from diffusers.utils import make_image_grid
@@ -167,6 +168,24 @@ def generate(model: BaseModel, settings: EvalSettings, prediction_type: str | No
     return out
 
 
+@torch.no_grad()
+def vae_round_trip(vae: torch.nn.Module, images: Sequence[Image.Image], chunk: int = 8) -> list[Image.Image]:
+    """``images`` encoded by ``vae`` and decoded from the posterior mean, on the VAE's device and
+    in its dtype, back to 8-bit RGB as the pipeline writes its output: what every generated
+    image's pixels have been through, so a reference compares like with like."""
+    param = next(vae.parameters())
+    out: list[Image.Image] = []
+    with _eval_mode(vae):
+        for i in range(0, len(images), chunk):
+            x = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+                             for im in images[i : i + chunk]])
+            x = (x.to(param.device, torch.float32) / 127.5 - 1).to(param.dtype)
+            y = vae.decode(vae.encode(x).latent_dist.mean).sample  # type: ignore[attr-defined]
+            y = ((y.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            out.extend(Image.fromarray(a) for a in y)
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Evaluator: generate + score, with everything needed to reproduce and compare the scores
 # --------------------------------------------------------------------------------------------
@@ -187,6 +206,8 @@ class EvaluatorConfig(Frozen):
     weights: dict[str, float] | None = None
     references: str | None = Field(None, description="folder of reference images; default: the training images",
                                    json_schema_extra=LOCAL_PATH)
+    reference_vae: bool = Field(False, description="pass the reference images through the model's own VAE "
+                                "(encode, decode) before clip_i / dino embed them, as every generated image was")
     # Ground truth (concept_rate, prior_kept): a judge of generated images and what the concept
     # token means to it. Only the toy world has one (docs/TOYWORLD.md).
     checker: str | None = Field(None, description="ground-truth checker: builtin:toyworld or a checker directory",
@@ -257,6 +278,9 @@ class Evaluator:
     def __init__(self, cfg: EvaluatorConfig, references: Sequence[Image.Image],
                  device: torch.device | str = "cpu") -> None:
         self.cfg, self.references = cfg, References(references)
+        # ``reference_vae``: the references after the model's VAE, made at the first evaluation.
+        # Every method keeps the base VAE frozen, so one round trip serves every checkpoint.
+        self._vae_references: References | None = None
         self.device = torch.device(device)
         self.metrics = [get_metric(n, clip=cfg.clip, vision=cfg.vision_model, checker=cfg.checker,
                                    token=cfg.generation.token, concept=cfg.concept, device=self.device)
@@ -284,11 +308,18 @@ class Evaluator:
         picked = [i for i, p in enumerate(prompts) if token and token in p]
         return picked if picked else list(range(len(prompts)))
 
-    def _score(self, metric: Metric, pils: list[Image.Image], prompts: list[str]) -> MetricResult:
+    def _references_for(self, model: BaseModel) -> References:
+        if not self.cfg.reference_vae:
+            return self.references
+        if self._vae_references is None:
+            self._vae_references = References(vae_round_trip(model.vae, self.references.images))
+        return self._vae_references
+
+    def _score(self, metric: Metric, pils: list[Image.Image], prompts: list[str], references: References) -> MetricResult:
         if not metric.subject_only:
-            return metric.score(pils, prompts, self.references)
+            return metric.score(pils, prompts, references)
         picked = self._subject_images(prompts)
-        r = metric.score([pils[i] for i in picked], [prompts[i] for i in picked], self.references)
+        r = metric.score([pils[i] for i in picked], [prompts[i] for i in picked], references)
         per_item: list[float | None] = [None] * len(pils)
         for i, v in zip(picked, r.per_item):
             per_item[i] = v
@@ -310,7 +341,8 @@ class Evaluator:
             images = generate(model, self.cfg.generation, prediction_type)
         t1 = time.perf_counter()
         pils, prompts = [g.image for g in images], [g.prompt for g in images]
-        results = {m.name: self._score(m, pils, prompts) for m in self.metrics}
+        references = self._references_for(model)
+        results = {m.name: self._score(m, pils, prompts, references) for m in self.metrics}
         scores = {name: r.value for name, r in results.items()}
         scores[COMPOSITE] = composite(scores, self.cfg.composite_weights())
         rows = [{"prompt": g.prompt, "seed": g.seed, **{n: r.per_item[i] for n, r in results.items()}}
