@@ -1,11 +1,11 @@
 """Probe for issue 21 item 1 (not yet a build stage): can the toy world's CLIP become competent on
 *generated* images without touching the diffusion model?
 
-Refines only the CLIP's vision tower and projection (the text tower is frozen, so the diffusion
-model's text encoder -- a copy of it -- and everything trained on it stay bit-identical) on fresh
-renders, the same renders passed through the toy VAE, and the base model's own drawings of the
-trained shapes (seeds 1000.., labelled by the prompt that drew them; never a star drawing, never a
-checker verdict). Classification against the frozen text embeddings of all 150 captions.
+Refines only the CLIP's vision tower and projection (``trainers.toyworld.clip.refine_vision``;
+the text tower is frozen, so the diffusion model's text encoder -- a copy of it -- and everything
+trained on it stay bit-identical) on fresh renders of the four trained shapes, the same renders
+passed through the toy VAE, and the base model's own drawings of the trained shapes (seeds 1000..,
+labelled by the prompt that drew them; never a star, never a checker verdict). Classification against the frozen text embeddings of all 150 captions.
 Measures, before and after: zero-shot shape accuracy (the five shape captions with the asked
 colours) on the base model's drawings of every trained prompt at the gate seeds 0-3 (480 images,
 seeds the refinement never saw), on fresh renders and on VAE-passed renders, and the build's
@@ -21,9 +21,9 @@ from sweeps.cli import quiet_libraries
 quiet_libraries()
 from trainers.scoring_models import load_clip
 from trainers.toyworld import weights_dir
-from trainers.toyworld.scenes import make_scenes, SHAPES, caption, parse_caption, all_triples
+from trainers.toyworld.scenes import make_scenes, SHAPES, caption, parse_caption, all_triples, training_shapes
 from trainers.toyworld.vae import round_trip_images
-from trainers.toyworld.clip import normalize_pixels
+from trainers.toyworld.clip import normalize_pixels, refine_vision
 from trainers.models import load_base_model
 from trainers.evaluate import EvalSettings, generate
 from trainers.toyworld.gates import trained_prompts, clip_auc
@@ -69,30 +69,13 @@ before = {"gen": zero_shot(ev_imgs, ev_prompts), "renders": zero_shot(fresh.imag
 print("before", before, flush=True)
 
 t0 = time.time()
-R = make_scenes(20, seed=303)
+R = make_scenes(20, seed=303, shapes=training_shapes())  # never a star
 RV = vae_pass(R.images)
 G, Gp = gen(range(1000, 1000 + GEN_SEEDS)) if GEN_SEEDS else (np.zeros((0, 32, 32, 3), np.uint8), [])
 print(f"data {time.time()-t0:.0f}s: {len(R)} renders, {len(G)} generations", flush=True)
 imgs = np.concatenate([R.images, RV, G]) if len(G) else np.concatenate([R.images, RV])
 labels = torch.tensor([row[c] for c in R.captions] * 2 + [row[p] for p in Gp])
-pix = normalize_pixels(imgs)
-for p in clip.text_model.parameters(): p.requires_grad_(False)
-for p in clip.text_projection.parameters(): p.requires_grad_(False)
-params = list(clip.vision_model.parameters()) + list(clip.visual_projection.parameters())
-opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.05)
-sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-4, total_steps=STEPS, pct_start=0.1)
-g = torch.Generator().manual_seed(0)
-scale = clip.logit_scale.exp().detach()
-clip.train(); t0 = time.time()
-for step in range(STEPS):
-    idx = torch.randint(0, len(pix), (128,), generator=g)
-    x = pix[idx]
-    if torch.rand((), generator=g) < 0.5: x = x.flip(-1)
-    img = torch.nn.functional.normalize(clip.get_image_features(pixel_values=x).pooler_output, dim=-1)
-    loss = torch.nn.functional.cross_entropy(scale * img @ T.T, labels[idx])
-    opt.zero_grad(); loss.backward(); opt.step(); sched.step()
-    if step % 100 == 0: print(f"step {step} loss {loss.item():.3f} {time.time()-t0:.0f}s", flush=True)
-clip.eval()
+clip = refine_vision(clip, imgs, labels, texts, STEPS, seed=0)
 after = {"gen": zero_shot(ev_imgs, ev_prompts), "renders": zero_shot(fresh.images, fresh.captions),
          "vae_renders": zero_shot(fresh_vae, fresh.captions), "auc": clip_auc(clip, tok, proc, fresh)}
 print("after", after, flush=True)

@@ -111,6 +111,51 @@ def train_clip(data: SceneSet, steps: int, seed: int, batch: int = 100, lr: floa
     return model
 
 
+def refine_vision(clip: CLIPModel, images: np.ndarray, caption_ids: torch.Tensor, captions: list[str], steps: int,
+                  seed: int, batch: int = 128, lr: float = 3e-4) -> CLIPModel:
+    """Teach the vision tower what generated images look like, against the frozen text tower.
+
+    ``images`` (uint8, N x 32 x 32 x 3) are renders, the same renders passed through the VAE and
+    the base model's drawings, each labelled by the caption that made it (``caption_ids`` into
+    ``captions``). Loss: cross-entropy of each image's similarity to every caption's (frozen)
+    text embedding, as CLIP scores zero-shot. The text tower, its projection and the temperature
+    do not change, so the diffusion model's text encoder (a copy of the text tower) stays valid.
+    """
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    frozen = [*clip.text_model.parameters(), *clip.text_projection.parameters(), clip.logit_scale]
+    for p in frozen:
+        p.requires_grad_(False)
+    with torch.no_grad():
+        enc = char_tokenizer()(captions, padding=True, return_tensors="pt")
+        text = clip.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).pooler_output
+        text = torch.nn.functional.normalize(text, dim=-1)
+    scale = clip.logit_scale.exp().detach()
+    pixels = normalize_pixels(images)
+    params = [*clip.vision_model.parameters(), *clip.visual_projection.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    clip.train()
+    t0 = time.time()
+    for step in range(steps):
+        idx = torch.randint(0, len(pixels), (batch,), generator=gen)
+        x = pixels[idx]
+        if torch.rand((), generator=gen) < 0.5:
+            x = x.flip(-1)
+        img = torch.nn.functional.normalize(clip.get_image_features(pixel_values=x).pooler_output, dim=-1)
+        loss = torch.nn.functional.cross_entropy(scale * img @ text.T, caption_ids[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 200 == 0 or step == steps - 1:
+            print(f"[clip-refine] step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+    for p in frozen:
+        p.requires_grad_(True)
+    clip.eval()
+    return clip
+
+
 def text_encoder_from(clip: CLIPModel) -> CLIPTextModel:
     """A standalone ``CLIPTextModel`` holding exactly ``clip``'s text tower weights."""
     te = CLIPTextModel(CLIPTextConfig(**text_config()))
