@@ -8,7 +8,7 @@ model's drawings of the trained prompts (seeds 1000..; unlabelled), then measure
     AUC of the DINO score (mean cosine to the 8 training stars, raw / VAE-passed) against the
     checker's verdicts, and per-checkpoint Spearman against the concept rate.
 
-    python bench/dino_probe.py THREADS STEPS GEN_SEEDS CACHE OUT_DIR [resnet|vit [TEMPERATURE [SUPPORT]]]   # e.g. 2 5000 8 lora_demo_gen d resnet 0.2 0
+    python bench/dino_probe.py THREADS STEPS GEN_SEEDS CACHE OUT_DIR [resnet|vit [TEMPERATURE [SUPPORT [SEED]]]]   # e.g. 2 1500 8 lora_demo_gen d resnet 0.2 0 0
 """
 import sys, json, time
 from pathlib import Path
@@ -33,6 +33,7 @@ STEPS, GEN_SEEDS, CACHE = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 ARCH = sys.argv[6] if len(sys.argv) > 6 else "resnet"
 TEMPERATURE = float(sys.argv[7]) if len(sys.argv) > 7 else 0.2
 SUPPORT = int(sys.argv[8]) if len(sys.argv) > 8 else 0  # > 0: NNCLR's support queue
+SEED = int(sys.argv[9]) if len(sys.argv) > 9 else 0  # the backbone's training seed
 model = load_base_model(str(weights_dir()))
 
 
@@ -46,7 +47,7 @@ meta = json.loads(Path(CACHE).with_suffix(".json").read_text())
 print(f"data {time.time() - t0:.0f}s: {len(images)} training images", flush=True)
 
 t0 = time.time()
-dino = train_dino(images, partner, STEPS, seed=0, batch=128, log_every=100, arch=ARCH, temperature=TEMPERATURE, support=SUPPORT)
+dino = train_dino(images, partner, STEPS, seed=SEED, batch=128, log_every=100, arch=ARCH, temperature=TEMPERATURE, support=SUPPORT)
 print(f"trained {STEPS} steps in {time.time() - t0:.0f}s", flush=True)
 
 gate = dino_shape_accuracy(dino, model, refs, range(4))

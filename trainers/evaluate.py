@@ -315,7 +315,9 @@ class Evaluator:
             self._vae_references = References(vae_round_trip(model.vae, self.references.images))
         return self._vae_references
 
-    def _score(self, metric: Metric, pils: list[Image.Image], prompts: list[str], references: References) -> MetricResult:
+    def _score(self, metric: Metric, pils: list[Image.Image], prompts: list[str],
+               references: References | None = None) -> MetricResult:
+        references = self.references if references is None else references
         if not metric.subject_only:
             return metric.score(pils, prompts, references)
         picked = self._subject_images(prompts)

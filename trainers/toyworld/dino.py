@@ -1,4 +1,4 @@
-"""The toy world's stand-in for DINO: a transformers ``Dinov2Model`` trained without labels.
+"""The toy world's stand-in for DINO: a transformers vision backbone trained without labels.
 
 Real subject-fidelity metrics (DreamBooth's DINO score) embed images with a self-supervised
 backbone that was trained on photos like the ones it judges. This one is trained the same way on
@@ -13,10 +13,12 @@ augmentations carry what the backbone must ignore: colour (a random affine map p
 included, channel permutation, grey), the VAE's softness (blur, noise) and framing (a random
 resized, slightly rotated crop, flips). What is left for it to tell apart is the shape.
 
-The saved directory is a standard transformers vision model (``config.json``,
+Two architectures: DINOv2's ViT (``Dinov2Model``, small) and a small ``ResNetModel``; at this
+scale only the ConvNet learns shapes in a few thousand CPU steps (docs/TOYWORLD.md, "The DINO
+stand-in"). The saved directory is a standard transformers vision model (``config.json``,
 ``model.safetensors``, ``preprocessor_config.json``) that ``trainers.scoring_models
-.load_vision_model`` loads like ``facebook/dinov2-base``; the metric uses the class token of the
-last hidden state.
+.load_vision_model`` loads like ``facebook/dinov2-base``; the metric uses a ViT's class token or a
+ConvNet's pooled output.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 class _Head(torch.nn.Module):
-    """SimCLR's projection head (training only; the saved backbone stops at the class token)."""
+    """SimCLR's projection head (training only; the saved backbone stops at the embedding)."""
 
     def __init__(self, dim: int, hidden: int = 256, out: int = 64) -> None:
         super().__init__()
@@ -137,7 +139,7 @@ def nearest_in(support: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 def train_dino(images: np.ndarray, partner: np.ndarray, steps: int, seed: int, batch: int = 256,
-               lr: float = 1e-3, temperature: float = 0.2, log_every: int = 0, arch: str = "vit",
+               lr: float = 1e-3, temperature: float = 0.2, log_every: int = 0, arch: str = "resnet",
                support: int = 0) -> torch.nn.Module:
     """Train the backbone on uint8 ``images`` (N, 32, 32, 3) without labels.
 
