@@ -99,7 +99,10 @@ def reconstruct(vae: Any, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
 
 
 def round_trip_images(vae: Any, images: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W, 3) images through the VAE and back (:func:`reconstruct`), as uint8: what a
-    generated image's pixels have been through, for comparing like with like."""
-    out = reconstruct(vae, torch.from_numpy(to_tensor_range(images)))
-    return ((out + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    """uint8 (N, H, W, 3) images through the VAE and back, as uint8: what a generated image's
+    pixels have been through (``trainers.evaluate.vae_round_trip``, the evaluator's own, on arrays)."""
+    from PIL import Image
+
+    from trainers.evaluate import vae_round_trip
+
+    return np.stack([np.asarray(im) for im in vae_round_trip(vae, [Image.fromarray(a) for a in images], chunk=256)])
