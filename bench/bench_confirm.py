@@ -27,7 +27,7 @@ from typing import Any
 import ray
 
 from sweeps.config import SweepConfig
-from sweeps.confirm import confirm_models, confirm_task
+from sweeps.confirm import assign_seed_sets, confirm_models, confirm_task
 from sweeps.results import read_state
 
 score_one = confirm_task._function  # the per-model body both ways run
@@ -50,7 +50,7 @@ def measure(way: str, cfg: SweepConfig, items: list[dict[str, Any]], cpus: int) 
             out = ray.get([confirm_task.options(**opts).remote(sweep, item) for item in items])
         else:
             out = ray.get(all_in_one_task.options(**opts).remote(sweep, items))
-        return time.perf_counter() - t0, [r["rows"] for r in out]
+        return time.perf_counter() - t0, [{k: v["rows"] for k, v in r.items()} for r in out]
     finally:
         ray.shutdown()
 
@@ -63,7 +63,9 @@ def main() -> None:
     args = ap.parse_args()
     cfg = SweepConfig.model_validate(read_state(args.run_dir)["config"])
     items = confirm_models(args.run_dir, cfg.evaluation.confirm.top_k)
-    n = len(cfg.evaluation.heldout_evaluator().generation.seeds) * len(cfg.evaluation.heldout_evaluator().generation.prompts)
+    assign_seed_sets(items, cfg.evaluation.confirm)
+    prompts = len(cfg.evaluation.heldout_evaluator().generation.prompts)
+    n = " / ".join(f"{prompts * sum(len(v) for v in i['seed_sets'].values())}" for i in items)
     print(f"{len(items)} models ({', '.join(i['label'] for i in items)}), {n} held-out images each, "
           f"{args.cpus} CPUs, task resources {cfg.resources.trial_task_options()}")
     times: dict[str, list[float]] = {"one task": [], "per model": []}

@@ -223,3 +223,21 @@ def paired_bootstrap(rows_a: Sequence[dict[str, Any]], rows_b: Sequence[dict[str
             "se_prompts": math.sqrt(out["var_prompts"]), "se_seeds": math.sqrt(out["var_seeds"]),
             "images_needed": None if per_prompt is None else len({p for p, _ in keys}) * per_prompt,
             "seeds_needed": per_prompt, "limit": limit, "method": METHOD}
+
+
+def seed_spread(rows: Sequence[dict[str, Any]], metrics: Sequence[str], target: str, weights: dict[str, float],
+                scales: Mapping[str, float] | None = None) -> float:
+    """The standard deviation, across seeds, of one model's ``target`` computed on one seed at a
+    time (every prompt's image at that seed): how much the score of an unchanged model moves from
+    one seed to the next. NaN with fewer than two seeds."""
+    if scales is None:
+        from trainers.metrics import METRICS
+
+        scales = {k: METRICS[k].scale for k in weights}
+    seeds = sorted({r["seed"] for r in rows})
+    if len(seeds) < 2:
+        return math.nan
+    by_seed = np.array([[1.0 if r["seed"] == s else 0.0 for r in rows] for s in seeds])
+    per_seed = _aggregate(_values(rows, metrics), by_seed, metrics, target, weights, scales)
+    per_seed = per_seed[~np.isnan(per_seed)]
+    return float(np.std(per_seed, ddof=1)) if per_seed.size > 1 else math.nan

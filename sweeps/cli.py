@@ -66,7 +66,7 @@ def print_results(run_dir: Path, metric: str | None = None, top: int = 10, wide:
     and nothing else; the table fits 120 columns (``top`` rows, 0: all) unless ``wide``. Returns the rows."""
     from sweeps import board
     from sweeps.results import baseline_scores, find_checkpoint, format_best_per_method, image_metrics, leaderboard
-    from sweeps.results import metric_and_mode, pareto_front, read_confirmation
+    from sweeps.results import confirmation_headline, metric_and_mode, pareto_front, read_confirmation
     from trainers.metric_modes import natural_mode
 
     rows, state = leaderboard(run_dir, metric)
@@ -92,8 +92,7 @@ def print_results(run_dir: Path, metric: str | None = None, top: int = 10, wide:
             say(line)
         say("  (`sdsweep best RUN_DIR --method NAME --export DIR` exports one method's best)")
     if confirmation:
-        say(f"held-out confirmation ({confirmation['images_per_model']} images per model on seeds never used "
-            f"for picking), winner {confirmation['winner']}:")
+        say(confirmation_headline(confirmation))
         for line in confirmation["verdict"]:
             say(f"  {line}")
     objectives = state["config"]["evaluation"].get("objectives")
@@ -115,7 +114,7 @@ def print_results(run_dir: Path, metric: str | None = None, top: int = 10, wide:
 def _finish_sweep(run: Any, export: str | None) -> int:
     """Print the leaderboard, export the best checkpoint, write the report, say how to sync W&B."""
     from sweeps.report import write_report
-    from sweeps.results import export_best
+    from sweeps.export import export_best
 
     print(f"\nrun directory: {run.run_dir}")
     print(f"latent cache: {run.cache_report['images_encoded']} images encoded, "
@@ -159,7 +158,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
 
 def _cmd_best(args: argparse.Namespace) -> int:
-    from sweeps.results import export_best
+    from sweeps.export import export_best
 
     if args.trial is not None and (args.pareto is not None or args.method is not None):
         raise ConfigError("--trial picks one checkpoint by hand; --pareto and --method choose among many: give one "

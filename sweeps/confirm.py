@@ -1,14 +1,20 @@
-"""Held-out confirmation: the sweep's top checkpoints and the base model, re-scored on evaluation
-seeds (and optionally prompts) that picking never saw, with paired bootstrap intervals.
+"""Held-out confirmation: the sweep's top checkpoints re-scored on evaluation seeds (and optionally
+prompts) that the sweep's evaluations never saw; the best of them there is the export, and its
+margins over the runner-up and the base model come from a third set of images that chose nothing.
 
 Why: the leaderboard's scores are the maxima over many checkpoints of noisy estimates on the same
-few images, so the winner's score is biased upwards (the winner's curse) and its margin over the
-runner-up may be noise. Re-scoring on fresh seeds removes that bias; resampling the prompts and the
-seeds (a two-way cluster bootstrap, :mod:`sweeps.bootstrap`) of the images -- the same images for
-every model, hence *paired* -- gives the margin's uncertainty.
+few images, so the winner's score is biased upwards (the winner's curse) and its lead over the
+runner-up may be noise. Choosing among the top K on fresh seeds (``pick_seeds``) removes the bias
+from the choice; the margins are then measured on other seeds (``seeds``), so choosing does not
+bias them either. Resampling the prompts and the seeds (a two-way cluster bootstrap,
+:mod:`sweeps.bootstrap`) of the images -- the same images for every model, hence *paired* -- gives
+each margin's uncertainty; a margin is "too close to call" while its interval reaches 0, and "no
+meaningful difference" when separated but smaller than ``min_effect`` times the score's spread
+between seeds of one model (:func:`sweeps.bootstrap.seed_spread`).
 
 Written to ``RUN_DIR/confirm/confirm.json`` (plus each model's images and scores.json under
-``RUN_DIR/confirm/<label>/``); ``sdsweep results``, ``best.json`` and the report read it back.
+``RUN_DIR/confirm/<label>/``, its pick-seed images under ``.../pick/``); ``sdsweep results``,
+``sdsweep best`` (which exports the confirmation's pick), ``best.json`` and the report read it back.
 """
 
 from __future__ import annotations
@@ -17,12 +23,13 @@ import json
 import math
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import ray
 
-from sweeps.bootstrap import paired_bootstrap
+from sweeps.bootstrap import paired_bootstrap, seed_spread
 from sweeps.config import SweepConfig, trial_run_config
+from sweeps.export import select_checkpoint
 from sweeps.results import (
     CONFIRM_DIR,
     CONFIRM_FILE,
@@ -32,9 +39,8 @@ from sweeps.results import (
     image_metrics,
     leaderboard,
     metric_and_mode,
-    read_confirmation,
-    select_checkpoint,
 )
+from trainers.metric_modes import natural_mode
 from trainers.tensor_files import atomic_write_text
 
 BASELINE = "baseline"
@@ -55,9 +61,9 @@ def _best_kept(row: TrialRow, metric: str, mode: str) -> tuple[dict[str, Any], P
 
 
 def candidates(run_dir: Path, top_k: int) -> list[dict[str, Any]]:
-    """The exported pick first (``select_checkpoint``), then the next best trials' best kept
+    """The leaderboard's pick first (``select_checkpoint`` without the confirmation), then the next best trials' best kept
     checkpoints in leaderboard order, ``top_k`` in all."""
-    win_row, win_eval, win_ckpt, _ = select_checkpoint(run_dir)
+    win_row, win_eval, win_ckpt, _ = select_checkpoint(run_dir, confirmed=False)
     rows, state = leaderboard(run_dir)
     metric, mode = metric_and_mode(state)
 
@@ -86,10 +92,11 @@ def candidates(run_dir: Path, top_k: int) -> list[dict[str, Any]]:
 @ray.remote
 def confirm_task(sweep: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
     """Generate and score one model (a checkpoint, or the base model for ``checkpoint: None``)
-    with the held-out evaluator; return its scores, per-image rows and files (as bytes, so the
-    driver writes them wherever this task ran). One task per model, so they run side by side
-    where the cluster has room; a worker that runs several loads the base model and the scoring
-    models once (``worker_model``, ``cached_evaluator``)."""
+    with the held-out evaluator, on each of its seed sets (``item["seed_sets"]``: ``pick`` for the
+    top K, ``report`` for every model); return ``{set: scores, per-image rows and files (as bytes,
+    so the driver writes them wherever this task ran)}``. One task per model, so they run side by
+    side where the cluster has room; a worker that runs several loads the base model and the
+    scoring models once (``worker_model``, ``cached_evaluator``)."""
     from sweeps.trial import cached_evaluator, place_base_model, score_to_files, worker_model
     from trainers import get_trainer_class
     from trainers.devices import run_placement
@@ -102,12 +109,15 @@ def confirm_task(sweep: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
     dtypes = get_trainer_class(run.method).base_dtypes(run.settings, where.weight_dtype)
     model, _ = worker_model(run.model, where.precision, dtypes)
     place_base_model(model, where, dtypes)
-    evaluator = cached_evaluator(cfg.evaluation.heldout_evaluator(), cfg.base.data, where.device)
     ckpt = item.get("checkpoint")
     loaded = get_trainer_class(item["method"]).loaded_for_evaluation(model, Path(ckpt)) if ckpt else nullcontext(model)
+    out = {}
     with loaded as sampled:
-        return score_to_files(evaluator, sampled, where, {"label": item["label"], "heldout": True},
-                              prediction_type=item.get("prediction_type"))
+        for name, seeds in item["seed_sets"].items():
+            evaluator = cached_evaluator(cfg.evaluation.heldout_evaluator(seeds), cfg.base.data, where.device)
+            out[name] = score_to_files(evaluator, sampled, where, {"label": item["label"], "heldout": name},
+                                       prediction_type=item.get("prediction_type"))
+    return out
 
 
 def _prediction_type(ckpt: Path) -> str | None:
@@ -121,16 +131,43 @@ def confirm_models(run_dir: Path, top_k: int) -> list[dict[str, Any]]:
     picked = candidates(run_dir, top_k)
     for item in picked:
         item["prediction_type"] = _prediction_type(Path(item["checkpoint"]))
-    # The base model samples as the winner did: its margin over the base model is the one reported.
-    return [*picked, {"label": BASELINE, "checkpoint": None, "method": None, "params": picked[0]["params"]}]
+    # The base model samples as each candidate does, once per way of sampling among them (one in a
+    # one-method sweep): the pick's margin over the base model is never a precision shift.
+    bases: dict[str, dict[str, Any]] = {}
+    for item in picked:
+        bases.setdefault(sampling_signature(item), {"checkpoint": None, "method": None, "params": item["params"]})
+    return [*picked, *({**b, "label": BASELINE if i == 0 else f"{BASELINE}-{i + 1}", "signature": sig}
+                       for i, (sig, b) in enumerate(bases.items()))]
+
+
+def sampling_signature(item: dict[str, Any]) -> str:
+    """What decides how a candidate samples (its method, ``train.mixed_precision`` and its method's
+    ``Trainer.dtype_keys``, as its trial searched them): candidates with the same signature sample
+    the base model alike (``sweeps/baseline.py``)."""
+    from trainers import get_trainer_class
+
+    keys = ("train.mixed_precision", *get_trainer_class(item["method"]).dtype_keys)
+    return json.dumps([item["method"], *(item["params"].get(k) for k in keys)], default=str)
+
+
+def assign_seed_sets(models: list[dict[str, Any]], conf: Any) -> list[dict[str, Any]]:
+    """Give each model of :func:`confirm_models` its ``seed_sets`` (the top K: the pick seeds
+    when there is a choice, and the report seeds; the base model: the report seeds); return the
+    top K."""
+    picked = [m for m in models if m["checkpoint"] is not None]
+    pick_seeds, report_seeds = conf.seed_sets()
+    for item in models:
+        choosing = item["checkpoint"] is not None and len(picked) > 1 and pick_seeds
+        item["seed_sets"] = {"report": list(report_seeds), **({"pick": list(pick_seeds)} if choosing else {})}
+    return picked
 
 
 def confirm_sweep(cfg: SweepConfig, run_dir: Path) -> dict[str, Any] | None:
     """Run the held-out confirmation of a finished sweep and write ``confirm/confirm.json``.
 
     Returns the summary (None when the sweep has no image evaluation, confirmation is off, or no
-    trial was evaluated). The margin is of the sweep's metric when it is an image score, else of
-    the composite.
+    trial was evaluated). The pick and the margins are of the sweep's metric when it is an image
+    score, else of the composite.
     """
     ev, conf = cfg.evaluation, cfg.evaluation.confirm
     if ev.images is None or conf is None:
@@ -139,74 +176,131 @@ def confirm_sweep(cfg: SweepConfig, run_dir: Path) -> dict[str, Any] | None:
         models = confirm_models(run_dir, conf.top_k)
     except (ValueError, FileNotFoundError):  # no trial evaluated, or no checkpoint kept
         return None
-    picked = models[:-1]
+    picked = assign_seed_sets(models, conf)
     res = cfg.resources
     sweep = ray.put(cfg.model_dump(mode="json"))
     tasks = [confirm_task.options(**res.trial_task_options()).remote(sweep, item) for item in models]
-    scored = dict(zip((item["label"] for item in models), ray.get(tasks)))
+    every = dict(zip((item["label"] for item in models), ray.get(tasks)))
+    scored = {item["label"]: every[item["label"]] for item in picked}
+    # The base model as the pick samples is the one its margin is over; the others are dropped.
+    winner = confirmed_order(picked, scored, _target(cfg))[0]
+    base = next(m for m in models if m["checkpoint"] is None and m["signature"] == sampling_signature(winner))
+    scored[BASELINE] = every[base["label"]]
     out_dir = Path(run_dir) / CONFIRM_DIR
-    for label, rec in scored.items():
-        d = out_dir / label.replace("@", "-step-")
-        d.mkdir(parents=True, exist_ok=True)
-        for name, data in rec.pop("files").items():
-            (d / name).write_bytes(data)
-        rec["dir"] = str(d.relative_to(run_dir))
+    for label, recs in scored.items():
+        for name, rec in recs.items():
+            d = out_dir / label.replace("@", "-step-") / ("" if name == "report" else name)
+            d.mkdir(parents=True, exist_ok=True)
+            for file, data in rec.pop("files").items():
+                (d / file).write_bytes(data)
+            rec["dir"] = str(d.relative_to(run_dir))
     summary = summarize(cfg, picked, scored)
     atomic_write_text(out_dir / CONFIRM_FILE, json.dumps(summary, indent=1))
     return summary
 
 
+def _target(cfg: SweepConfig) -> str:
+    """What the confirmation picks by and reports: the sweep's metric when it is an image score,
+    else the composite."""
+    ev = cfg.evaluation
+    assert ev.images is not None
+    return ev.metric if ev.metric in ev.images.reported() else "composite"
+
+
+def confirmed_order(picked: list[dict[str, Any]], scored: dict[str, Any], target: str) -> list[dict[str, Any]]:
+    """The top K ordered by ``target`` on their pick seeds, best first (ties keep the leaderboard's
+    order); the leaderboard's order when nothing was scored on pick seeds."""
+    if not all("pick" in scored[item["label"]] for item in picked):
+        return list(picked)
+    sign = -1.0 if natural_mode(target) == "max" else 1.0
+    return sorted(picked, key=lambda item: sign * scored[item["label"]]["pick"]["scores"][target])
+
+
 def summarize(cfg: SweepConfig, picked: list[dict[str, Any]], scored: dict[str, Any]) -> dict[str, Any]:
-    """confirm.json: every model's held-out scores, the winner's margins with intervals, a verdict."""
+    """confirm.json: the pick (best of the top K on the pick seeds), every model's scores on the
+    report seeds, the pick's margins there with intervals and smallest meaningful differences, a
+    verdict."""
     ev, conf = cfg.evaluation, cfg.evaluation.confirm
     assert ev.images is not None and conf is not None
     metrics = list(ev.images.metrics)
-    target = ev.metric if ev.metric in ev.images.reported() else "composite"
+    target = _target(cfg)
     weights = ev.images.composite_weights()
     heldout = ev.heldout_evaluator().generation
-    winner = picked[0]["label"]
+    order = confirmed_order(picked, scored, target)
+    winner = order[0]["label"]
+    rows = {label: recs["report"]["rows"] for label, recs in scored.items()}
 
     def margin(other: str, what: str) -> dict[str, Any]:
-        stats = paired_bootstrap(scored[winner]["rows"], scored[other]["rows"], metrics, what, weights,
+        stats = paired_bootstrap(rows[winner], rows[other], metrics, what, weights,
                                  resamples=conf.bootstrap, confidence=conf.confidence)
-        return {"other": other, "metric": what, **stats}
+        spread = math.sqrt((seed_spread(rows[winner], metrics, what, weights) ** 2
+                            + seed_spread(rows[other], metrics, what, weights) ** 2) / 2)
+        smallest = conf.min_effect * spread
+        return {"other": other, "metric": what, **stats, "seed_spread": spread, "min_effect": conf.min_effect,
+                "min_difference": smallest, "call": call(stats, smallest)}
 
-    others = {"runner_up": picked[1]["label"]} if len(picked) > 1 else {}
+    others = {"runner_up": order[1]["label"]} if len(order) > 1 else {}
     others["baseline"] = BASELINE
     margins = {name: margin(label, target) for name, label in others.items()}
     by_metric = {name: {m: margin(label, m) for m in metrics} for name, label in others.items()}
-    models = [{**item, "heldout": scored[item["label"]]["scores"], "dir": scored[item["label"]]["dir"],
-               "placement": scored[item["label"]].get("placement_key")} for item in picked]
-    models.append({"label": BASELINE, "heldout": scored[BASELINE]["scores"], "dir": scored[BASELINE]["dir"],
-                   "placement": scored[BASELINE].get("placement_key")})
-    n = len(scored[winner]["rows"])
-    return {"metric": target, "winner": winner, "seeds": list(heldout.seeds), "prompts": list(heldout.prompts),
+
+    def entry(item: dict[str, Any]) -> dict[str, Any]:
+        recs = scored[item["label"]]
+        out = {**item, "heldout": recs["report"]["scores"], "dir": recs["report"]["dir"],
+               "placement": recs["report"].get("placement_key")}
+        if "pick" in recs:
+            out.update(pick=recs["pick"]["scores"], pick_dir=recs["pick"]["dir"])
+        return out
+
+    models = [entry(item) for item in order]
+    models.append(entry({"label": BASELINE}))
+    pick_seeds = sorted({r["seed"] for r in scored[winner].get("pick", {}).get("rows", [])})
+    n = len(rows[winner])
+    return {"metric": target, "winner": winner, "leaderboard_pick": picked[0]["label"],
+            "picked_by": "confirmation" if pick_seeds else "leaderboard",
+            "pick_seeds": pick_seeds, "pick_images_per_model": len(scored[winner].get("pick", {}).get("rows", [])),
+            "seeds": list(heldout.seeds), "prompts": list(heldout.prompts),
             "images_per_model": n, "prompts_count": len(heldout.prompts), "models": models,
-            "margins": margins, "margins_by_metric": by_metric,
+            "min_effect": conf.min_effect, "margins": margins, "margins_by_metric": by_metric,
             "verdict": verdict(margins, target, n, len(heldout.prompts))}
 
 
+def call(stats: dict[str, Any], smallest: float) -> str:
+    """What a margin says: ``too close to call`` (its interval reaches 0), ``no meaningful
+    difference`` (separated, but smaller than the smallest difference worth reporting), else
+    ``better`` or ``worse``."""
+    if not stats["separated"]:
+        return "too close to call"
+    if abs(stats["margin"]) < smallest:
+        return "no meaningful difference"
+    return "better" if stats["margin"] > 0 else "worse"
+
+
 def verdict(margins: dict[str, dict[str, Any]], metric: str, n: int, prompts: int) -> list[str]:
-    """One plain sentence per margin: separated or not, and what would separate it."""
+    """One plain sentence per margin: what it says, and what would separate it."""
     lines = []
     names = {"runner_up": "the runner-up", "baseline": "the base model"}
     for name, m in margins.items():
         pct = round(100 * m["confidence"])
         span = f"{m['margin']:+.4g} [{m['low']:+.4g}, {m['high']:+.4g}] ({pct}% CI, {n} held-out images)"
-        if m["separated"]:
-            lines.append(f"held-out {metric} margin over {names[name]}: {span}: the winner is "
-                         f"{'better' if m['margin'] > 0 else 'worse'}")
+        head = f"held-out {metric} margin over {names[name]}: {span}"
+        what = m.get("call") or call(m, 0.0)
+        if what in ("better", "worse"):
+            lines.append(f"{head}: the pick is {what}")
+        elif what == "no meaningful difference":
+            lines.append(f"{head}: no meaningful difference (separated, but smaller than {m['min_difference']:.3g}, "
+                         f"the smallest difference worth reporting: {m['min_effect']:g} x the "
+                         f"score's spread between seeds, {m['seed_spread']:.3g})")
         elif m["images_needed"] is None and m.get("limit"):  # more seeds alone would not separate it
-            lines.append(f"held-out {metric} margin over {names[name]}: {span}: indistinguishable at this "
-                         f"evaluation size; {m['limit']}")
+            lines.append(f"{head}: too close to call; {m['limit']}")
         elif m["images_needed"] is None:
-            lines.append(f"held-out {metric} margin over {names[name]}: {span}: no difference measured")
+            lines.append(f"{head}: too close to call (no difference measured)")
         elif m["images_needed"] <= n:
-            lines.append(f"held-out {metric} margin over {names[name]}: {span}: borderline at this evaluation "
-                         "size (the interval just reaches 0); a few more seeds per prompt would settle it")
+            lines.append(f"{head}: too close to call, borderline at this evaluation size (the interval just "
+                         "reaches 0); a few more seeds per prompt would settle it")
         else:
             per_prompt = math.ceil(m["images_needed"] / max(prompts, 1))
-            lines.append(f"held-out {metric} margin over {names[name]}: {span}: indistinguishable at this "
-                         f"evaluation size; about {m['images_needed']} images per model ({per_prompt} seeds "
-                         f"per prompt) would separate a margin this size")
+            lines.append(f"{head}: too close to call; about {m['images_needed']} images per model ({per_prompt} "
+                         f"seeds per prompt) would separate a margin this size")
     return lines
+

@@ -163,7 +163,8 @@ def write_sweep_text(args: Any) -> tuple[str, dict[str, Any]]:
               ]
     if builtin:
         lines.append("    clip: builtin:tiny-clip      # a test model; real sweeps use the default CLIP ViT-L/14")
-    lines += ["  confirm:                       # the top 3 and the base model again, on seeds never used to pick",
+    lines += ["  confirm:                       # the top 3 again on seeds never used (the best there is exported),",
+              "                                 # then with the base model on more seeds, for the margins",
               "    top_k: 3",
               f"resources: {{cpu: {1 if gpus else max(1, cpus // 2)}, gpu: {1 if gpus else 0}}}"
               "   # per trial; a fraction of a GPU packs trials (`sdsweep plan`)",
@@ -216,7 +217,8 @@ def cost_lines(cfg: Any) -> list[str]:
         held = 0
         if confirm is not None:
             prompts = confirm.prompts or images.generation.prompts
-            held = (confirm.top_k + 1) * len(prompts) * len(confirm.seeds)
+            pick, report = confirm.seed_sets()
+            held = len(prompts) * (confirm.top_k * len(pick) + (confirm.top_k + 1) * len(report))
         out.append(f"  images generated for evaluation: up to {evals * per_eval} ({evals} evaluations x {per_eval}), "
                    f"+{per_eval} for the baseline, +{held} for the held-out confirmation")
     out += extra_data_lines(cfg)

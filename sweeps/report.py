@@ -23,8 +23,9 @@ from urllib.parse import quote
 
 from PIL import Image
 
-from sweeps.results import (COST_HEAD, TrialRow, baseline_scores, best_per_method, find_checkpoint, format_cost,
-                            image_metrics, kept_steps, leaderboard, metric_and_mode, pareto_front, read_confirmation)
+from sweeps.results import (COST_HEAD, TrialRow, baseline_scores, best_per_method, confirmation_headline,
+                            find_checkpoint, format_cost, image_metrics, kept_steps, leaderboard, metric_and_mode,
+                            pareto_front, read_confirmation)
 from sweeps.charts import esc as _e, line_chart, scatter_chart, spend_front
 from trainers.metric_modes import natural_mode
 from trainers.tensor_files import atomic_write_text
@@ -227,8 +228,9 @@ def _confirm_section(run_dir: Path, state: dict[str, Any]) -> str:
                    for k in metrics]]
         lines.append(f'<tr class="{"base" if is_base else "trial"}">{"".join(cells)}</tr>')
     verdict = "".join(f"<li>{_e(v)}</li>" for v in conf["verdict"])
-    note = (f"The top checkpoints and the base model on {conf['images_per_model']} images per model from seeds "
-            f"(and prompts, if set) never used for picking; small numbers: gain over the base model's held-out score.")
+    note = (f"{confirmation_headline(conf).rstrip(':')}. The table: the top checkpoints and the base model on those "
+            f"{conf['images_per_model']} images per model (seeds, and prompts if set, that chose nothing); small "
+            "numbers: gain over the base model's held-out score.")
     return _section("Held-out confirmation", note,
                     _table("heldout", [_e("checkpoint"), *[_e(k) for k in metrics]], lines) + f"<ul>{verdict}</ul>")
 

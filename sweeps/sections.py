@@ -64,17 +64,54 @@ class SchedulerSettings(Frozen):
 class ConfirmSettings(Frozen):
     """Held-out confirmation at the end of a sweep (needs ``evaluation.images``).
 
-    The ``top_k`` leaderboard checkpoints and the base model are generated and scored again on
-    ``seeds`` that picking never saw (and, if given, on other ``prompts``); the winner's margin over
-    the runner-up and over the base model gets a paired bootstrap interval. A score picked as the
-    best of many on the same images is biased upwards (the winner's curse); these are not.
+    The ``top_k`` leaderboard checkpoints are generated and scored again on ``pick_seeds`` that
+    the sweep's evaluations never used, and the best of them there is the checkpoint the sweep
+    exports. That pick and the others (the runner-up: second on the pick seeds) and the base
+    model are then scored on ``seeds``, used for neither choice (and, if given, on other
+    ``prompts``); the pick's margin over the runner-up and over the base model gets a paired
+    bootstrap interval from those images alone. A score picked as the best of many on the same
+    images is biased upwards (the winner's curse); a margin on images that chose nothing is not.
+
+    ``pick_seeds`` default: the first half of ``seeds`` (the rest report the margins); with
+    ``top_k: 1`` there is nothing to choose and every seed reports. A separated margin smaller than
+    ``min_effect`` times the score's spread between seeds (the standard deviation of one model's
+    score computed on one seed at a time, pooled over the two models) is reported as "no
+    meaningful difference" (docs/EVALUATION.md).
     """
 
     top_k: int = Field(3, ge=1, le=20)
     seeds: tuple[int, ...] = Field(tuple(range(1000, 1008)), min_length=1)
+    pick_seeds: tuple[int, ...] | None = Field(None, min_length=1,
+                                               description="default: the first half of seeds")
     prompts: tuple[str, ...] | None = Field(None, min_length=1, description="default: the evaluation prompts")
     bootstrap: int = Field(2000, ge=100, description="bootstrap resamples (prompts and seeds drawn with replacement)")
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    min_effect: float = Field(0.2, ge=0, description="smallest margin worth reporting, in seed-to-seed spreads")
+
+    @model_validator(mode="after")
+    def _seed_sets(self) -> "ConfirmSettings":
+        if self.pick_seeds is not None:
+            if self.top_k == 1:
+                raise ValueError("evaluation.confirm.pick_seeds: with top_k 1 there is nothing to choose between; "
+                                 "remove pick_seeds or raise top_k")
+            shared = sorted(set(self.pick_seeds) & set(self.seeds))
+            if shared:
+                raise ValueError(f"evaluation.confirm.pick_seeds {shared} are also evaluation.confirm.seeds: the "
+                                 "margin must come from images that chose nothing; choose others")
+        elif self.top_k > 1 and len(self.seeds) < 2:
+            raise ValueError(f"evaluation.confirm.seeds {list(self.seeds)}: choosing among the top {self.top_k} "
+                             "needs seeds of its own: give two or more seeds (the first half pick, the rest "
+                             "report the margin), or pick_seeds, or top_k: 1")
+        return self
+
+    def seed_sets(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(the seeds that choose among the top K, the seeds that report the margins)."""
+        if self.pick_seeds is not None:
+            return self.pick_seeds, self.seeds
+        if self.top_k == 1:
+            return (), self.seeds
+        half = (len(self.seeds) + 1) // 2
+        return self.seeds[:half], self.seeds[half:]
 
 
 class EvaluationSettings(Frozen):
@@ -113,10 +150,11 @@ class EvaluationSettings(Frozen):
             raise ValueError(f"evaluation.metric {self.metric!r} is not reported by any trial{hint}; "
                              f"choose one of {sorted(available)}")
         if self.images is not None and self.confirm is not None:
-            reused = sorted(set(self.confirm.seeds) & set(self.images.generation.seeds))
-            if reused:
-                raise ValueError(f"evaluation.confirm.seeds {reused} are also evaluation.images.generation.seeds; "
-                                 "held-out seeds must never be used for picking: choose others")
+            for key, seeds in (("seeds", self.confirm.seeds), ("pick_seeds", self.confirm.pick_seeds or ())):
+                reused = sorted(set(seeds) & set(self.images.generation.seeds))
+                if reused:
+                    raise ValueError(f"evaluation.confirm.{key} {reused} are also evaluation.images.generation.seeds; "
+                                     "held-out seeds must never be used by the sweep's own evaluations: choose others")
             self.heldout_evaluator()  # held-out prompts obey the evaluator's rules ({token}, prior prompts)
         if self.objectives is not None:
             bad = [o for o in self.objectives if o not in available]
@@ -125,11 +163,12 @@ class EvaluationSettings(Frozen):
                                  f"from {sorted(available)}" + (f"; unknown {bad}" if bad else ""))
         return self
 
-    def heldout_evaluator(self) -> EvaluatorConfig:
-        """The evaluator of the held-out confirmation: ``images`` with ``confirm``'s seeds and prompts."""
+    def heldout_evaluator(self, seeds: Any = None) -> EvaluatorConfig:
+        """The evaluator of the held-out confirmation: ``images`` with ``confirm``'s prompts and
+        ``seeds`` (default: the seeds that report the margins, ``ConfirmSettings.seed_sets``)."""
         assert self.images is not None and self.confirm is not None
         gen = self.images.generation.model_dump()
-        gen["seeds"] = list(self.confirm.seeds)
+        gen["seeds"] = list(self.confirm.seed_sets()[1] if seeds is None else seeds)
         if self.confirm.prompts is not None:
             gen["prompts"] = list(self.confirm.prompts)
         try:

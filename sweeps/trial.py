@@ -99,13 +99,17 @@ def worker_evaluator(cfg: SweepConfig, device: torch.device | str = "cpu") -> Ev
 
 def cached_evaluator(ev_cfg: Any, data: Any, device: torch.device | str = "cpu") -> Evaluator:
     """An evaluator for ``ev_cfg`` (an ``EvaluatorConfig``) and the references of ``data``, built
-    once per process (the latest one is kept)."""
+    once per process (the latest two are kept: the held-out confirmation alternates between its
+    pick seeds and its report seeds)."""
     key = json.dumps([ev_cfg.model_dump(mode="json"), data.model_dump(mode="json"), str(torch.device(device))],
                      sort_keys=True)
-    if key not in _EVALUATORS:
-        _EVALUATORS.clear()
-        _EVALUATORS[key] = Evaluator(ev_cfg, load_references(ev_cfg, data), device=device)
-    return _EVALUATORS[key]
+    evaluator = _EVALUATORS.pop(key, None)
+    if evaluator is None:
+        evaluator = Evaluator(ev_cfg, load_references(ev_cfg, data), device=device)
+    _EVALUATORS[key] = evaluator  # the most recent last
+    while len(_EVALUATORS) > 2:
+        del _EVALUATORS[next(iter(_EVALUATORS))]
+    return evaluator
 
 
 def samples_dir(trial_dir: Path, step: int) -> Path:

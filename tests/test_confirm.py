@@ -1,16 +1,20 @@
-"""Held-out confirmation statistics: the paired bootstrap against closed-form references and a
-simulation with a known truth (more in tests/test_bootstrap.py)."""
+"""Held-out confirmation: the paired bootstrap against closed-form references and a simulation
+with a known truth (more in tests/test_bootstrap.py); the pick among the top K on its own seeds,
+margins from seeds that chose nothing, "too close to call" and "no meaningful difference"."""
 
 from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from sweeps.confirm import paired_bootstrap, verdict
+from sweeps.bootstrap import seed_spread
+from sweeps.confirm import paired_bootstrap, summarize, verdict
+from sweeps.config import load_sweep
 from trainers.metrics import composite
 
 
@@ -98,7 +102,7 @@ def test_indistinguishable_models_get_how_many_images_would_separate_them():
     expected = n * (scipy_stats.t.ppf(0.975, n - 1) * se / d.mean()) ** 2
     assert stats["images_needed"] > n and stats["images_needed"] == pytest.approx(expected, rel=0.1)
     line = verdict({"runner_up": stats}, "concept_rate", n, 1)[0]
-    assert "indistinguishable" in line and f"{stats['images_needed']} images per model" in line
+    assert "too close to call" in line and f"{stats['images_needed']} images per model" in line
     assert f"({stats['images_needed']} seeds per prompt)" in line
     same = paired_bootstrap(_rows({"concept_rate": a}), _rows({"concept_rate": a}), ["concept_rate"],
                             "concept_rate", {"concept_rate": 1.0}, resamples=200)
@@ -122,6 +126,112 @@ def test_a_margin_that_differs_between_prompts_is_not_promised_to_more_seeds():
     stats = paired_bootstrap(rows_a, rows_b, ["clip_t"], "clip_t", {"clip_t": 1.0})
     assert stats["margin"] == pytest.approx(np.mean(effect)) and not stats["separated"], stats
     line = verdict({"baseline": stats}, "clip_t", len(rows_a), len(effect))[0]
-    assert "indistinguishable" in line and "add prompts" in line and "seeds per prompt" not in line, line
+    assert "too close to call" in line and "add prompts" in line and "seeds per prompt" not in line, line
     # Its standard error is the spread of the prompts' mean margins: sd / sqrt(prompts)
     assert stats["se_prompts"] == pytest.approx(np.std(effect, ddof=1) / math.sqrt(len(effect)), rel=0.05)
+
+
+# --------------------------------------------------------------------------------------------
+# The pick among the top K, and what its margins say
+# --------------------------------------------------------------------------------------------
+
+TINY = Path(__file__).resolve().parents[1] / "sweeps" / "configs" / "tiny-demo.yaml"
+PROMPTS = ("a photo of sks toy", "sks toy on a beach", "sks toy wearing sunglasses")
+
+
+def _model_rows(seeds: list[int], level: float, rng: np.random.Generator, noise: float = 0.02) -> list[dict]:
+    """One model's per-image rows: CLIP-T and CLIP-I around ``level`` (seed effects shared below)."""
+    return [{"prompt": p, "seed": s, "clip_t": 30.0 + 10 * level + rng.normal(0, 10 * noise),
+             "clip_i": 0.5 + level + rng.normal(0, noise)} for p in PROMPTS for s in seeds]
+
+
+def _scored(rows: dict[str, dict[str, list[dict]]]) -> dict[str, dict]:
+    """``{label: {seed set: record}}`` as ``confirm_task`` returns it, with the aggregate scores
+    computed here from the rows (plain means; the composite of ``trainers.metrics.composite``)."""
+    out: dict[str, dict] = {}
+    for label, sets in rows.items():
+        out[label] = {}
+        for name, rs in sets.items():
+            means = {m: float(np.mean([r[m] for r in rs])) for m in ("clip_t", "clip_i")}
+            out[label][name] = {"rows": rs, "dir": f"confirm/{label}/{name}",
+                                "scores": {**means, "composite": composite(means, {"clip_t": 1.0, "clip_i": 1.0})}}
+    return out
+
+
+def _picked(labels: list[str]) -> list[dict]:
+    return [{"label": label, "trial_id": label.split("@")[0], "step": 20, "method": "lora", "params": {}}
+            for label in labels]
+
+
+def test_the_pick_is_the_best_of_the_top_k_on_its_own_seeds_and_its_margins_come_from_the_others():
+    """The leaderboard's order is A, B, C; on the pick seeds B scores highest, so B is the pick
+    and A (second there) the runner-up. The margins are computed from the report seeds alone:
+    changing every pick-seed image leaves them unchanged (as long as the order stays)."""
+    cfg = load_sweep(TINY, {"evaluation.confirm.seeds": [1000, 1001, 1002, 1003, 1004, 1005],
+                            "evaluation.confirm.bootstrap": 500})
+    pick_seeds, report_seeds = cfg.evaluation.confirm.seed_sets()
+    assert (pick_seeds, report_seeds) == ((1000, 1001, 1002), (1003, 1004, 1005))
+    rng = np.random.default_rng(0)
+    levels = {"A@20": 0.10, "B@20": 0.30, "C@20": 0.00}
+    rows = {label: {"pick": _model_rows(list(pick_seeds), lv, rng), "report": _model_rows(list(report_seeds), lv, rng)}
+            for label, lv in levels.items()}
+    rows["baseline"] = {"report": _model_rows(list(report_seeds), -0.2, rng)}
+    out = summarize(cfg, _picked(["A@20", "B@20", "C@20"]), _scored(rows))
+    assert out["winner"] == "B@20" and out["leaderboard_pick"] == "A@20" and out["picked_by"] == "confirmation"
+    assert [m["label"] for m in out["models"]] == ["B@20", "A@20", "C@20", "baseline"]
+    assert out["margins"]["runner_up"]["other"] == "A@20"
+    assert out["pick_seeds"] == list(pick_seeds) and out["seeds"] == list(report_seeds)
+    assert out["images_per_model"] == len(PROMPTS) * len(report_seeds)
+    ref = paired_bootstrap(rows["B@20"]["report"], rows["A@20"]["report"], ["clip_t", "clip_i"], "composite",
+                           {"clip_t": 1.0, "clip_i": 1.0}, resamples=500)
+    assert out["margins"]["runner_up"]["margin"] == pytest.approx(ref["margin"])
+    moved = {k: {**v, "pick": [{**r, "clip_i": r["clip_i"] + (0.5 if k == "B@20" else 0.0)} for r in v["pick"]]}
+             if "pick" in v else v for k, v in rows.items()}
+    again = summarize(cfg, _picked(["A@20", "B@20", "C@20"]), _scored(moved))
+    assert again["winner"] == "B@20" and again["margins"] == out["margins"]
+    assert out["margins"]["baseline"]["call"] == "better", out["verdict"]
+    assert "the pick is better" in out["verdict"][1]
+
+
+def test_too_close_to_call_and_no_meaningful_difference():
+    """Two checkpoints equal up to noise: "too close to call", with the images that would separate
+    them. A runner-up that is the pick less a tiny constant (separated: every paired image differs
+    by it) with a seed-to-seed spread far larger: "no meaningful difference". The spread is the
+    standard deviation over seeds of the composite computed per seed, checked by hand."""
+    cfg = load_sweep(TINY, {"evaluation.confirm.seeds": list(range(1000, 1012)), "evaluation.confirm.bootstrap": 500})
+    pick_seeds, report_seeds = cfg.evaluation.confirm.seed_sets()
+    rng = np.random.default_rng(1)
+    a_pick, a_rep = _model_rows(list(pick_seeds), 0.2, rng), _model_rows(list(report_seeds), 0.2, rng, noise=0.1)
+    rows = {"A@20": {"pick": a_pick, "report": a_rep},
+            "B@20": {"pick": _model_rows(list(pick_seeds), 0.0, rng),
+                     "report": [{**r, "clip_i": r["clip_i"] - 1e-4} for r in a_rep]},
+            "baseline": {"report": _model_rows(list(report_seeds), 0.2, rng, noise=0.1)}}
+    out = summarize(cfg, _picked(["A@20", "B@20"]), _scored(rows))
+    runner, base = out["margins"]["runner_up"], out["margins"]["baseline"]
+    assert runner["separated"] and runner["margin"] > 0 and runner["call"] == "no meaningful difference", runner
+    assert "no meaningful difference" in out["verdict"][0]
+    per_seed = [composite({m: float(np.mean([r[m] for r in a_rep if r["seed"] == s])) for m in ("clip_t", "clip_i")},
+                          {"clip_t": 1.0, "clip_i": 1.0}) for s in report_seeds]
+    by_hand = float(np.std(per_seed, ddof=1))
+    assert seed_spread(a_rep, ["clip_t", "clip_i"], "composite", {"clip_t": 1.0, "clip_i": 1.0}) == pytest.approx(by_hand)
+    assert runner["min_difference"] == pytest.approx(0.2 * by_hand, rel=1e-3)  # both models' spreads are the same
+    assert base["call"] == "too close to call" and not base["separated"], base
+    assert "too close to call" in out["verdict"][1]
+    assert base["images_needed"] is None or str(base["images_needed"]) in out["verdict"][1]
+
+
+def test_seed_sets_are_checked_at_load():
+    """Pick seeds that are also report seeds or evaluation seeds, pick seeds with nothing to choose
+    between, and a single seed to split are refused, naming the key."""
+    with pytest.raises(Exception, match="pick_seeds \\[1001\\] are also evaluation.confirm.seeds"):
+        load_sweep(TINY, {"evaluation.confirm.pick_seeds": [1001, 2000]})
+    with pytest.raises(Exception, match="pick_seeds \\[0\\] are also evaluation.images.generation.seeds"):
+        load_sweep(TINY, {"evaluation.confirm.pick_seeds": [0, 2000]})
+    with pytest.raises(Exception, match="with top_k 1 there is nothing to choose"):
+        load_sweep(TINY, {"evaluation.confirm.top_k": 1, "evaluation.confirm.pick_seeds": [2000]})
+    with pytest.raises(Exception, match="needs seeds of its own"):
+        load_sweep(TINY, {"evaluation.confirm.seeds": [1000]})
+    one = load_sweep(TINY, {"evaluation.confirm.top_k": 1, "evaluation.confirm.seeds": [1000]})
+    assert one.evaluation.confirm.seed_sets() == ((), (1000,))
+    own = load_sweep(TINY, {"evaluation.confirm.pick_seeds": [2000, 2001]})
+    assert own.evaluation.confirm.seed_sets() == ((2000, 2001), tuple(range(1000, 1008)))

@@ -62,6 +62,13 @@ def test_init_writes_a_sweep_that_runs(tmp_path, sdsweep_cache) -> None:
 
     rows, _ = leaderboard(tmp_path / "run")
     assert len(rows) == 2 and all(r.status in ("completed", "stopped") for r in rows), rows
+    # Random tiny weights learn nothing in 10 steps: the confirmation must not call the pick better
+    # than the base model, and its margin is under the smallest difference worth reporting.
+    conf = json.loads((tmp_path / "run" / "confirm" / "confirm.json").read_text())
+    over_base = conf["margins"]["baseline"]
+    assert over_base["call"] in ("too close to call", "no meaningful difference"), over_base
+    assert abs(over_base["margin"]) < over_base["min_difference"], over_base
+    assert f"{best['trial_id']}@{best['metric']['step']}" == conf["winner"]
 
 
 def test_init_all_methods_with_a_class_prompt(tmp_path, sdsweep_cache) -> None:

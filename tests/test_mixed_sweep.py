@@ -152,7 +152,8 @@ def _load(pipe: StableDiffusionPipeline, method: str, export: Path, files: list[
 
 
 def test_the_winner_and_each_methods_best_export_in_their_methods_format_and_load(mixed_run, tmp_path):
-    from sweeps.results import best_per_method, export_best, leaderboard
+    from sweeps.export import export_best
+    from sweeps.results import best_per_method, leaderboard
 
     run_dir, _ = mixed_run
     winner = json.loads((run_dir.parent / "best" / "best.json").read_text())

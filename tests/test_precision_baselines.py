@@ -38,7 +38,7 @@ def test_baselines_and_the_confirmation_sample_at_each_trials_precision(tmp_path
         "evaluation": {"every": 2, "images": {
             "generation": {"prompts": ["a photo of {token}"], "token": "sks toy", "seeds": [0], "steps": 2},
             "clip": "builtin:tiny-clip", "metrics": ["clip_t", "clip_i"]},
-            "confirm": {"top_k": 3, "seeds": [1000], "bootstrap": 100}},
+            "confirm": {"top_k": 3, "seeds": [1000], "pick_seeds": [1001], "bootstrap": 100}},
         "resources": {"cpu": 1, "gpu": 0},
         "storage_path": str(tmp_path / "runs"),
         "tracking": {"wandb": False},

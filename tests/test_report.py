@@ -407,7 +407,7 @@ def test_chart_of_one_flat_evaluation_still_draws_its_point_and_baseline() -> No
 @pytest.mark.slow
 def test_heldout_confirmation_rescores_the_pick_and_the_base_model_on_unseen_seeds(sweep: tuple[Path, str],
                                                                                   board: Board) -> None:
-    from sweeps.results import select_checkpoint
+    from sweeps.export import select_checkpoint
     from trainers.metrics import composite
 
     run_dir, stdout = sweep
@@ -415,6 +415,8 @@ def test_heldout_confirmation_rescores_the_pick_and_the_base_model_on_unseen_see
     conf = json.loads((run_dir / "confirm" / "confirm.json").read_text())
     picked_row, picked_eval, _, _ = select_checkpoint(run_dir)
     assert conf["winner"] == f"{picked_row.trial_id}@{int(picked_eval['step'])}"  # the product's pick
+    lb_row, lb_eval, _, _ = select_checkpoint(run_dir, confirmed=False)
+    labels_by_leaderboard = [f"{lb_row.trial_id}@{int(lb_eval['step'])}"]
     ranked = [r for r in rows if r.rank]
     labels = [m["label"] for m in conf["models"]]
     assert len(labels) == min(3, len(ranked)) + 1 and labels[-1] == "baseline"
@@ -432,8 +434,24 @@ def test_heldout_confirmation_rescores_the_pick_and_the_base_model_on_unseen_see
     for name in ("runner_up", "baseline") if len(ranked) > 1 else ("baseline",):
         mg = conf["margins"][name]
         assert mg["low"] <= mg["margin"] <= mg["high"] and mg["images"] == n
+        assert mg["call"] in ("better", "worse", "too close to call", "no meaningful difference")
+    # The pick: the best of the top K on seeds that neither the sweep nor the margins used.
+    assert len(ranked) > 1 and conf["picked_by"] == "confirmation"
+    assert conf["leaderboard_pick"] == labels_by_leaderboard[0]
+    pick_seeds = set(conf["pick_seeds"])
+    assert pick_seeds and pick_seeds.isdisjoint(conf["seeds"]) and pick_seeds.isdisjoint(ev["images"]["generation"]["seeds"])
+    on_pick = {}
+    for m in conf["models"][:-1]:
+        scores = json.loads((run_dir / m["pick_dir"] / "scores.json").read_text())
+        assert {r["seed"] for r in scores["rows"]} == pick_seeds
+        means = {k: sum(r[k] for r in scores["rows"]) / len(scores["rows"]) for k in weights}
+        means["clip_t"] = max(means["clip_t"], 0.0)
+        on_pick[m["label"]] = composite(means, weights)
+    assert conf["winner"] == max(on_pick, key=on_pick.get) == labels[0]
+    assert conf["margins"].get("runner_up", {}).get("other") == labels[1]
     assert "held-out confirmation" in stdout and "held-out composite" in stdout
     best = json.loads((run_dir / "best" / "best.json").read_text())
+    assert f"{best['trial_id']}@{best['metric']['step']}" == conf["winner"] and best["chosen_by"] == "confirmation"
     assert best["heldout"]["scores"] == conf["models"][0]["heldout"]
     assert best["heldout"]["baseline"] == conf["models"][-1]["heldout"]
     assert best["heldout"]["margins"] == conf["margins"]
