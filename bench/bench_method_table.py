@@ -86,6 +86,9 @@ def run_arm(run_dir: Path, params: dict[str, Any], seed: int) -> dict[str, Any]:
             artifact = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file() and f.name not in RESUME_STATE)
             ev_cfg = cfg.evaluation.heldout_evaluator()
             evaluator = Evaluator(ev_cfg, load_references(ev_cfg, cfg.base.data), device="cpu")
+            if any(getattr(m, "prior_only", False) for m in evaluator.metrics):  # drift: the base model's images
+                base = evaluator.run(load_model(run.model), as_base=True)
+                evaluator.set_base({base.placement: base.base_embeddings})
             with trainer.evaluation_model() as sampled:
                 scores = evaluator.run(sampled, prediction_type=trainer.prediction_type).scores
             seconds = trainer.train_seconds

@@ -338,6 +338,8 @@ def cpu_dry_run(steps: int = 2, method: str = "lora") -> int:
         try:
             check_setup(trainer, expect)
             evaluator = trial.worker_evaluator(cfg, trainer.device)
+            # drift compares with the base model's images at each placement, as a sweep's trials do
+            evaluator.set_base({k: b["base_embeddings"] for k, b in baselines["by_key"].items()})
             for k in range(2):  # the second evaluation must reuse the reference embeddings
                 trainer.train(until_step=steps * (k + 1))
                 checked_evaluation(trial.evaluate_images, evaluator, trainer, expect,

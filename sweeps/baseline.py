@@ -83,7 +83,8 @@ def score_baselines(cfg: SweepConfig, model: Any) -> dict[str, Any]:
     for where, dtypes in trial_placements(cfg).values():
         evaluator = worker_evaluator(cfg, where.device)
         assert evaluator is not None
-        out = score_to_files(evaluator, placed_model(model, where, dtypes), where, {"trial_id": "baseline", "step": 0})
+        out = score_to_files(evaluator, placed_model(model, where, dtypes), where, {"trial_id": "baseline", "step": 0},
+                             as_base=True)
         del out["rows"]
         key = out["placement_key"]  # as sampled (the same string trial_placements predicted)
         out["placement"] = {"device": str(where.device), "weight_dtype": _name(where.weight_dtype),
@@ -109,4 +110,38 @@ def save_baselines(run_dir: Path, baselines: dict[str, Any]) -> tuple[dict[str, 
             (out / file).write_bytes(data)
         entries[key] = {"scores": b["scores"], "identity": b["identity"], "dir": name, "eval_s": b["eval_s"],
                         "placement": b["placement"]}
+        if b.get("base_embeddings"):
+            save_base_embeddings(out / BASE_EMBEDDINGS, b["base_embeddings"])
+            entries[key]["base_embeddings"] = BASE_EMBEDDINGS
     return entries[baselines["primary"]], entries
+
+
+BASE_EMBEDDINGS = "base_embeddings.safetensors"  # beside a baseline's images: what drift compares with
+
+
+def save_base_embeddings(path: Path, emb: dict[str, dict[tuple[str, int], Any]]) -> None:
+    """The base model's drift embeddings (``EvalRecord.base_embeddings``) as one safetensors file,
+    each tensor under the key ``[metric, prompt, seed]`` (JSON)."""
+    import json
+
+    from trainers.tensor_files import atomic_save_safetensors
+
+    atomic_save_safetensors({json.dumps([metric, prompt, seed]): t for metric, table in emb.items()
+                             for (prompt, seed), t in table.items()}, path, {"what": "sdsweep base-model drift embeddings"})
+
+
+def load_base_embeddings(run_dir: Path, state: dict[str, Any]) -> dict[str, dict[str, dict[tuple[str, int], Any]]]:
+    """Every baseline's drift embeddings, by placement key, for ``Evaluator.set_base``; empty
+    when the sweep scores no drift."""
+    import json
+
+    from safetensors.torch import load_file
+
+    out: dict[str, dict[str, dict[tuple[str, int], Any]]] = {}
+    for key, entry in (state.get("baselines") or {}).items():
+        if entry.get("base_embeddings"):
+            table = out.setdefault(key, {})
+            for name, t in load_file(str(Path(run_dir) / entry["dir"] / entry["base_embeddings"])).items():
+                metric, prompt, seed = json.loads(name)
+                table.setdefault(metric, {})[(prompt, int(seed))] = t
+    return out

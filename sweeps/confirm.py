@@ -115,8 +115,9 @@ def confirm_task(sweep: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
     with loaded as sampled:
         for name, seeds in item["seed_sets"].items():
             evaluator = cached_evaluator(cfg.evaluation.heldout_evaluator(seeds), cfg.base.data, where.device)
+            evaluator.set_base(item.get("base") or {})
             out[name] = score_to_files(evaluator, sampled, where, {"label": item["label"], "heldout": name},
-                                       prediction_type=item.get("prediction_type"))
+                                       prediction_type=item.get("prediction_type"), as_base=ckpt is None)
     return out
 
 
@@ -150,14 +151,15 @@ def sampling_signature(item: dict[str, Any]) -> str:
     return json.dumps([item["method"], *(item["params"].get(k) for k in keys)], default=str)
 
 
-def assign_seed_sets(models: list[dict[str, Any]], conf: Any) -> list[dict[str, Any]]:
+def assign_seed_sets(models: list[dict[str, Any]], conf: Any, drift: bool = False) -> list[dict[str, Any]]:
     """Give each model of :func:`confirm_models` its ``seed_sets`` (the top K: the pick seeds
     when there is a choice, and the report seeds; the base model: the report seeds); return the
     top K."""
     picked = [m for m in models if m["checkpoint"] is not None]
     pick_seeds, report_seeds = conf.seed_sets()
     for item in models:
-        choosing = item["checkpoint"] is not None and len(picked) > 1 and pick_seeds
+        # The base model draws the pick seeds too when a drift metric compares the top K with it there.
+        choosing = (item["checkpoint"] is not None or drift) and len(picked) > 1 and pick_seeds
         item["seed_sets"] = {"report": list(report_seeds), **({"pick": list(pick_seeds)} if choosing else {})}
     return picked
 
@@ -176,11 +178,29 @@ def confirm_sweep(cfg: SweepConfig, run_dir: Path) -> dict[str, Any] | None:
         models = confirm_models(run_dir, conf.top_k)
     except (ValueError, FileNotFoundError):  # no trial evaluated, or no checkpoint kept
         return None
-    picked = assign_seed_sets(models, conf)
+    from trainers.metrics import METRICS
+
+    drift = any(getattr(METRICS[m], "prior_only", False) for m in ev.images.metrics)
+    picked = assign_seed_sets(models, conf, drift)
     res = cfg.resources
     sweep = ray.put(cfg.model_dump(mode="json"))
-    tasks = [confirm_task.options(**res.trial_task_options()).remote(sweep, item) for item in models]
-    every = dict(zip((item["label"] for item in models), ray.get(tasks)))
+
+    def run(items: list[dict[str, Any]]) -> dict[str, Any]:
+        tasks = [confirm_task.options(**res.trial_task_options()).remote(sweep, item) for item in items]
+        return dict(zip((item["label"] for item in items), ray.get(tasks)))
+
+    if drift:  # the base model first: the top K's drift compares with its images at every held-out seed
+        every = run([m for m in models if m["checkpoint"] is None])
+        base = {rec["placement_key"]: {} for recs in every.values() for rec in recs.values()}
+        for recs in every.values():
+            for rec in recs.values():
+                for metric, table in rec["base_embeddings"].items():
+                    base[rec["placement_key"]].setdefault(metric, {}).update(table)
+        for item in picked:
+            item["base"] = base
+        every.update(run(picked))
+    else:  # every model side by side
+        every = run(models)
     scored = {item["label"]: every[item["label"]] for item in picked}
     # The base model as the pick samples is the one its margin is over; the others are dropped.
     winner = confirmed_order(picked, scored, _target(cfg))[0]
@@ -246,7 +266,7 @@ def summarize(cfg: SweepConfig, picked: list[dict[str, Any]], scored: dict[str, 
 
     def entry(item: dict[str, Any]) -> dict[str, Any]:
         recs = scored[item["label"]]
-        out = {**item, "heldout": recs["report"]["scores"], "dir": recs["report"]["dir"],
+        out = {**{k: v for k, v in item.items() if k != "base"}, "heldout": recs["report"]["scores"], "dir": recs["report"]["dir"],
                "placement": recs["report"].get("placement_key")}
         if "pick" in recs:
             out.update(pick=recs["pick"]["scores"], pick_dir=recs["pick"]["dir"])

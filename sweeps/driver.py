@@ -19,7 +19,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from sweeps.baseline import save_baselines
+from sweeps.baseline import load_base_embeddings, save_baselines
 from sweeps.cache_task import build_cache, build_extra  # noqa: F401 (build_extra re-exported: bench/gpu_smoke.py)
 from sweeps.checkpoint_keeping import checkpoint_config
 from sweeps.config import SweepConfig
@@ -48,10 +48,12 @@ class SweepRun:
     sync_command: str | None
 
 
-def _trainable(cfg: SweepConfig, data_refs: dict[str, list[Any]]) -> Any:
+def _trainable(cfg: SweepConfig, data_refs: dict[str, list[Any]], run_dir: Path, state: dict[str, Any]) -> Any:
     # The refs travel inside a dict of lists so Ray hands trials the references, not driver-side
-    # copies; each trial takes its own data variant's.
-    fn = tune.with_parameters(run_trial, sweep=cfg.model_dump(mode="json"), cache=dict(data_refs))
+    # copies; each trial takes its own data variant's. The base model's drift embeddings (empty
+    # without a drift metric) are read back from the baselines' files, on a resume too.
+    fn = tune.with_parameters(run_trial, sweep=cfg.model_dump(mode="json"), cache=dict(data_refs),
+                              base=load_base_embeddings(run_dir, state))
     return tune.with_resources(fn, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu, **cfg.resources.custom})
 
 
@@ -121,7 +123,7 @@ def run_sweep(cfg: SweepConfig, *, sweep_file: str | None = None, run_dir: Path 
         if "baseline" in summary:
             state["baseline"], state["baselines"] = save_baselines(run_dir, summary["baseline"])
         write_sweep_state(run_dir, state)
-        results = _tuner(cfg, run_dir, _trainable(cfg, data_refs), run_dir.name, console).fit()
+        results = _tuner(cfg, run_dir, _trainable(cfg, data_refs, run_dir, state), run_dir.name, console).fit()
         _confirm(cfg, run_dir)
         _sweep_run(cfg, run_dir, run_dir.name)
     finally:
@@ -196,7 +198,7 @@ def resume_sweep(run_dir: Path, address: str | None = None, verbose: bool = Fals
             state["baseline"], state["baselines"] = save_baselines(run_dir, summary["baseline"])
         state["cache_builds"].append(report)
         write_sweep_state(run_dir, state)
-        tuner = tune.Tuner.restore(str(run_dir), trainable=_trainable(cfg, data_refs), resume_unfinished=True,
+        tuner = tune.Tuner.restore(str(run_dir), trainable=_trainable(cfg, data_refs, run_dir, state), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         results = tuner.fit()
         _confirm(cfg, run_dir)

@@ -144,16 +144,19 @@ def place_base_model(model: BaseModel, where: devices.Placement, dtypes: tuple[t
 
 
 def score_to_files(evaluator: Evaluator, model: BaseModel, where: devices.Placement, extra: dict[str, Any],
-                   prediction_type: str | None = None) -> dict[str, Any]:
+                   prediction_type: str | None = None, as_base: bool = False) -> dict[str, Any]:
     """Generate and score ``model`` with the trials' autocast; return its scores, per-image rows,
     evaluator identity, seconds and the written files as bytes (a task's files go back to the
-    driver, which writes them wherever the task ran)."""
-    record = evaluator.run(model, autocast_dtype=where.autocast_dtype, prediction_type=prediction_type)
+    driver, which writes them wherever the task ran); with ``as_base`` (the base model) also its
+    drift embeddings (``EvalRecord.base_embeddings``)."""
+    record = evaluator.run(model, autocast_dtype=where.autocast_dtype, prediction_type=prediction_type,
+                           as_base=as_base)
     with tempfile.TemporaryDirectory(prefix="sdsweep-eval-") as tmp:
         write_samples(record, Path(tmp), extra)
         files = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
     return {"scores": record.scores, "rows": record.rows, "identity": record.identity, "files": files,
-            "eval_s": record.generate_s + record.score_s, "placement_key": record.placement}
+            "eval_s": record.generate_s + record.score_s, "placement_key": record.placement,
+            "base_embeddings": record.base_embeddings}
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -201,8 +204,10 @@ def free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: dict[str, list[Any]]) -> None:
-    """The Ray Tune function trainable. ``config`` holds the trial's dotted hyperparameters.
+def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: dict[str, list[Any]],
+              base: dict[str, Any] | None = None) -> None:
+    """The Ray Tune function trainable. ``config`` holds the trial's dotted hyperparameters;
+    ``base`` the base model's drift embeddings by placement (``Evaluator.set_base``).
 
     Device failures: after CUDA out-of-memory only this trial ends (errored) and its memory is
     freed for the next trial on the worker. After a sticky CUDA error the trial ends errored and
@@ -241,6 +246,8 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: dict[str,
             _report_end_again(trainer, trial_dir)  # completed, stopped by the scheduler: never trained on
             return
         evaluator = worker_evaluator(cfg, trainer.device)
+        if evaluator is not None:
+            evaluator.set_base(base or {})
         setup_s = time.perf_counter() - started
         _train_and_report(trainer, cfg, evaluator, trial_dir, setup_s=setup_s, model_reused=reused,
                           started_at=started_at)

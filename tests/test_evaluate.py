@@ -9,6 +9,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from trainers import evaluate as ev
+from trainers import generation
 from trainers import metrics as mt
 from trainers.evaluate import EvalSettings, generate
 from trainers.metrics import get_metric
@@ -66,7 +67,7 @@ def test_each_sampler_runs_and_uses_its_scheduler(tiny_model, sampler, monkeypat
         seen.append(type(sched).__name__)
         return sched
 
-    monkeypatch.setattr(ev, "make_sampling_scheduler", spy)
+    monkeypatch.setattr(generation, "make_sampling_scheduler", spy)  # where generate() looks it up
     out = generate(tiny_model, EvalSettings(prompts=("x",), seeds=(0,), sampler=sampler, **FAST))
     assert len(out) == 1 and np.isfinite(_arrays(out)[0]).all()
     assert seen == [ev.SAMPLERS[sampler][0].__name__]
@@ -107,7 +108,7 @@ def test_unknown_settings_key_and_bad_resolution_are_errors() -> None:
 
 
 def test_unknown_metric_names_the_key_and_valid_choices() -> None:
-    with pytest.raises(KeyError, match=r"unknown metric 'fid'; valid metrics: clip_i, clip_t, concept_rate, dino, prior_kept"):
+    with pytest.raises(KeyError, match=r"unknown metric 'fid'; valid metrics: clip_i, clip_t, concept_rate, dino, drift, drift_dino, prior_kept"):
         get_metric("fid")
 
 
@@ -368,3 +369,57 @@ def test_reference_vae_scores_against_the_references_after_the_models_vae(tiny_m
         metric.score(images, ["a red cube"] * 2, ev.vae_round_trip(tiny_model.vae, refs)).value, abs=1e-6)
     assert records[True].scores["clip_i"] != pytest.approx(records[False].scores["clip_i"], abs=1e-6)
     assert records[True].identity["settings"]["reference_vae"] is True
+
+
+def _clip_image_features(images: list[Image.Image]) -> torch.Tensor:
+    """Unit-norm CLIP image embeddings straight from transformers (processor + get_image_features)."""
+    model, _, processor = mt.get_clip(CLIP)
+    with torch.no_grad():
+        out = model.get_image_features(pixel_values=processor(images=images, return_tensors="pt")["pixel_values"])
+    feats = getattr(out, "pooler_output", out)
+    return feats / feats.norm(dim=-1, keepdim=True)
+
+
+def test_drift_is_the_cosine_to_the_base_models_image_at_the_same_prompt_and_seed(tiny_model) -> None:
+    """The base model's run (``as_base``) scores itself 1 and hands over its embeddings; a changed
+    model's drift on the prompts without the token is, image by image, the cosine of its image and
+    the base image at the same prompt and seed, computed here with transformers' CLIP directly.
+    Images of prompts with the token are not scored; without the base embeddings it refuses."""
+    from trainers.devices import sampled_placement
+
+    cfg = ev.EvaluatorConfig(generation=EvalSettings(prompts=("a photo of {token}", "a red cube", "a blue ball"),
+                                                     token="sks toy", seeds=(0, 1), **FAST),
+                             metrics=("clip_t", "drift", "drift_dino"), clip=CLIP, vision_model=VIT,
+                             weights={"clip_t": 1.0, "drift": 1.0})
+    base = ev.Evaluator(cfg, []).run(tiny_model, as_base=True)
+    prior = [r for r in base.rows if "sks" not in r["prompt"]]
+    assert len(prior) == 4 and all(r["drift"] == pytest.approx(1.0, abs=1e-5) for r in prior)
+    assert all(r["drift"] is None and r["drift_dino"] is None for r in base.rows if "sks" in r["prompt"])
+    assert set(base.base_embeddings) == {"drift", "drift_dino"}
+    assert set(base.base_embeddings["drift"]) == {(r["prompt"], r["seed"]) for r in prior}
+
+    with torch.no_grad():  # a different model: the UNet's output layer moved
+        for p in tiny_model.unet.conv_out.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    evaluator = ev.Evaluator(cfg, [])
+    with pytest.raises(ValueError, match="no base-model embeddings for sampling placement"):
+        evaluator.run(tiny_model)
+    evaluator.set_base({sampled_placement(tiny_model, None): base.base_embeddings})
+    rec = evaluator.run(tiny_model)
+    pairs = [(g, b) for g, b in zip(rec.images, base.images) if "sks" not in g.prompt]
+    assert all((g.prompt, g.seed) == (b.prompt, b.seed) for g, b in pairs)
+    expected = (_clip_image_features([g.image for g, _ in pairs]) * _clip_image_features([b.image for _, b in pairs])).sum(-1)
+    got = [r["drift"] for r in rec.rows if "sks" not in r["prompt"]]
+    assert got == pytest.approx(expected.tolist(), abs=1e-5)
+    assert rec.scores["drift"] == pytest.approx(float(expected.mean()), abs=1e-5) and min(got) < 0.999
+    assert rec.scores["drift_dino"] < 1.0 - 1e-4
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(metrics=("drift",), generation=EvalSettings(prompts=("a photo of {token}",), token="sks toy")),
+     "every generation.prompts entry has the token"),
+    (dict(metrics=("drift_dino",), generation=EvalSettings(prompts=("a red cube",))), "vision_model is not set"),
+])
+def test_drift_settings_that_cannot_work_are_refused(kwargs, fragment) -> None:
+    with pytest.raises(ValidationError, match=fragment):
+        ev.EvaluatorConfig(clip=CLIP, **kwargs)

@@ -36,8 +36,8 @@ def test_baselines_and_the_confirmation_sample_at_each_trials_precision(tmp_path
                    "sampler": {"type": "random", "seed": 0}, "num_samples": 3, "max_concurrent_trials": 2},
         "scheduler": {"type": "none"},
         "evaluation": {"every": 2, "images": {
-            "generation": {"prompts": ["a photo of {token}"], "token": "sks toy", "seeds": [0], "steps": 2},
-            "clip": "builtin:tiny-clip", "metrics": ["clip_t", "clip_i"]},
+            "generation": {"prompts": ["a photo of {token}", "a red cube"], "token": "sks toy", "seeds": [0], "steps": 2},
+            "clip": "builtin:tiny-clip", "metrics": ["clip_t", "clip_i", "drift"], "weights": {"clip_t": 1, "clip_i": 1}},
             "confirm": {"top_k": 3, "seeds": [1000], "pick_seeds": [1001], "bootstrap": 100}},
         "resources": {"cpu": 1, "gpu": 0},
         "storage_path": str(tmp_path / "runs"),
@@ -71,6 +71,11 @@ def test_baselines_and_the_confirmation_sample_at_each_trials_precision(tmp_path
         placements = {json.loads(f.read_text())["placement"] for f in evals}
         assert placements == {r.placement} and r.placement in baselines, (r.method, placements)
         assert r.gain_base(state["baseline"]["scores"]) == baselines[r.placement]["scores"]
+    # Drift compares each evaluation with the base model at its own placement: every baseline
+    # scores itself 1 and keeps its embeddings; a DreamBooth trial (it trains the UNet) drifts.
+    for key, b in baselines.items():
+        assert b["scores"]["drift"] == pytest.approx(1.0, abs=1e-3) and (run_dir / b["dir"] / b["base_embeddings"]).is_file()
+    assert all(isinstance(h.get("drift"), float) for r in rows for h in r.history if "clip_t" in h)
     dreambooth = next(r for r in rows if r.method == "dreambooth")
     assert dreambooth.placement.startswith("cpu unet=float32 text_encoder=float32")  # it trained the text encoder
 
@@ -82,3 +87,5 @@ def test_baselines_and_the_confirmation_sample_at_each_trials_precision(tmp_path
         assert held == m["placement"], label
         trial = by_trial[conf["winner"].split("@")[0]] if label == "baseline" else by_trial[m["trial_id"]]
         assert held == trial.placement, (label, held, trial.placement)
+    assert models["baseline"]["heldout"]["drift"] == pytest.approx(1.0, abs=1e-3)
+    assert all(isinstance(m["heldout"]["drift"], float) and "drift" in m["pick"] for m in conf["models"][:-1])

@@ -97,3 +97,46 @@ def test_the_console_is_plain_lines_a_person_reads_at_a_glance(demo_run):
     assert live[-1].startswith(f"trials {trials} done") and " 0 running, 0 left" in live[-1]
     assert any(line.startswith("baseline images  [####################]") for line in live)
     assert len(live) <= 2 * trials + 20, live  # the sweep's part of the console: about a screenful
+
+
+def test_drift_reads_back_from_the_trials_and_the_base_models_own_images(demo_run):
+    """Each evaluation's drift is, image by image, the cosine (transformers' CLIP, computed here)
+    between the trial's image of a known-shape prompt and the base model's image at the same
+    prompt and seed, both read back from the files the sweep wrote; the base model's own is 1, in
+    the trials' baseline and in the held-out confirmation."""
+    import torch
+    from PIL import Image
+
+    from trainers import metrics as mt
+    from trainers.toyworld.concept import TOKEN
+
+    run_dir, _ = demo_run
+    state = json.loads((run_dir / "sweep.json").read_text())
+    base_dir = run_dir / state["baseline"]["dir"]
+    assert (base_dir / state["baseline"]["base_embeddings"]).is_file()
+    assert state["baseline"]["scores"]["drift"] == pytest.approx(1.0, abs=1e-5)
+    base_files = {(r["prompt"], r["seed"]): base_dir / r["file"]
+                  for r in json.loads((base_dir / "scores.json").read_text())["rows"]}
+    model, _, processor = mt.get_clip(state["config"]["evaluation"]["images"]["clip"])
+
+    def embed(paths):
+        with torch.no_grad():
+            out = model.get_image_features(pixel_values=processor(
+                images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"])
+        feats = getattr(out, "pooler_output", out)
+        return feats / feats.norm(dim=-1, keepdim=True)
+
+    samples = sorted(run_dir.glob("run_trial_*/samples/step-*/scores.json"))
+    assert len(samples) >= 8
+    for path in samples[::4]:
+        scores = json.loads(path.read_text())
+        rows = [r for r in scores["rows"] if TOKEN not in r["prompt"]]
+        expected = (embed([path.parent / r["file"] for r in rows])
+                    * embed([base_files[(r["prompt"], r["seed"])] for r in rows])).sum(-1)
+        assert [r["drift"] for r in rows] == pytest.approx(expected.tolist(), abs=1e-5), path
+        assert scores["scores"]["drift"] == pytest.approx(float(expected.mean()), abs=1e-5)
+        assert all(r["drift"] is None for r in scores["rows"] if TOKEN in r["prompt"])
+    conf = json.loads((run_dir / "confirm" / "confirm.json").read_text())
+    held = {m["label"]: m["heldout"] for m in conf["models"]}
+    assert held["baseline"]["drift"] == pytest.approx(1.0, abs=1e-5)
+    assert all(v["drift"] <= 1.0 + 1e-5 for v in held.values())

@@ -1,10 +1,9 @@
 """Evaluate a (fine-tuned) model: generate with fixed prompts and seeds, then score the images.
 
-* ``generate(model, EvalSettings(...))`` -- prompts x seeds, batched, one seeded generator per
-  image so every image is the same whatever batch it lands in (sweeps compare trials image by
-  image, and ``batch_size`` is a memory knob, not a result knob).
+* ``generate(model, EvalSettings(...))`` (``trainers.generation``) -- prompts x seeds, batched,
+  one seeded generator per image.
 * ``Evaluator(EvaluatorConfig(...), references)`` -- generate, score with the configured metrics
-  (``trainers.metrics``: clip_t, clip_i, dino) and the weighted ``composite``; the record holds
+  (``trainers.metrics``: clip_t, clip_i, dino, drift, ground truth) and the weighted ``composite``; the record holds
   per-image scores, timings and the identity of the settings and scoring models.
   ``write_samples`` stores the images, a grid and ``scores.json`` for W&B and the HTML report.
 
@@ -15,23 +14,29 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, NamedTuple, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, SchedulerMixin
-from diffusers.utils import make_image_grid
 from PIL import Image
-from pydantic import BaseModel as PydanticModel
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from trainers import progress
 from trainers.config import Frozen
 from trainers.data import DataConfig, load_pixels, preflight
 from trainers.devices import sampled_placement
+# Generation lives in trainers.generation; re-exported because callers know these as trainers.evaluate.*.
+from trainers.generation import (  # noqa: F401 - re-exports
+    SAMPLERS,
+    TOKEN_PLACEHOLDER,
+    EvalSettings,
+    GeneratedImage,
+    SamplerName,
+    generate,
+    image_grid,
+    make_sampling_scheduler,
+    vae_round_trip,
+)
 from trainers.metrics import (
     COMPOSITE,
     DEFAULT_CLIP,
@@ -44,146 +49,9 @@ from trainers.metrics import (
     get_metric,
     scorer_identity,
 )
-from trainers.model_configs import native_resolution_of
 from trainers.models import BaseModel
 from trainers.paths import LOCAL_PATH, MAYBE_PATH
 from trainers.tensor_files import atomic_write_text
-
-TOKEN_PLACEHOLDER = "{token}"
-SamplerName = Literal["ddim", "dpmsolver++", "euler"]
-
-
-# --------------------------------------------------------------------------------------------
-# Generation
-# --------------------------------------------------------------------------------------------
-
-
-class EvalSettings(PydanticModel):
-    """What to generate. Frozen; an unknown key or a bad value is a validation error naming it."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    prompts: tuple[str, ...] = Field(min_length=1)
-    seeds: tuple[int, ...] = Field(default=(0, 1), min_length=1)
-    sampler: SamplerName = "ddim"
-    steps: int = Field(default=20, ge=1)
-    guidance_scale: float = 5.0
-    resolution: int | None = Field(default=None, ge=8)  # None: the model's native (UNet sample_size x VAE scale)
-    negative_prompt: str | None = None
-    batch_size: int = Field(default=8, ge=1)
-    token: str | None = None  # replaces "{token}" in every prompt, e.g. "sks toy"
-
-    @model_validator(mode="after")
-    def _check(self) -> "EvalSettings":
-        # SD's VAE downsamples by 8: any other size is silently cropped/rounded by diffusers.
-        if self.resolution is not None and self.resolution % 8:
-            raise ValueError(f"resolution={self.resolution} must be a multiple of 8 (the VAE downsamples by 8)")
-        if self.token is None:
-            bad = [p for p in self.prompts if TOKEN_PLACEHOLDER in p]
-            if bad:
-                # Otherwise the literal text "{token}" would be sent to the model (rule 1).
-                raise ValueError(f"prompt {bad[0]!r} contains {TOKEN_PLACEHOLDER} but no `token` is set")
-        return self
-
-    def resolved_prompts(self) -> tuple[str, ...]:
-        """The prompts with ``{token}`` replaced (``str.replace``: other braces stay literal)."""
-        if self.token is None:
-            return self.prompts
-        return tuple(p.replace(TOKEN_PLACEHOLDER, self.token) for p in self.prompts)
-
-
-class GeneratedImage(NamedTuple):
-    """One sample: the prompt actually sent to the model (token substituted), its seed, the image."""
-
-    prompt: str
-    seed: int
-    image: Image.Image
-
-
-# name -> (scheduler class, extra from_config overrides). DPM-Solver++ is the 2nd-order multistep
-# solver people mean by "DPM++ 2M" (diffusers' default algorithm_type, stated to be explicit).
-SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
-    "ddim": (DDIMScheduler, {}),
-    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
-    "euler": (EulerDiscreteScheduler, {}),
-}
-
-
-def make_sampling_scheduler(name: str, scheduler_config: dict[str, Any]) -> SchedulerMixin:
-    """A sampling scheduler ``name`` built from the model's own scheduler config (betas etc.)."""
-    if name not in SAMPLERS:
-        raise KeyError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
-    cls, overrides = SAMPLERS[name]
-    return cls.from_config(dict(scheduler_config), **overrides)
-
-
-@contextmanager
-def _eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
-    """Eval mode for the duration (evaluation mid-training must not sample dropout), then restore."""
-    was_training = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, flag in zip(modules, was_training):
-            m.train(flag)
-
-
-def generate(model: BaseModel, settings: EvalSettings, prediction_type: str | None = None) -> list[GeneratedImage]:
-    """Generate one image per (prompt, seed), prompt-major order, ``settings.batch_size`` at a time.
-
-    Each image gets its own CPU ``torch.Generator`` seeded with its seed: its initial noise (and
-    any sampler noise) then depends only on (prompt, seed), never on its batch or the device, so
-    results compare across trials and machines. ``prediction_type`` overrides the model's own
-    (a run trained with ``train.prediction_type``: its UNet predicts that, so the sampler must read
-    its output as that).
-    """
-    sched_cfg = dict(model.scheduler_config)
-    if prediction_type is not None:
-        sched_cfg["prediction_type"] = prediction_type
-    scheduler = make_sampling_scheduler(settings.sampler, sched_cfg)
-    pipe = model.pipeline(scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    size = settings.resolution or native_resolution_of(model.unet.config, model.vae.config, where=model.source)
-    jobs = [(p, s) for p in settings.resolved_prompts() for s in settings.seeds]
-    out: list[GeneratedImage] = []
-    with _eval_mode(model.unet, model.vae, model.text_encoder):
-        for start in range(0, len(jobs), settings.batch_size):
-            batch = jobs[start : start + settings.batch_size]
-            prompts = [p for p, _ in batch]
-            negative = None if settings.negative_prompt is None else [settings.negative_prompt] * len(batch)
-            result = pipe(
-                prompt=prompts,
-                negative_prompt=negative,
-                height=size,
-                width=size,
-                num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance_scale,
-                generator=[torch.Generator(device="cpu").manual_seed(s) for _, s in batch],
-                output_type="pil",
-            )
-            out.extend(GeneratedImage(p, s, img) for (p, s), img in zip(batch, result.images))
-            progress.advance("generate", len(out), len(jobs))
-    return out
-
-
-@torch.no_grad()
-def vae_round_trip(vae: torch.nn.Module, images: Sequence[Image.Image], chunk: int = 8) -> list[Image.Image]:
-    """``images`` encoded by ``vae`` and decoded from the posterior mean, on the VAE's device and
-    in its dtype, back to 8-bit RGB as the pipeline writes its output: what every generated
-    image's pixels have been through, so a reference compares like with like."""
-    param = next(vae.parameters())
-    out: list[Image.Image] = []
-    with _eval_mode(vae):
-        for i in range(0, len(images), chunk):
-            x = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
-                             for im in images[i : i + chunk]])
-            x = (x.to(param.device, torch.float32) / 127.5 - 1).to(param.dtype)
-            y = vae.decode(vae.encode(x).latent_dist.mean).sample  # type: ignore[attr-defined]
-            y = ((y.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            out.extend(Image.fromarray(a) for a in y)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,8 +87,15 @@ class EvaluatorConfig(Frozen):
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown:
             raise ValueError(f"metrics: unknown {unknown}; valid metrics: {', '.join(sorted(METRICS))}")
-        if "dino" in self.metrics and not self.vision_model:
-            raise ValueError("metrics includes 'dino' but vision_model is not set (e.g. facebook/dino-vits16)")
+        for name in ("dino", "drift_dino"):
+            if name in self.metrics and not self.vision_model:
+                raise ValueError(f"metrics includes {name!r} but vision_model is not set (e.g. facebook/dinov2-base)")
+        drift = [m for m in self.metrics if m in ("drift", "drift_dino")]
+        token = self.generation.token
+        if drift and token and all(TOKEN_PLACEHOLDER in p or token in p for p in self.generation.prompts):
+            raise ValueError(f"metrics {drift} score the prompts without {TOKEN_PLACEHOLDER} against the base model's "
+                             "images; every generation.prompts entry has the token: add prompts of things the "
+                             "model already knows (e.g. the class prompt)")
         truth = [m for m in self.metrics if m in GROUND_TRUTH]
         if truth and not (self.checker and self.concept and self.generation.token):
             raise ValueError(f"metrics {truth} need `checker` (e.g. builtin:toyworld), `concept` (what the token "
@@ -262,6 +137,9 @@ class EvalRecord:
     # How the model sampled (``trainers.devices.sampled_placement``: device type, module dtypes,
     # autocast), read from the model itself: a trial's gains compare with the baseline of its key.
     placement: str = ""
+    # The base model's run only (``as_base``): for each drift metric, each prompt-without-token
+    # image's embedding by (prompt, seed), what the trials' drift compares with.
+    base_embeddings: dict[str, dict[tuple[str, int], torch.Tensor]] = field(default_factory=dict)
 
 
 class Evaluator:
@@ -282,6 +160,8 @@ class Evaluator:
         # Every method keeps the base VAE frozen, so one round trip serves every checkpoint.
         self._vae_references: References | None = None
         self.device = torch.device(device)
+        # {placement key: {drift metric: {(prompt, seed): the base model's embedding}}} (set_base)
+        self.base: dict[str, dict[str, dict[tuple[str, int], torch.Tensor]]] = {}
         self.metrics = [get_metric(n, clip=cfg.clip, vision=cfg.vision_model, checker=cfg.checker,
                                    token=cfg.generation.token, concept=cfg.concept, device=self.device)
                         for n in cfg.metrics]
@@ -308,6 +188,41 @@ class Evaluator:
         picked = [i for i, p in enumerate(prompts) if token and token in p]
         return picked if picked else list(range(len(prompts)))
 
+    def set_base(self, base: dict[str, dict[str, dict[tuple[str, int], torch.Tensor]]]) -> None:
+        """The base model's embeddings the drift metrics compare with, by sampling placement
+        (what ``run(..., as_base=True)`` returned as ``base_embeddings`` at each placement)."""
+        self.base = base
+
+    def _prior_images(self, prompts: Sequence[str]) -> list[int]:
+        """Indices of the images the drift metrics score: those of prompts without the token."""
+        token = self.cfg.generation.token
+        return [i for i, p in enumerate(prompts) if not (token and token in p)]
+
+    def _drift(self, metric: Any, images: list[GeneratedImage], placement: str, as_base: bool,
+               record_base: dict[str, dict[tuple[str, int], torch.Tensor]]) -> MetricResult:
+        picked = self._prior_images([g.prompt for g in images])
+        keys = [(images[i].prompt, images[i].seed) for i in picked]
+        pils = [images[i].image for i in picked]
+        if as_base:
+            emb = metric.embed(pils).cpu()
+            record_base[metric.name] = dict(zip(keys, emb))
+            base = emb
+        else:
+            table = self.base.get(placement, {}).get(metric.name)
+            if table is None:
+                raise ValueError(f"{metric.name}: no base-model embeddings for sampling placement {placement!r} "
+                                 f"(have: {sorted(self.base)}); the sweep's baseline makes them")
+            missing = [k for k in keys if k not in table]
+            if missing:
+                raise ValueError(f"{metric.name}: the base model has no image at (prompt, seed) {missing[:3]}; "
+                                 "its baseline was made with other evaluation prompts or seeds")
+            base = torch.stack([table[k] for k in keys])
+        r = metric.score(pils, [k[0] for k in keys], None, base=base)
+        per_item: list[float | None] = [None] * len(images)
+        for i, v in zip(picked, r.per_item):
+            per_item[i] = v
+        return MetricResult(r.value, tuple(per_item))
+
     def _references_for(self, model: BaseModel) -> References:
         if not self.cfg.reference_vae:
             return self.references
@@ -328,13 +243,15 @@ class Evaluator:
         return MetricResult(r.value, tuple(per_item))
 
     def run(self, model: BaseModel, autocast_dtype: torch.dtype | None = None,
-            prediction_type: str | None = None) -> EvalRecord:
+            prediction_type: str | None = None, as_base: bool = False) -> EvalRecord:
         """Generate and score ``model`` as it is now (adapters included).
 
         ``autocast_dtype`` (bf16/fp16 on a GPU) matches a mixed-precision trainer's frozen weights;
         trials and the baseline both take it from ``trainers.devices.sampling_autocast``, so a
         gain over the baseline is never a precision shift. ``prediction_type`` is the trainer's
-        (see :func:`generate`).
+        (see :func:`generate`). ``as_base``: this is the base model; the drift metrics compare its
+        images with themselves and return their embeddings (``EvalRecord.base_embeddings``) for
+        :meth:`set_base`.
         """
         t0 = time.perf_counter()
         device = next(model.unet.parameters()).device
@@ -344,13 +261,16 @@ class Evaluator:
         t1 = time.perf_counter()
         pils, prompts = [g.image for g in images], [g.prompt for g in images]
         references = self._references_for(model)
-        results = {m.name: self._score(m, pils, prompts, references) for m in self.metrics}
+        placement = sampled_placement(model, autocast_dtype)
+        base: dict[str, dict[tuple[str, int], torch.Tensor]] = {}
+        results = {m.name: (self._drift(m, images, placement, as_base, base) if getattr(m, "prior_only", False)
+                            else self._score(m, pils, prompts, references)) for m in self.metrics}
         scores = {name: r.value for name, r in results.items()}
         scores[COMPOSITE] = composite(scores, self.cfg.composite_weights())
         rows = [{"prompt": g.prompt, "seed": g.seed, **{n: r.per_item[i] for n, r in results.items()}}
                 for i, g in enumerate(images)]
         return EvalRecord(images, scores, rows, t1 - t0, time.perf_counter() - t1, self.identity(),
-                          sampled_placement(model, autocast_dtype))
+                          placement, base)
 
 
 def load_references(cfg: EvaluatorConfig, data: DataConfig) -> list[Image.Image]:
@@ -363,14 +283,6 @@ def load_references(cfg: EvaluatorConfig, data: DataConfig) -> list[Image.Image]
         x = load_pixels(r, ref_cfg)
         out.append(Image.fromarray(x.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()))
     return out
-
-
-def image_grid(images: Sequence[Image.Image], columns: int) -> Image.Image:
-    """Images tiled row-major, ``columns`` per row (one row per prompt, one column per seed), with
-    diffusers' ``make_image_grid``; an evaluation always fills its grid (prompts x seeds)."""
-    if len(images) % columns:
-        raise ValueError(f"{len(images)} images do not fill rows of {columns}")
-    return make_image_grid(list(images), rows=len(images) // columns, cols=columns)
 
 
 SCORES_FILE = "scores.json"

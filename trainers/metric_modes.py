@@ -15,6 +15,8 @@ IMAGE_METRIC_MODES = {
     "clip_t": "max",
     "clip_i": "max",
     "dino": "max",
+    "drift": "max",
+    "drift_dino": "max",
     "concept_rate": "max",
     "prior_kept": "max",
 }

@@ -10,6 +10,9 @@ Every metric implements the interface of docs/ARCHITECTURE.md ("Extension points
 * ``dino`` -- the same with any transformers vision backbone (DreamBooth's DINO metric uses a
   self-supervised ViT-S/16: unlike CLIP it is not trained to ignore appearance details, so it
   separates subjects of one class better).
+* ``drift`` / ``drift_dino`` -- for prompts without the concept token, the cosine of each image
+  with the base model's image at the same prompt and seed (CLIP image space / the vision
+  backbone's); 1 = unchanged. What prior preservation protects, measured without a judge.
 * ``concept_rate`` / ``prior_kept`` -- ground truth where a judge exists (the toy world's
   checker, docs/TOYWORLD.md): the share of concept-prompt images drawn right with the token read
   as the concept, and the share of the other prompts' images still drawn right.
@@ -110,6 +113,7 @@ class _ClipMetric:
     scale = 1.0
     scorer: str | None = "clip"
     subject_only = False
+    prior_only = False  # scores only the prompts without the token, against the base model's images
 
     def __init__(self, clip: str = DEFAULT_CLIP, vision: str | None = None, checker: str | None = None,
                  token: str | None = None, concept: str | None = None, device: Device = None) -> None:
@@ -204,6 +208,54 @@ class DinoScore(_ClipMetric):
         return MetricResult(float(per_item.mean()), tuple(float(v) for v in per_item))
 
 
+class DriftScore(_ClipMetric):
+    """Drift: how far the images of prompts *without* the concept token moved away from what the
+    base model draws for them, which is what prior preservation protects. ``per_item[i]`` is the
+    cosine between image i's embedding and the base model's image at the same prompt and seed (on
+    the same sampling placement); the value is their mean: 1 = drawn as the base model draws it.
+
+    ``base`` holds the base model's embeddings, one per scored image, in order
+    (``trainers.evaluate.Evaluator`` looks them up by prompt and seed). Needs no judge, so a real
+    sweep computes it. ``drift`` embeds with the CLIP image tower, ``drift_dino`` with the vision
+    backbone (``vision_model``). Validated against the toy world's checker in docs/BENCHMARKS.md.
+    """
+
+    name = "drift"
+    prior_only = True
+
+    def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Unit-norm image embeddings in this metric's space."""
+        return _normalize(image_embeddings(self.clip, images, device=self.device))
+
+    def score(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], references: Sequence[Image.Image] | None = None,
+        base: torch.Tensor | None = None,
+    ) -> MetricResult:
+        """Score ``images`` against the base model's embeddings ``base`` (same order)."""
+        if base is None or len(base) != len(images) or not images:
+            raise ValueError(f"{self.name} needs the base model's embedding of each image's prompt and seed "
+                             f"({len(images)} images, {0 if base is None else len(base)} base embeddings)")
+        per_item = (self.embed(images) * base.to(self.device, torch.float32)).sum(dim=-1)
+        return MetricResult(float(per_item.mean()), tuple(float(v) for v in per_item))
+
+
+class DriftDinoScore(DriftScore):
+    """``drift_dino``: :class:`DriftScore` in the vision backbone's space (``vision_model``)."""
+
+    name = "drift_dino"
+    scorer = "vision"
+
+    def __init__(self, clip: str = DEFAULT_CLIP, vision: str | None = None, **kwargs: Any) -> None:
+        if not vision:
+            raise ValueError("metric 'drift_dino' needs a vision model: set evaluation.images.vision_model "
+                             "(e.g. facebook/dinov2-base, or builtin:tiny-vit for tests)")
+        super().__init__(clip, vision, **kwargs)
+
+    def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        assert self.vision is not None
+        return _normalize(vision_embeddings(self.vision, images, device=self.device))
+
+
 class _TruthRate(_ClipMetric):
     """Ground truth from a judge (the toy world's checker): the share of images drawn right.
 
@@ -265,6 +317,8 @@ METRICS: dict[str, type] = {
     "clip_t": ClipTScore,
     "clip_i": ClipIScore,
     "dino": DinoScore,
+    "drift": DriftScore,
+    "drift_dino": DriftDinoScore,
     "concept_rate": ConceptRate,
     "prior_kept": PriorKept,
 }
