@@ -70,7 +70,7 @@ def candidates(run_dir: Path, top_k: int) -> list[dict[str, Any]]:
     def entry(row: TrialRow, h: dict[str, Any], ckpt: Path) -> dict[str, Any]:
         return {"label": f"{row.trial_id}@{int(h['step'])}", "trial_id": row.trial_id, "method": row.method,
                 "step": int(h["step"]), "rank": row.rank, "checkpoint": str(ckpt), "params": dict(row.params),
-                "selection": {k: h[k] for k in image_metrics(state) if k in h}}
+                "selection": {k: h[k] for k in image_metrics(state) if k in h}, "sampled_as": row.placement}
 
     out = [entry(win_row, win_eval, win_ckpt)]
     for row in rows:
@@ -132,8 +132,8 @@ def confirm_models(run_dir: Path, top_k: int) -> list[dict[str, Any]]:
     picked = candidates(run_dir, top_k)
     for item in picked:
         item["prediction_type"] = _prediction_type(Path(item["checkpoint"]))
-    # The base model samples as each candidate does, once per way of sampling among them (one in a
-    # one-method sweep): the pick's margin over the base model is never a precision shift.
+    # The base model samples as each candidate does, once per way of sampling among them (one on a
+    # CPU, or in a one-method sweep): the pick's margin over the base model is never a precision shift.
     bases: dict[str, dict[str, Any]] = {}
     for item in picked:
         bases.setdefault(sampling_signature(item), {"checkpoint": None, "method": None, "params": item["params"]})
@@ -142,11 +142,15 @@ def confirm_models(run_dir: Path, top_k: int) -> list[dict[str, Any]]:
 
 
 def sampling_signature(item: dict[str, Any]) -> str:
-    """What decides how a candidate samples (its method, ``train.mixed_precision`` and its method's
-    ``Trainer.dtype_keys``, as its trial searched them): candidates with the same signature sample
-    the base model alike (``sweeps/baseline.py``)."""
+    """How a candidate samples: the placement its trial's evaluations recorded (device type, module
+    dtypes, autocast: ``trainers.devices.placement_key``); for a trial that recorded none, what
+    decides it (its method, ``train.mixed_precision`` and its method's ``Trainer.dtype_keys``, as
+    its trial searched them). Candidates with the same signature sample the base model alike
+    (``sweeps/baseline.py``)."""
     from trainers import get_trainer_class
 
+    if item.get("sampled_as"):
+        return str(item["sampled_as"])
     keys = ("train.mixed_precision", *get_trainer_class(item["method"]).dtype_keys)
     return json.dumps([item["method"], *(item["params"].get(k) for k in keys)], default=str)
 
