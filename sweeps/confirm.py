@@ -102,8 +102,8 @@ def confirm_task(sweep: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
     from trainers.devices import run_placement
 
     cfg = SweepConfig.model_validate(sweep)
-    # The placement its trial sampled with (the base model: the winner's, whose margin over it is
-    # reported): the trial's own precision and its method's module dtypes, never a precision shift.
+    # The placement its trial sampled with (the base model: that of the candidates it stands for,
+    # confirm_models): the trial's own precision and its method's module dtypes, never a precision shift.
     run = trial_run_config(cfg, item["params"], source=f"held-out confirmation of {item['label']}")
     where = run_placement(run.train.device, run.train.mixed_precision)
     dtypes = get_trainer_class(run.method).base_dtypes(run.settings, where.weight_dtype)
