@@ -217,7 +217,11 @@ class Evaluator:
                 raise ValueError(f"{metric.name}: the base model has no image at (prompt, seed) {missing[:3]}; "
                                  "its baseline was made with other evaluation prompts or seeds")
             base = torch.stack([table[k] for k in keys])
-        r = metric.score(pils, [k[0] for k in keys], None, base=base)
+        if as_base:  # the base model against itself: its embeddings are already computed
+            own = (base * base).sum(dim=-1)
+            r = MetricResult(float(own.mean()), tuple(float(v) for v in own))
+        else:
+            r = metric.score(pils, [k[0] for k in keys], None, base=base)
         per_item: list[float | None] = [None] * len(images)
         for i, v in zip(picked, r.per_item):
             per_item[i] = v
