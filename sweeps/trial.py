@@ -204,6 +204,22 @@ def free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
+# Seconds a reused worker waits for the previous trial's thread to end (its teardown: the model
+# restored for the next trial) before Tune gives up on reusing it. Tune's default is 2 s; a
+# DreamBooth teardown on a busy CPU took longer and the *next* trial errored ("Trainable runner
+# reuse requires reset_config() to be implemented and return True").
+REUSE_WAIT_S = "300"
+
+
+def allow_teardown_before_reuse() -> None:
+    """Let Tune wait for a stopped trial's teardown before it hands the worker to the next trial.
+
+    Tune reads ``TUNE_FUNCTION_THREAD_TIMEOUT_S`` in the worker at each reuse, so setting it in the
+    worker's own process covers a local Ray, a cluster and a Ray started by someone else alike; a
+    value the user set wins."""
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", REUSE_WAIT_S)
+
+
 def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: dict[str, list[Any]],
               base: dict[str, Any] | None = None) -> None:
     """The Ray Tune function trainable. ``config`` holds the trial's dotted hyperparameters;
@@ -216,6 +232,7 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], cache: dict[str,
     trial is never trained again.
     """
     started, started_at = time.perf_counter(), time.time()
+    allow_teardown_before_reuse()
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per checkpoint otherwise
     trial_dir = storage_trial_dir()
     if _already_failed(trial_dir):
