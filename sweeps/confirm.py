@@ -115,9 +115,11 @@ def confirm_task(sweep: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
     with loaded as sampled:
         for name, seeds in item["seed_sets"].items():
             evaluator = cached_evaluator(cfg.evaluation.heldout_evaluator(seeds), cfg.base.data, where.device)
-            evaluator.set_base(item.get("base") or {})
+            evaluator.set_base({})
+            # Drift is scored on the driver (complete_drift): the base model draws beside the top K.
             out[name] = score_to_files(evaluator, sampled, where, {"label": item["label"], "heldout": name},
-                                       prediction_type=item.get("prediction_type"), as_base=ckpt is None)
+                                       prediction_type=item.get("prediction_type"), as_base=ckpt is None,
+                                       defer_drift=ckpt is not None)
     return out
 
 
@@ -193,18 +195,10 @@ def confirm_sweep(cfg: SweepConfig, run_dir: Path) -> dict[str, Any] | None:
         tasks = [confirm_task.options(**res.trial_task_options()).remote(sweep, item) for item in items]
         return dict(zip((item["label"] for item in items), ray.get(tasks)))
 
-    if drift:  # the base model first: the top K's drift compares with its images at every held-out seed
-        every = run([m for m in models if m["checkpoint"] is None])
-        base = {rec["placement_key"]: {} for recs in every.values() for rec in recs.values()}
-        for recs in every.values():
-            for rec in recs.values():
-                for metric, table in rec["base_embeddings"].items():
-                    base[rec["placement_key"]].setdefault(metric, {}).update(table)
-        for item in picked:
-            item["base"] = base
-        every.update(run(picked))
-    else:  # every model side by side
-        every = run(models)
+    every = run(models)  # every model side by side
+    if drift:  # the top K's drift: their images against the base model's at each held-out seed
+        _complete_drift(cfg, [every[m["label"]] for m in models if m["checkpoint"] is None],
+                        [every[item["label"]] for item in picked])
     scored = {item["label"]: every[item["label"]] for item in picked}
     # The base model as the pick samples is the one its margin is over; the others are dropped.
     winner = confirmed_order(picked, scored, _target(cfg))[0]
@@ -221,6 +215,26 @@ def confirm_sweep(cfg: SweepConfig, run_dir: Path) -> dict[str, Any] | None:
     summary = summarize(cfg, picked, scored)
     atomic_write_text(out_dir / CONFIRM_FILE, json.dumps(summary, indent=1))
     return summary
+
+
+def _complete_drift(cfg: SweepConfig, bases: list[dict[str, Any]], candidates: list[dict[str, Any]]) -> None:
+    """Score the candidates' deferred drift against the base model's embeddings at their sampling
+    placement (``trainers.evaluate.complete_drift``) and put the scores into their files."""
+    from sweeps.trial import rewrite_scores_file
+    from trainers.evaluate import complete_drift
+
+    base: dict[str, dict[str, dict[Any, Any]]] = {}
+    for recs in bases:
+        for rec in recs.values():
+            for metric, table in rec["base_embeddings"].items():
+                base.setdefault(rec["placement_key"], {}).setdefault(metric, {}).update(table)
+    assert cfg.evaluation.images is not None
+    weights = cfg.evaluation.images.composite_weights()
+    for recs in candidates:
+        for rec in recs.values():
+            complete_drift(rec["scores"], rec["rows"], rec.pop("pending_drift"), base.get(rec["placement_key"], {}),
+                           weights)
+            rewrite_scores_file(rec["files"], rec["scores"], rec["rows"])
 
 
 def _target(cfg: SweepConfig) -> str:
@@ -270,7 +284,7 @@ def summarize(cfg: SweepConfig, picked: list[dict[str, Any]], scored: dict[str, 
 
     def entry(item: dict[str, Any]) -> dict[str, Any]:
         recs = scored[item["label"]]
-        out = {**{k: v for k, v in item.items() if k != "base"}, "heldout": recs["report"]["scores"], "dir": recs["report"]["dir"],
+        out = {**item, "heldout": recs["report"]["scores"], "dir": recs["report"]["dir"],
                "placement": recs["report"].get("placement_key")}
         if "pick" in recs:
             out.update(pick=recs["pick"]["scores"], pick_dir=recs["pick"]["dir"])

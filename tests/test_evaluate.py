@@ -414,6 +414,20 @@ def test_drift_is_the_cosine_to_the_base_models_image_at_the_same_prompt_and_see
     assert rec.scores["drift"] == pytest.approx(float(expected.mean()), abs=1e-5) and min(got) < 0.999
     assert rec.scores["drift_dino"] < 1.0 - 1e-4
 
+    # Deferred (the held-out confirmation draws the base model beside the candidates): no base
+    # embeddings needed at run time, drift and composite unscored until complete_drift, then the
+    # same per-image values as the transformers reference above.
+    later = ev.Evaluator(cfg, []).run(tiny_model, defer_drift=True)
+    assert later.scores["drift"] is None and later.scores["composite"] is None
+    assert all(r["drift"] is None for r in later.rows) and set(later.pending_drift) == {"drift", "drift_dino"}
+    with pytest.raises(ValueError, match="the base model has no image at"):
+        ev.complete_drift(dict(later.scores), [dict(r) for r in later.rows], later.pending_drift,
+                          {k: dict(list(t.items())[1:]) for k, t in base.base_embeddings.items()}, cfg.composite_weights())
+    ev.complete_drift(later.scores, later.rows, later.pending_drift, base.base_embeddings, cfg.composite_weights())
+    assert [r["drift"] for r in later.rows if "sks" not in r["prompt"]] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert all(r["drift"] is None for r in later.rows if "sks" in r["prompt"])
+    assert later.scores == pytest.approx(rec.scores, abs=1e-6)  # composite and drift_dino included
+
 
 @pytest.mark.parametrize("kwargs, fragment", [
     (dict(metrics=("drift",), generation=EvalSettings(prompts=("a photo of {token}",), token="sks toy")),

@@ -140,3 +140,18 @@ def test_drift_reads_back_from_the_trials_and_the_base_models_own_images(demo_ru
     held = {m["label"]: m["heldout"] for m in conf["models"]}
     assert held["baseline"]["drift"] == pytest.approx(1.0, abs=1e-5)
     assert all(v["drift"] <= 1.0 + 1e-5 for v in held.values())
+    # The confirmation draws the base model beside the top K and scores their drift afterwards on
+    # the driver: read back from its files, it is the same cosine with the base model's images.
+    held_dirs = {m["label"]: run_dir / m["dir"] for m in conf["models"]}
+    held_base = {(r["prompt"], r["seed"]): held_dirs["baseline"] / r["file"]
+                 for r in json.loads((held_dirs["baseline"] / "scores.json").read_text())["rows"]}
+    candidates = [label for label in held_dirs if label != "baseline"]
+    assert candidates
+    for label in candidates:
+        scores = json.loads((held_dirs[label] / "scores.json").read_text())
+        rows = [r for r in scores["rows"] if TOKEN not in r["prompt"]]
+        expected = (embed([held_dirs[label] / r["file"] for r in rows])
+                    * embed([held_base[(r["prompt"], r["seed"])] for r in rows])).sum(-1)
+        assert [r["drift"] for r in rows] == pytest.approx(expected.tolist(), abs=1e-5), label
+        assert scores["scores"]["drift"] == pytest.approx(float(expected.mean()), abs=1e-5)
+        assert held[label]["drift"] == pytest.approx(scores["scores"]["drift"], abs=1e-9)

@@ -16,7 +16,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -140,6 +140,9 @@ class EvalRecord:
     # The base model's run only (``as_base``): for each drift metric, each prompt-without-token
     # image's embedding by (prompt, seed), what the trials' drift compares with.
     base_embeddings: dict[str, dict[tuple[str, int], torch.Tensor]] = field(default_factory=dict)
+    # ``run(..., defer_drift=True)`` only: this model's own drift embeddings, same layout; its drift
+    # rows, drift scores and composite stay None until :func:`complete_drift` has the base model's.
+    pending_drift: dict[str, dict[tuple[str, int], torch.Tensor]] = field(default_factory=dict)
 
 
 class Evaluator:
@@ -199,14 +202,16 @@ class Evaluator:
         return [i for i, p in enumerate(prompts) if not (token and token in p)]
 
     def _drift(self, metric: Any, images: list[GeneratedImage], placement: str, as_base: bool,
-               record_base: dict[str, dict[tuple[str, int], torch.Tensor]]) -> MetricResult:
+               record_base: dict[str, dict[tuple[str, int], torch.Tensor]], defer: bool = False) -> MetricResult:
         picked = self._prior_images([g.prompt for g in images])
         keys = [(images[i].prompt, images[i].seed) for i in picked]
         pils = [images[i].image for i in picked]
-        if as_base:
+        if as_base or defer:
             emb = metric.embed(pils).cpu()
             record_base[metric.name] = dict(zip(keys, emb))
             base = emb
+            if defer:  # scored later, against the base model's (complete_drift)
+                return MetricResult(float("nan"), (None,) * len(images))
         else:
             table = self.base.get(placement, {}).get(metric.name)
             if table is None:
@@ -247,7 +252,7 @@ class Evaluator:
         return MetricResult(r.value, tuple(per_item))
 
     def run(self, model: BaseModel, autocast_dtype: torch.dtype | None = None,
-            prediction_type: str | None = None, as_base: bool = False) -> EvalRecord:
+            prediction_type: str | None = None, as_base: bool = False, defer_drift: bool = False) -> EvalRecord:
         """Generate and score ``model`` as it is now (adapters included).
 
         ``autocast_dtype`` (bf16/fp16 on a GPU) matches a mixed-precision trainer's frozen weights;
@@ -255,7 +260,9 @@ class Evaluator:
         gain over the baseline is never a precision shift. ``prediction_type`` is the trainer's
         (see :func:`generate`). ``as_base``: this is the base model; the drift metrics compare its
         images with themselves and return their embeddings (``EvalRecord.base_embeddings``) for
-        :meth:`set_base`.
+        :meth:`set_base`. ``defer_drift``: the base model's embeddings are not there yet (it is being
+        drawn beside this model); the drift metrics return this model's embeddings instead
+        (``EvalRecord.pending_drift``) and :func:`complete_drift` scores them once they are.
         """
         t0 = time.perf_counter()
         device = next(model.unet.parameters()).device
@@ -266,15 +273,43 @@ class Evaluator:
         pils, prompts = [g.image for g in images], [g.prompt for g in images]
         references = self._references_for(model)
         placement = sampled_placement(model, autocast_dtype)
-        base: dict[str, dict[tuple[str, int], torch.Tensor]] = {}
-        results = {m.name: (self._drift(m, images, placement, as_base, base) if getattr(m, "prior_only", False)
-                            else self._score(m, pils, prompts, references)) for m in self.metrics}
-        scores = {name: r.value for name, r in results.items()}
-        scores[COMPOSITE] = composite(scores, self.cfg.composite_weights())
+        defer = defer_drift and not as_base
+        embedded: dict[str, dict[tuple[str, int], torch.Tensor]] = {}
+        results = {m.name: (self._drift(m, images, placement, as_base, embedded, defer)
+                            if getattr(m, "prior_only", False) else self._score(m, pils, prompts, references))
+                   for m in self.metrics}
+        scores: dict[str, float | None] = {name: r.value for name, r in results.items()}
         rows = [{"prompt": g.prompt, "seed": g.seed, **{n: r.per_item[i] for n, r in results.items()}}
                 for i, g in enumerate(images)]
+        if defer:
+            scores.update({name: None for name in embedded})
+        scores[COMPOSITE] = None if defer else composite(scores, self.cfg.composite_weights())
         return EvalRecord(images, scores, rows, t1 - t0, time.perf_counter() - t1, self.identity(),
-                          placement, base)
+                          placement, {} if defer else embedded, embedded if defer else {})
+
+
+def complete_drift(scores: dict[str, Any], rows: list[dict[str, Any]],
+                   pending: dict[str, dict[tuple[str, int], torch.Tensor]],
+                   base: dict[str, dict[tuple[str, int], torch.Tensor]], weights: Mapping[str, float]) -> None:
+    """Score a deferred evaluation's drift (``Evaluator.run(..., defer_drift=True)``) in place:
+    each pending image's cosine with the base model's image at its prompt and seed (``base``: the
+    base model's ``base_embeddings`` at the same sampling placement) into its row, their mean into
+    ``scores``, then the composite with ``weights``. The same values the metric gives when the
+    base model's embeddings are there at scoring time (both sides are unit-norm embeddings)."""
+    for name, own in pending.items():
+        table = base.get(name)
+        if table is None:
+            raise ValueError(f"{name}: no base-model embeddings at this sampling placement (have: {sorted(base)})")
+        missing = [k for k in own if k not in table]
+        if missing:
+            raise ValueError(f"{name}: the base model has no image at (prompt, seed) {missing[:3]}")
+        values = {k: float((e.float() * table[k].float()).sum()) for k, e in own.items()}
+        for row in rows:
+            key = (row["prompt"], row["seed"])
+            if key in values:
+                row[name] = values[key]
+        scores[name] = sum(values.values()) / len(values)
+    scores[COMPOSITE] = composite({k: v for k, v in scores.items() if v is not None}, weights)
 
 
 def load_references(cfg: EvaluatorConfig, data: DataConfig) -> list[Image.Image]:
