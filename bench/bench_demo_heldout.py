@@ -85,7 +85,8 @@ def judge(model: Any, export: Path | None, method: str | None, seeds: list[int],
         metric = get_metric(name, checker="builtin:toyworld", token=TOKEN, concept=concept)
         r = metric.score(pils, texts, None)
         judged = [v for v in r.per_item if v is not None]
-        out[name] = {"rate": r.value, "right": int(sum(judged)), "images": len(judged)}
+        out[name] = {"rate": r.value, "right": int(sum(judged)), "images": len(judged),
+                     "by_seed": [[g.seed, v] for g, v in zip(images, r.per_item) if v is not None]}
     return out
 
 

@@ -8,12 +8,13 @@
     image evaluation, checkpointing). Share = sum(eval_s) / sum(time_this_iter_s), over all trials.
 
 (b) Batched vs one at a time: the same prompts and seeds generated with ``batch_size`` = all
-    images (the default takes up to 8) vs 1, on the same model, rounds interleaved so machine
+    images vs 1 (or the sizes ``--batch-sizes`` names), on the same model, rounds interleaved so machine
     noise hits both; prints seconds per image and the ratio. The images are the same either way
     (tests/test_evaluate.py), so this is pure speed.
 
     python bench/bench_evaluator.py                 # both, ~2 min on 2 CPU cores
     python bench/bench_evaluator.py --skip-sweep    # (b) only
+    python bench/bench_evaluator.py --skip-sweep --batch-sizes all 8 --rounds 5   # one call vs the default 8
 
 Run on a quiet machine: another busy process on 2 cores distorts both figures.
 """
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -68,25 +70,33 @@ def evaluator_share(config: Path, num_samples: int) -> dict[str, float]:
             "share": eval_s / iter_s, "per_eval_s": eval_s / reports, "baseline_eval_s": baseline_s}
 
 
-def batching_ratio(config: Path, rounds: int, threads: int) -> dict[str, float]:
-    """Seconds per image generating the demo's evaluation set batched vs one image per call."""
+def batching_ratio(config: Path, rounds: int, threads: int, sizes: list[str]) -> dict[str, Any]:
+    """Seconds per image generating the demo's evaluation set at each batch size in ``sizes``
+    ("all": every image in one call), rounds interleaved; and the largest pixel difference
+    between the sizes' images (0: batching changes nothing but speed)."""
+    import numpy as np
+
     torch.set_num_threads(threads)
     cfg = load_sweep(config)
     gen = cfg.evaluation.images.generation  # type: ignore[union-attr]
     n = len(gen.prompts) * len(gen.seeds)
     model = load_model(cfg.base.model)
-    batched = gen.model_copy(update={"batch_size": n})
-    single = gen.model_copy(update={"batch_size": 1})
+    settings = {size: gen.model_copy(update={"batch_size": n if size == "all" else int(size)}) for size in sizes}
     generate(model, EvalSettings(prompts=("warm up",), seeds=(0,), steps=2))
-    times: dict[str, list[float]] = {"batched": [], "single": []}
+    times: dict[str, list[float]] = {size: [] for size in sizes}
+    images: dict[str, list[Any]] = {}
     for _ in range(rounds):
-        for name, settings in (("batched", batched), ("single", single)):
+        for size, s in settings.items():
             t0 = time.perf_counter()
-            generate(model, settings)
-            times[name].append((time.perf_counter() - t0) / n)
-    b, s = statistics.median(times["batched"]), statistics.median(times["single"])
-    return {"images": n, "steps": gen.steps, "threads": threads, "rounds": rounds,
-            "batched_s_per_image": b, "single_s_per_image": s, "speedup": s / b}
+            images[size] = generate(model, s)
+            times[size].append((time.perf_counter() - t0) / n)
+    first = [np.asarray(g.image, dtype=np.float32) for g in images[sizes[0]]]
+    diff = max(float(np.abs(a - np.asarray(g.image, dtype=np.float32)).max())
+               for size in sizes[1:] for a, g in zip(first, images[size]))
+    per_image = {size: statistics.median(v) for size, v in times.items()}
+    return {"images": n, "steps": gen.steps, "threads": threads, "rounds": rounds, "s_per_image": per_image,
+            "speedup_vs_last": {size: per_image[sizes[-1]] / v for size, v in per_image.items()},
+            "max_pixel_difference": diff}
 
 
 def main() -> None:
@@ -95,6 +105,8 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=8, help="trials in the demo sweep for (a)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds for (b)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for (b) (a demo trial has 1 CPU)")
+    parser.add_argument("--batch-sizes", nargs="+", default=["all", "1"],
+                        help="batch sizes (b) compares, each against the last ('all': one call; default: all 1)")
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
@@ -104,10 +116,12 @@ def main() -> None:
         print(f"(a) evaluator share of trial time, {args.config.name} defaults: {a['share']:.1%} "
               f"({a['eval_s']:.1f} s of {a['trial_s']:.1f} s over {a['evaluations']} evaluations in "
               f"{a['trials']} trials; {a['per_eval_s']:.2f} s per evaluation; baseline {a['baseline_eval_s']:.2f} s)")
-    b = out["batching"] = batching_ratio(args.config, args.rounds, args.threads)
-    print(f"(b) generation per image, {b['images']} images x {b['steps']} steps, {b['threads']} thread(s): "
-          f"batched {b['batched_s_per_image'] * 1000:.1f} ms vs one at a time {b['single_s_per_image'] * 1000:.1f} ms "
-          f"-> batched is {b['speedup']:.2f}x faster (median of {b['rounds']} interleaved rounds)")
+    b = out["batching"] = batching_ratio(args.config, args.rounds, args.threads, args.batch_sizes)
+    last = args.batch_sizes[-1]
+    print(f"(b) generation per image, {b['images']} images x {b['steps']} steps, {b['threads']} thread(s), median of "
+          f"{b['rounds']} interleaved rounds: " + ", ".join(
+              f"batch {size}: {b['s_per_image'][size] * 1000:.1f} ms ({b['speedup_vs_last'][size]:.2f}x batch {last})"
+              for size in args.batch_sizes) + f"; largest pixel difference between them {b['max_pixel_difference']:g}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

@@ -39,6 +39,58 @@ def _truth(judged: dict[str, Any]) -> float:
     return (judged["concept_rate"]["rate"] + judged["prior_kept"]["rate"]) / 2
 
 
+def _half_truths(judged: dict[str, Any]) -> list[float]:
+    """The truth on the even seeds and on the odd seeds apart: two independent measurements of
+    the same checkpoint, whose agreement bounds how well any score can track the measured truth."""
+    out = []
+    for parity in (0, 1):
+        rates = []
+        for name in ("concept_rate", "prior_kept"):
+            v = [ok for seed, ok in judged[name]["by_seed"] if seed % 2 == parity]
+            rates.append(sum(v) / len(v))
+        out.append(sum(rates) / 2)
+    return out
+
+
+def image_terms(sample_dir: Path, clip: str, token: str) -> dict[str, float]:
+    """Candidate ranking terms a real sweep could compute from an evaluation's own images
+    (``samples/step-N``): ``clip_t_known``, CLIP-T on the prompts *without* the token (are the
+    known things still drawn as asked; unlike drift it does not penalise a change that fixes an
+    image)."""
+    from PIL import Image
+
+    from trainers.metrics import get_metric
+
+    rows = json.loads((sample_dir / "scores.json").read_text())["rows"]
+    known = [r for r in rows if token not in r["prompt"]]
+    if not known:
+        return {}
+    images = [Image.open(sample_dir / r["file"]).convert("RGB") for r in known]
+    r = get_metric("clip_t", clip=clip).score(images, [r["prompt"] for r in known], None)
+    return {"clip_t_known": float(sum(r.per_item) / len(r.per_item))}
+
+
+def augment(path: Path) -> None:
+    """Add :func:`image_terms` to a measurement written before they existed."""
+    from sweeps.results import leaderboard
+
+    data = json.loads(path.read_text())
+    run_dir = Path(data["run_dir"])
+    images = read_state_images(run_dir)
+    rows = {r.trial_id: r for r in leaderboard(run_dir)[0]}
+    for c in data["checkpoints"]:
+        trial, step = c["label"].split("@")
+        c["sweep"].update(image_terms(rows[trial].path / "samples" / f"step-{int(step):06d}", images["clip"],
+                                      images["generation"]["token"]))
+    path.write_text(json.dumps(data, indent=1))
+
+
+def read_state_images(run_dir: Path) -> dict[str, Any]:
+    from sweeps.results import read_state
+
+    return read_state(run_dir)["config"]["evaluation"]["images"]
+
+
 def measure(run_dir: Path, seeds: int) -> dict[str, Any]:
     import torch
 
@@ -67,9 +119,11 @@ def measure(run_dir: Path, seeds: int) -> dict[str, Any]:
             judged = judge(model, ckpt, row.method, seed_list, concept)
             sweep = {k: h[k] for k in ("clip_t", "clip_i", "dino", "drift", "composite") if k in h}
             sweep.setdefault("drift", drift.get(label))
+            sweep.update(image_terms(row.path / "samples" / f"step-{step:06d}", images["clip"],
+                                     images["generation"]["token"]))
             out.append({"label": label, "method": row.method, "step": step, "sweep": sweep,
                         "heldout": {k: judged[k]["rate"] for k in ("concept_rate", "prior_kept")},
-                        "truth": _truth(judged)})
+                        "truth": _truth(judged), "truth_halves": _half_truths(judged)})
             print(f"{label:16s} {row.method:18s} truth {out[-1]['truth']:.3f}  composite {sweep['composite']:.4f}",
                   flush=True)
     return {"run_dir": str(run_dir), "seeds": seed_list, "weights": images.get("weights"),
@@ -91,8 +145,28 @@ def judged(sweep: dict[str, Any], weights: dict[str, float] | None) -> dict[str,
     values = [c["sweep"]["composite"] if weights is None else score(c, weights) for c in cks]
     truths = [c["truth"] for c in cks]
     pick = max(range(len(cks)), key=lambda i: values[i])
-    return {"rho": float(spearmanr(values, truths).statistic), "regret": max(truths) - truths[pick],
+    return {"rho": _rho(values, truths), "regret": max(truths) - truths[pick],
             "pick_truth": truths[pick], "base_truth": sweep["base"]["truth"], "checkpoints": len(cks)}
+
+
+def _rho(a: list[float], b: list[float]) -> float:
+    """Spearman's rho; 0 where one side is constant (a term that cannot rank, e.g. TI's drift)."""
+    from scipy.stats import spearmanr
+
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return 0.0
+    return float(spearmanr(a, b).statistic)
+
+
+def ceiling(sweep: dict[str, Any]) -> float | None:
+    """Split-half agreement of the measured truth: rho between the truth on even and on odd
+    seeds over the sweep's checkpoints (None for measurements taken before halves were kept).
+    Noise in the truth caps any score's rho with it near this figure (Spearman-Brown: the full
+    measurement's reliability is 2r / (1 + r))."""
+    cks = sweep["checkpoints"]
+    if not cks or "truth_halves" not in cks[0]:
+        return None
+    return _rho([c["truth_halves"][0] for c in cks], [c["truth_halves"][1] for c in cks])
 
 
 def fit(train: list[dict[str, Any]], terms: list[str], step: float) -> dict[str, float]:
@@ -117,26 +191,51 @@ def main() -> None:
     m.add_argument("run_dir", type=Path)
     m.add_argument("--seeds", type=int, default=8, help="seeds per external colour pair (default 8)")
     m.add_argument("--json", type=Path, required=True)
+    a = sub.add_parser("augment", help="add the image terms to measurements written before they existed")
+    a.add_argument("json_files", nargs="+", type=Path)
     f = sub.add_parser("fit")
     f.add_argument("--train", nargs="+", type=Path, required=True)
     f.add_argument("--test", nargs="+", type=Path, required=True)
     f.add_argument("--terms", nargs="+", default=["clip_t", "clip_i", "drift"])
     f.add_argument("--step", type=float, default=0.05)
+    f.add_argument("--json", type=Path, help="also write the table here")
     args = ap.parse_args()
     if args.cmd == "measure":
         args.json.write_text(json.dumps(measure(args.run_dir, args.seeds), indent=1))
+        return
+    if args.cmd == "augment":
+        for path in args.json_files:
+            augment(path)
         return
     train = [json.loads(p.read_text()) for p in args.train]
     test = [(p, json.loads(p.read_text())) for p in args.test]
     weights = fit(train, args.terms, args.step)
     print(f"chosen on {[str(p) for p in args.train]}: weights {weights} "
           f"(mean rho in sample {sum(judged(s, weights)['rho'] for s in train) / len(train):+.3f})")
-    print(f"{'sweep':40s} {'ckpts':>5s} {'rho (chosen)':>12s} {'regret':>7s} {'rho (sweep)':>11s} {'regret':>7s} "
-          f"{'pick truth':>10s} {'base truth':>10s}")
-    for path, s in test:
+    print(f"{'sweep':24s} {'ckpts':>5s} {'truth range':>11s} {'split-half':>10s} {'rho (chosen)':>12s} {'regret':>7s} "
+          f"{'rho (sweep)':>11s} {'regret':>7s} " + " ".join(f"{'rho ' + t:>11s}" for t in args.terms)
+          + f" {'pick truth':>10s} {'base truth':>10s}")
+    table = []
+    for path, s in [*((p, json.loads(p.read_text())) for p in args.train), *test]:
         a, b = judged(s, weights), judged(s, None)
-        print(f"{str(path)[-40:]:40s} {a['checkpoints']:5d} {a['rho']:+12.3f} {a['regret']:7.3f} {b['rho']:+11.3f} "
-              f"{b['regret']:7.3f} {a['pick_truth']:10.3f} {a['base_truth']:10.3f}")
+        truths = [c["truth"] for c in s["checkpoints"]]
+        terms = {t: _rho([c["sweep"][t] for c in s["checkpoints"]], truths) for t in args.terms}
+        half = ceiling(s)
+        row = {"sweep": str(path), "in_sample": path in args.train, "chosen": a, "sweep_composite": b,
+               "terms": terms, "split_half": half, "truth_range": [min(truths), max(truths)]}
+        table.append(row)
+        print(f"{path.stem + (' (fit)' if row['in_sample'] else ''):24s} {a['checkpoints']:5d} "
+              f"{min(truths):5.2f}-{max(truths):4.2f} {'-' if half is None else f'{half:+.2f}':>10s} {a['rho']:+12.3f} "
+              f"{a['regret']:7.3f} {b['rho']:+11.3f} {b['regret']:7.3f} "
+              + " ".join(f"{terms[t]:+11.3f}" for t in args.terms) + f" {a['pick_truth']:10.3f} {a['base_truth']:10.3f}")
+    out = [r for r in table if not r["in_sample"]]
+    print(f"out of sample ({len(out)} sweeps): chosen mean rho {sum(r['chosen']['rho'] for r in out) / len(out):+.3f}, "
+          f"min {min(r['chosen']['rho'] for r in out):+.3f}, mean regret {sum(r['chosen']['regret'] for r in out) / len(out):.3f}; "
+          f"the sweeps' own composites: mean rho {sum(r['sweep_composite']['rho'] for r in out) / len(out):+.3f}, "
+          f"mean regret {sum(r['sweep_composite']['regret'] for r in out) / len(out):.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({"weights": weights, "train": [str(p) for p in args.train], "table": table},
+                                        indent=1))
 
 
 if __name__ == "__main__":
