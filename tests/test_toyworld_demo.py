@@ -24,8 +24,9 @@ DEMO = REPO / "sweeps" / "configs" / "demo.yaml"
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory, sdsweep_cache: Path) -> tuple[Path, str]:
     run_dir = tmp_path_factory.mktemp("toyworld-demo") / "run"
-    # The shipped demo, unshortened (8 trials x 600 steps, ~3 min on 2 cores): a shortened one
-    # (2 trials x 300 steps) picked a checkpoint whose held-out gain was 0.06, within noise.
+    # The shipped demo, unshortened (8 trials x 600 steps; ~9 min on a quiet 2-core machine, 13-14
+    # in the suite beside the other worker): a shortened one (2 trials x 300 steps) picked a
+    # checkpoint whose held-out gain was 0.06, within noise.
     return run_dir, run_shipped_sweep(DEMO, run_dir, sdsweep_cache)
 
 
