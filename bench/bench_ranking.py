@@ -33,6 +33,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 SCALE = {"clip_t": 0.01}  # the composite's scales (trainers.metrics): CLIP-T's x100 undone
+# The checker's verdicts on the sweep's own evaluation images: never a term (a real sweep has no
+# checker), but the best any score read from those images could do -- the oracle column of `fit`.
+ORACLE = ("concept_rate", "prior_kept")
 
 
 def _truth(judged: dict[str, Any]) -> float:
@@ -80,6 +83,8 @@ def augment(path: Path) -> None:
     rows = {r.trial_id: r for r in leaderboard(run_dir)[0]}
     for c in data["checkpoints"]:
         trial, step = c["label"].split("@")
+        h = next(e for e in rows[trial].history if e.get("step") == int(step) and "composite" in e)
+        c["sweep"].update({k: h[k] for k in ORACLE if k in h})
         c["sweep"].update(image_terms(rows[trial].path / "samples" / f"step-{int(step):06d}", images["clip"],
                                       images["generation"]["token"]))
     path.write_text(json.dumps(data, indent=1))
@@ -117,7 +122,7 @@ def measure(run_dir: Path, seeds: int) -> dict[str, Any]:
                 continue
             label = f"{row.trial_id}@{step}"
             judged = judge(model, ckpt, row.method, seed_list, concept)
-            sweep = {k: h[k] for k in ("clip_t", "clip_i", "dino", "drift", "composite") if k in h}
+            sweep = {k: h[k] for k in ("clip_t", "clip_i", "dino", "drift", "composite", *ORACLE) if k in h}
             sweep.setdefault("drift", drift.get(label))
             sweep.update(image_terms(row.path / "samples" / f"step-{step:06d}", images["clip"],
                                      images["generation"]["token"]))
@@ -212,7 +217,7 @@ def main() -> None:
     weights = fit(train, args.terms, args.step)
     print(f"chosen on {[str(p) for p in args.train]}: weights {weights} "
           f"(mean rho in sample {sum(judged(s, weights)['rho'] for s in train) / len(train):+.3f})")
-    print(f"{'sweep':24s} {'ckpts':>5s} {'truth range':>11s} {'split-half':>10s} {'rho (chosen)':>12s} {'regret':>7s} "
+    print(f"{'sweep':24s} {'ckpts':>5s} {'truth range':>11s} {'split-half':>10s} {'oracle':>7s} {'rho (chosen)':>12s} {'regret':>7s} "
           f"{'rho (sweep)':>11s} {'regret':>7s} " + " ".join(f"{'rho ' + t:>11s}" for t in args.terms)
           + f" {'pick truth':>10s} {'base truth':>10s}")
     table = []
@@ -221,11 +226,14 @@ def main() -> None:
         truths = [c["truth"] for c in s["checkpoints"]]
         terms = {t: _rho([c["sweep"][t] for c in s["checkpoints"]], truths) for t in args.terms}
         half = ceiling(s)
+        oracle = (_rho([sum(c["sweep"][k] for k in ORACLE) for c in s["checkpoints"]], truths)
+                  if all(k in c["sweep"] for c in s["checkpoints"] for k in ORACLE) else None)
         row = {"sweep": str(path), "in_sample": path in args.train, "chosen": a, "sweep_composite": b,
-               "terms": terms, "split_half": half, "truth_range": [min(truths), max(truths)]}
+               "terms": terms, "split_half": half, "oracle": oracle, "truth_range": [min(truths), max(truths)]}
         table.append(row)
         print(f"{path.stem + (' (fit)' if row['in_sample'] else ''):24s} {a['checkpoints']:5d} "
-              f"{min(truths):5.2f}-{max(truths):4.2f} {'-' if half is None else f'{half:+.2f}':>10s} {a['rho']:+12.3f} "
+              f"{min(truths):5.2f}-{max(truths):4.2f} {'-' if half is None else f'{half:+.2f}':>10s} "
+              f"{'-' if oracle is None else f'{oracle:+.2f}':>7s} {a['rho']:+12.3f} "
               f"{a['regret']:7.3f} {b['rho']:+11.3f} {b['regret']:7.3f} "
               + " ".join(f"{terms[t]:+11.3f}" for t in args.terms) + f" {a['pick_truth']:10.3f} {a['base_truth']:10.3f}")
     out = [r for r in table if not r["in_sample"]]
