@@ -17,6 +17,7 @@ same for the sweep's own composite.
 
     python bench/bench_ranking.py measure RUN_DIR --json lora0.json          # ~15 s per checkpoint, 2 cores
     python bench/bench_ranking.py fit --train lora0.json lora1.json --test lora2.json db.json ti.json mixed.json
+    python bench/bench_ranking.py prior-view lora0.json db.json mixed.json   # a wider known-shape view, ~10 s/ckpt
 """
 
 from __future__ import annotations
@@ -94,6 +95,64 @@ def read_state_images(run_dir: Path) -> dict[str, Any]:
     from sweeps.results import read_state
 
     return read_state(run_dir)["config"]["evaluation"]["images"]
+
+
+# Two more known shapes than the demos' evaluation draws (a triangle and a cross, in colour pairs
+# that neither the demos, their confirmation nor the held-out check use).
+EXTRA_KNOWN = ("a red triangle on a green background", "a yellow cross on a blue background")
+
+
+def prior_view(path: Path) -> dict[str, Any]:
+    """Would a wider in-sweep view of the known shapes track the held-out prior? For every
+    checkpoint of a measurement: the demos' two known-shape prompts plus :data:`EXTRA_KNOWN`, the
+    evaluation's seeds 0-3 and sampler, drawn again; drift (toy CLIP) against the base model's
+    images and the checker's verdicts on the two prompts and on all four, each ranked against the
+    held-out ``prior_kept`` and truth."""
+    from contextlib import nullcontext
+
+    import torch
+
+    from sweeps.results import find_checkpoint, leaderboard
+    from trainers import get_trainer_class
+    from trainers.evaluate import EvalSettings, generate
+    from trainers.metrics import get_metric, image_embeddings
+    from trainers.models import load_base_model
+
+    data = json.loads(path.read_text())
+    run_dir = Path(data["run_dir"])
+    images = read_state_images(run_dir)
+    token = images["generation"]["token"]
+    known = [p for p in images["generation"]["prompts"] if "{token}" not in p]
+    prompts = (*known, *EXTRA_KNOWN)
+    settings = EvalSettings(prompts=prompts, seeds=(0, 1, 2, 3), sampler="ddim", steps=25, guidance_scale=5.0,
+                            resolution=32, batch_size=4 * len(prompts))
+    checker = get_metric("prior_kept", checker="builtin:toyworld", token=token, concept=images.get("concept"))
+    model = load_base_model("builtin:toyworld")
+
+    def draw(ckpt: Path | None, method: str | None) -> tuple[torch.Tensor, list[float]]:
+        loaded = get_trainer_class(method).loaded_for_evaluation(model, ckpt) if ckpt and method else nullcontext(model)
+        with loaded as m, torch.no_grad():
+            out = generate(m, settings)
+        emb = image_embeddings(images["clip"], [g.image for g in out])
+        verdicts = checker.score([g.image for g in out], [g.prompt for g in out], None).per_item
+        return emb / emb.norm(dim=-1, keepdim=True), [float(v) for v in verdicts]
+
+    torch.set_num_threads(2)
+    base, _ = draw(None, None)
+    rows = {r.trial_id: r for r in leaderboard(run_dir)[0]}
+    n = 4 * len(known)
+    per = []
+    for c in data["checkpoints"]:
+        trial, step = c["label"].split("@")
+        emb, verdicts = draw(find_checkpoint(rows[trial].path, int(step)), c["method"])
+        cos = (emb * base).sum(-1)
+        per.append({"label": c["label"], "drift_sweep_prompts": float(cos[:n].mean()), "drift_wider": float(cos.mean()),
+                    "checker_sweep_prompts": sum(verdicts[:n]) / n, "checker_wider": sum(verdicts) / len(verdicts),
+                    "heldout_prior": c["heldout"]["prior_kept"], "truth": c["truth"]})
+    keys = ("drift_sweep_prompts", "drift_wider", "checker_sweep_prompts", "checker_wider")
+    rho = {k: {"heldout_prior": _rho([r[k] for r in per], [r["heldout_prior"] for r in per]),
+               "truth": _rho([r[k] for r in per], [r["truth"] for r in per])} for k in keys}
+    return {"measurement": str(path), "prompts": list(prompts), "rho": rho, "checkpoints": per}
 
 
 def measure(run_dir: Path, seeds: int) -> dict[str, Any]:
@@ -198,6 +257,9 @@ def main() -> None:
     m.add_argument("--json", type=Path, required=True)
     a = sub.add_parser("augment", help="add the image terms to measurements written before they existed")
     a.add_argument("json_files", nargs="+", type=Path)
+    v = sub.add_parser("prior-view", help="the demos' known-shape view vs one with two more shapes (prior_view)")
+    v.add_argument("json_files", nargs="+", type=Path)
+    v.add_argument("--json", type=Path, help="also write the figures here")
     f = sub.add_parser("fit")
     f.add_argument("--train", nargs="+", type=Path, required=True)
     f.add_argument("--test", nargs="+", type=Path, required=True)
@@ -207,6 +269,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.cmd == "measure":
         args.json.write_text(json.dumps(measure(args.run_dir, args.seeds), indent=1))
+        return
+    if args.cmd == "prior-view":
+        views = [prior_view(path) for path in args.json_files]
+        for view in views:
+            print(f"{Path(view['measurement']).stem}: rho with held-out prior_kept / with truth: " + ", ".join(
+                f"{k} {r['heldout_prior']:+.2f} / {r['truth']:+.2f}" for k, r in view["rho"].items()))
+        if args.json:
+            args.json.write_text(json.dumps(views, indent=1))
         return
     if args.cmd == "augment":
         for path in args.json_files:

@@ -232,8 +232,11 @@ def _complete_drift(cfg: SweepConfig, bases: list[dict[str, Any]], candidates: l
     weights = cfg.evaluation.images.composite_weights()
     for recs in candidates:
         for rec in recs.values():
-            complete_drift(rec["scores"], rec["rows"], rec.pop("pending_drift"), base.get(rec["placement_key"], {}),
-                           weights)
+            where = rec["placement_key"]
+            if where not in base:
+                raise ValueError(f"no base-model images at sampling placement {where!r} (the base model was drawn at "
+                                 f"{sorted(base)}); its drift cannot be scored")
+            complete_drift(rec["scores"], rec["rows"], rec.pop("pending_drift"), base[where], weights)
             rewrite_scores_file(rec["files"], rec["scores"], rec["rows"])
 
 

@@ -428,6 +428,11 @@ def test_drift_is_the_cosine_to_the_base_models_image_at_the_same_prompt_and_see
     assert all(r["drift"] is None for r in later.rows if "sks" in r["prompt"])
     assert later.scores == pytest.approx(rec.scores, abs=1e-6)  # composite and drift_dino included
 
+    # Nothing to defer without a drift metric: the record is complete as it comes.
+    plain = ev.EvaluatorConfig(generation=cfg.generation, metrics=("clip_t",), clip=CLIP)
+    whole = ev.Evaluator(plain, []).run(tiny_model, defer_drift=True)
+    assert not whole.pending_drift and whole.scores["composite"] == pytest.approx(0.01 * whole.scores["clip_t"])
+
 
 @pytest.mark.parametrize("kwargs, fragment", [
     (dict(metrics=("drift",), generation=EvalSettings(prompts=("a photo of {token}",), token="sks toy")),

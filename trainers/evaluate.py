@@ -273,7 +273,8 @@ class Evaluator:
         pils, prompts = [g.image for g in images], [g.prompt for g in images]
         references = self._references_for(model)
         placement = sampled_placement(model, autocast_dtype)
-        defer = defer_drift and not as_base
+        # Deferred only where something is pending: without a drift metric the record is complete.
+        defer = defer_drift and not as_base and any(getattr(m, "prior_only", False) for m in self.metrics)
         embedded: dict[str, dict[tuple[str, int], torch.Tensor]] = {}
         results = {m.name: (self._drift(m, images, placement, as_base, embedded, defer)
                             if getattr(m, "prior_only", False) else self._score(m, pils, prompts, references))
