@@ -266,6 +266,7 @@ def main() -> None:
     f.add_argument("--terms", nargs="+", default=["clip_t", "clip_i", "drift"])
     f.add_argument("--step", type=float, default=0.05)
     f.add_argument("--json", type=Path, help="also write the table here")
+    f.add_argument("--markdown", action="store_true", help="also print the table as docs/BENCHMARKS.md shows it")
     args = ap.parse_args()
     if args.cmd == "measure":
         args.json.write_text(json.dumps(measure(args.run_dir, args.seeds), indent=1))
@@ -314,6 +315,26 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"weights": weights, "train": [str(p) for p in args.train], "table": table},
                                         indent=1))
+    if args.markdown:
+        print(markdown(table, args.terms))
+
+
+def markdown(table: list[dict[str, Any]], terms: list[str]) -> str:
+    """The fit's table as docs/BENCHMARKS.md shows it."""
+    def f(v: float | None) -> str:
+        return "–" if v is None else f"{v:+.2f}".replace("-", "−")
+
+    lines = ["| sweep | checkpoints | truth range (base) | split-half | oracle | **rho, chosen** | regret | "
+             "rho, sweep's composite | regret | " + " | ".join(f"rho, {t}" for t in terms) + " |",
+             "| --- " * (9 + len(terms)) + "|"]
+    for r in table:
+        a, b = r["chosen"], r["sweep_composite"]
+        name = Path(r["sweep"]).stem + (" (fit)" if r["in_sample"] else "")
+        lines.append(f"| {name} | {a['checkpoints']} | {r['truth_range'][0]:.2f}–{r['truth_range'][1]:.2f} "
+                     f"({a['base_truth']:.2f}) | {f(r['split_half'])} | {f(r['oracle'])} | **{f(a['rho'])}** | "
+                     f"{a['regret']:.3f} | {f(b['rho'])} | {b['regret']:.3f} | "
+                     + " | ".join(f(r["terms"][t]) for t in terms) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
