@@ -132,7 +132,7 @@ def test_the_baseline_is_sampled_with_the_trials_precision_and_autocast(tiny_mod
     monkeypatch.setattr(devices, "sampling_autocast", lambda device, dtype: None if dtype == torch.float32 else dtype)
     seen: list[dict] = []
 
-    def record(self, model, autocast_dtype=None, prediction_type=None, as_base=False):
+    def record(self, model, autocast_dtype=None, prediction_type=None, as_base=False, defer_drift=False):
         seen.append({"autocast": autocast_dtype, "device": self.device,
                      **{n: devices.module_placements(getattr(model, n)) for n in FROZEN}})
         raise _Stop
