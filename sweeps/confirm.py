@@ -220,7 +220,6 @@ def confirm_sweep(cfg: SweepConfig, run_dir: Path) -> dict[str, Any] | None:
 def _complete_drift(cfg: SweepConfig, bases: list[dict[str, Any]], candidates: list[dict[str, Any]]) -> None:
     """Score the candidates' deferred drift against the base model's embeddings at their sampling
     placement (``trainers.evaluate.complete_drift``) and put the scores into their files."""
-    from sweeps.trial import rewrite_scores_file
     from trainers.evaluate import complete_drift
 
     base: dict[str, dict[str, dict[Any, Any]]] = {}
@@ -238,6 +237,17 @@ def _complete_drift(cfg: SweepConfig, bases: list[dict[str, Any]], candidates: l
                                  f"{sorted(base)}); its drift cannot be scored")
             complete_drift(rec["scores"], rec["rows"], rec.pop("pending_drift"), base[where], weights)
             rewrite_scores_file(rec["files"], rec["scores"], rec["rows"])
+
+
+def rewrite_scores_file(files: dict[str, bytes], scores: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Put completed ``scores`` and ``rows`` (``trainers.evaluate.complete_drift``) into the
+    ``scores.json`` of ``sweeps.trial.score_to_files``'s ``files``."""
+    from trainers.evaluate import SCORES_FILE
+
+    info = json.loads(files[SCORES_FILE])
+    info["scores"] = scores
+    info["rows"] = [{"file": old["file"], **row} for old, row in zip(info["rows"], rows, strict=True)]
+    files[SCORES_FILE] = json.dumps(info, indent=1).encode()
 
 
 def _target(cfg: SweepConfig) -> str:

@@ -34,7 +34,7 @@ from sweeps.constants import ERROR_FILE, QUIET_ENV
 from sweeps.rows import OWN_ROWS, trial_rows
 from sweeps.searched import data_variant_id
 from sweeps.trial_checkpoints import checkpoint_to_report
-from trainers.evaluate import GRID_FILE, SCORES_FILE, Evaluator, load_references, write_samples
+from trainers.evaluate import GRID_FILE, Evaluator, load_references, write_samples
 from trainers.checkpoints import STATE_JSON, STATE_TENSORS
 from trainers.latents import CachedDataset
 from trainers.models import BaseModel, load_model
@@ -150,7 +150,7 @@ def score_to_files(evaluator: Evaluator, model: BaseModel, where: devices.Placem
     evaluator identity, seconds and the written files as bytes (a task's files go back to the
     driver, which writes them wherever the task ran); with ``as_base`` (the base model) also its
     drift embeddings (``EvalRecord.base_embeddings``); with ``defer_drift`` its own, unscored
-    (``pending_drift``: ``trainers.evaluate.complete_drift``, then :func:`rewrite_scores_file`)."""
+    (``pending_drift``: ``trainers.evaluate.complete_drift``, then ``sweeps.confirm.rewrite_scores_file``)."""
     record = evaluator.run(model, autocast_dtype=where.autocast_dtype, prediction_type=prediction_type,
                            as_base=as_base, defer_drift=defer_drift)
     with tempfile.TemporaryDirectory(prefix="sdsweep-eval-") as tmp:
@@ -159,15 +159,6 @@ def score_to_files(evaluator: Evaluator, model: BaseModel, where: devices.Placem
     return {"scores": record.scores, "rows": record.rows, "identity": record.identity, "files": files,
             "eval_s": record.generate_s + record.score_s, "placement_key": record.placement,
             "base_embeddings": record.base_embeddings, "pending_drift": record.pending_drift}
-
-
-def rewrite_scores_file(files: dict[str, bytes], scores: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    """Put completed ``scores`` and ``rows`` (:func:`trainers.evaluate.complete_drift`) into the
-    ``scores.json`` of :func:`score_to_files`'s ``files``."""
-    info = json.loads(files[SCORES_FILE])
-    info["scores"] = scores
-    info["rows"] = [{"file": old["file"], **row} for old, row in zip(info["rows"], rows, strict=True)]
-    files[SCORES_FILE] = json.dumps(info, indent=1).encode()
 
 
 def peak_memory_mb(device: torch.device) -> float:
