@@ -235,7 +235,7 @@ def _complete_drift(cfg: SweepConfig, bases: list[dict[str, Any]], candidates: l
             if where not in base:
                 raise ValueError(f"no base-model images at sampling placement {where!r} (the base model was drawn at "
                                  f"{sorted(base)}); its drift cannot be scored")
-            complete_drift(rec["scores"], rec["rows"], rec.pop("pending_drift"), base[where], weights)
+            complete_drift(rec["scores"], rec["rows"], rec.pop("pending_drift"), base[where], weights, where)
             rewrite_scores_file(rec["files"], rec["scores"], rec["rows"])
 
 

@@ -46,6 +46,7 @@ from trainers.metrics import (
     MetricResult,
     References,
     composite,
+    drift_values,
     get_metric,
     scorer_identity,
 )
@@ -202,35 +203,24 @@ class Evaluator:
         return [i for i, p in enumerate(prompts) if not (token and token in p)]
 
     def _drift(self, metric: Any, images: list[GeneratedImage], placement: str, as_base: bool,
-               record_base: dict[str, dict[tuple[str, int], torch.Tensor]], defer: bool = False) -> MetricResult:
+               record: dict[str, dict[tuple[str, int], torch.Tensor]], defer: bool = False) -> MetricResult:
+        """A drift metric over the images of prompts without the token: each one's embedding
+        against the base model's at its prompt and seed (:func:`drift_values`). The base model
+        (``as_base``) compares with itself; it and a ``defer`` run put their embeddings in
+        ``record``; a deferred one is scored later (:func:`complete_drift`)."""
         picked = self._prior_images([g.prompt for g in images])
-        keys = [(images[i].prompt, images[i].seed) for i in picked]
-        pils = [images[i].image for i in picked]
+        own = dict(zip(((images[i].prompt, images[i].seed) for i in picked),
+                       metric.embed([images[i].image for i in picked]).cpu()))
         if as_base or defer:
-            emb = metric.embed(pils).cpu()
-            record_base[metric.name] = dict(zip(keys, emb))
-            base = emb
-            if defer:  # scored later, against the base model's (complete_drift)
-                return MetricResult(float("nan"), (None,) * len(images))
-        else:
-            table = self.base.get(placement, {}).get(metric.name)
-            if table is None:
-                raise ValueError(f"{metric.name}: no base-model embeddings for sampling placement {placement!r} "
-                                 f"(have: {sorted(self.base)}); the sweep's baseline makes them")
-            missing = [k for k in keys if k not in table]
-            if missing:
-                raise ValueError(f"{metric.name}: the base model has no image at (prompt, seed) {missing[:3]}; "
-                                 "its baseline was made with other evaluation prompts or seeds")
-            base = torch.stack([table[k] for k in keys])
-        if as_base:  # the base model against itself: its embeddings are already computed
-            own = (base * base).sum(dim=-1)
-            r = MetricResult(float(own.mean()), tuple(float(v) for v in own))
-        else:
-            r = metric.score(pils, [k[0] for k in keys], None, base=base)
+            record[metric.name] = own
+        if defer:
+            return MetricResult(float("nan"), (None,) * len(images))
+        table = own if as_base else self.base.get(placement, {}).get(metric.name)
+        values = drift_values(metric.name, own, table, placement, sorted(self.base))
         per_item: list[float | None] = [None] * len(images)
-        for i, v in zip(picked, r.per_item):
-            per_item[i] = v
-        return MetricResult(r.value, tuple(per_item))
+        for i in picked:
+            per_item[i] = values[(images[i].prompt, images[i].seed)]
+        return MetricResult(sum(values.values()) / len(values), tuple(per_item))
 
     def _references_for(self, model: BaseModel) -> References:
         if not self.cfg.reference_vae:
@@ -291,20 +281,14 @@ class Evaluator:
 
 def complete_drift(scores: dict[str, Any], rows: list[dict[str, Any]],
                    pending: dict[str, dict[tuple[str, int], torch.Tensor]],
-                   base: dict[str, dict[tuple[str, int], torch.Tensor]], weights: Mapping[str, float]) -> None:
+                   base: dict[str, dict[tuple[str, int], torch.Tensor]], weights: Mapping[str, float],
+                   placement: str = "") -> None:
     """Score a deferred evaluation's drift (``Evaluator.run(..., defer_drift=True)``) in place:
-    each pending image's cosine with the base model's image at its prompt and seed (``base``: the
-    base model's ``base_embeddings`` at the same sampling placement) into its row, their mean into
-    ``scores``, then the composite with ``weights``. The same values the metric gives when the
-    base model's embeddings are there at scoring time (both sides are unit-norm embeddings)."""
+    :func:`drift_values` of its pending embeddings against ``base`` (the base model's
+    ``base_embeddings`` at the same sampling placement) into its rows, their mean into ``scores``,
+    then the composite with ``weights``: what the run gives when the base model's are there."""
     for name, own in pending.items():
-        table = base.get(name)
-        if table is None:
-            raise ValueError(f"{name}: no base-model embeddings at this sampling placement (have: {sorted(base)})")
-        missing = [k for k in own if k not in table]
-        if missing:
-            raise ValueError(f"{name}: the base model has no image at (prompt, seed) {missing[:3]}")
-        values = {k: float((e.float() * table[k].float()).sum()) for k, e in own.items()}
+        values = drift_values(name, own, base.get(name), placement, [placement] if base else [])
         for row in rows:
             key = (row["prompt"], row["seed"])
             if key in values:

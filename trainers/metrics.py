@@ -208,6 +208,23 @@ class DinoScore(_ClipMetric):
         return MetricResult(float(per_item.mean()), tuple(float(v) for v in per_item))
 
 
+def drift_values(name: str, own: Mapping[Any, torch.Tensor],
+                 table: Mapping[Any, torch.Tensor] | None, placement: str,
+                 have: Sequence[str]) -> dict[Any, float]:
+    """Drift per image: the cosine of each unit-norm embedding in ``own`` with the base model's at
+    the same (prompt, seed) in ``table`` (None: the base model has none at ``placement``; ``have``
+    names the placements it has). Every drift score, in a trial, in the baseline and deferred in
+    the confirmation, is computed here."""
+    if table is None:
+        raise ValueError(f"{name}: no base-model embeddings for sampling placement {placement!r} "
+                         f"(have: {list(have)}); the sweep's baseline makes them")
+    missing = [k for k in own if k not in table]
+    if missing:
+        raise ValueError(f"{name}: the base model has no image at (prompt, seed) {missing[:3]}; "
+                         "its baseline was made with other evaluation prompts or seeds")
+    return {k: float((e.float() * table[k].float()).sum()) for k, e in own.items()}
+
+
 class DriftScore(_ClipMetric):
     """Drift: how far the images of prompts *without* the concept token moved away from what the
     base model draws for them, which is what prior preservation protects. ``per_item[i]`` is the
@@ -235,8 +252,9 @@ class DriftScore(_ClipMetric):
         if base is None or len(base) != len(images) or not images:
             raise ValueError(f"{self.name} needs the base model's embedding of each image's prompt and seed "
                              f"({len(images)} images, {0 if base is None else len(base)} base embeddings)")
-        per_item = (self.embed(images) * base.to(self.device, torch.float32)).sum(dim=-1)
-        return MetricResult(float(per_item.mean()), tuple(float(v) for v in per_item))
+        values = drift_values(self.name, dict(enumerate(self.embed(images).cpu())), dict(enumerate(base)), "", [])
+        per_item = [values[i] for i in range(len(images))]
+        return MetricResult(sum(per_item) / len(per_item), tuple(per_item))
 
 
 class DriftDinoScore(DriftScore):
