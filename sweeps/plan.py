@@ -137,7 +137,8 @@ def scoring_models_bytes(cfg: SweepConfig) -> tuple[int, str | None]:
     if images is None:
         return 0, None
     total, unknown = 0, []
-    for what, spec in (("CLIP model", images.clip), ("vision model", images.vision_model)):
+    for what, spec in (("CLIP model", images.clip), ("vision model", images.vision_model),
+                       ("preference model", images.preference_model)):
         if spec is None:
             continue
         try:

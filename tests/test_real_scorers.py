@@ -47,6 +47,29 @@ def _write_clip_l14(out: Path) -> None:
     CLIPImageProcessorPil(**CLIP_L14_PROCESSOR).save_pretrained(out)
 
 
+def _write_pickscore(model_dir: Path, processor_dir: Path) -> None:
+    """PickScore_v1's layout: a CLIP-H/14 (GELU in both towers, 14 px patches on 224 px, 77 text
+    positions, logit scale 100) at toy width, weights and config only; its tokenizer and image
+    processor in another folder, as laion/CLIP-ViT-H-14-laion2B-s32B-b79K publishes them (the same
+    preprocessing as OpenAI's CLIP)."""
+    import math
+
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    from trainers.tiny import _text_config, char_tokenizer
+
+    tokenizer = char_tokenizer()
+    text = {**_text_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id), "hidden_act": "gelu"}
+    vision = dict(image_size=224, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, hidden_act="gelu")
+    torch.manual_seed(3)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24,
+                         logit_scale_init_value=math.log(100.0))).save_pretrained(model_dir, safe_serialization=True)
+    assert not any(model_dir.glob("*token*")) and not (model_dir / "preprocessor_config.json").exists()
+    tokenizer.save_pretrained(processor_dir)
+    CLIPImageProcessorPil(**CLIP_L14_PROCESSOR).save_pretrained(processor_dir)
+
+
 def _write_dinov2_base(out: Path) -> None:
     """DINOv2-base's backbone (14 px patches, 518 px position grid interpolated to the 224 crop,
     layer scale) at toy width."""
@@ -136,3 +159,42 @@ def test_clip_l14_and_dinov2_base_score_as_transformers_computes_them(scorers, t
     assert column("drift_dino", prior) == pytest.approx([float(dino_gen[i] @ dino_base[i]) for i in prior], abs=1e-5)
     assert min(column("drift_dino", prior)) < 0.9999  # the moved model is seen to drift
     assert (rec.identity["clip"]["spec"], rec.identity["vision"]["spec"]) == (clip, dino)
+
+
+def test_pickscore_scores_as_its_authors_code_computes_it(tmp_path, tiny_model) -> None:
+    """The optional human-preference scorer: a CLIP-H-shaped model whose folder holds weights only,
+    its tokenizer and processor from another folder (as PickScore_v1 is used with LAION's CLIP-H
+    processor), scored through the evaluator and against the authors' recipe written out with
+    transformers: ``exp(logit_scale) * cos(image, text)``, prompts padded and truncated at 77."""
+    from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
+
+    model_dir, proc_dir = tmp_path / "PickScore_v1", tmp_path / "CLIP-ViT-H-14"
+    _write_pickscore(model_dir, proc_dir)
+    long = "a photo of {token} " + "on a very long and winding road " * 4  # over 77 characters: truncated
+    gen = EvalSettings(prompts=("a photo of {token}", long), token="sks toy", seeds=(0, 1), steps=2, guidance_scale=3.0)
+    cfg = ev.EvaluatorConfig(generation=gen, metrics=("pickscore",), preference_model=str(model_dir),
+                             preference_processor=str(proc_dir))
+    rec = ev.Evaluator(cfg, []).run(tiny_model)
+    images, prompts = [g.image for g in rec.images], [g.prompt for g in rec.images]
+    assert max(len(p) for p in prompts) > 77
+
+    model = CLIPModel.from_pretrained(model_dir).eval()
+    pixels = CLIPImageProcessorPil.from_pretrained(proc_dir)(images=images, return_tensors="pt")["pixel_values"]
+    enc = CLIPTokenizer.from_pretrained(proc_dir)(prompts, padding=True, truncation=True, max_length=77,
+                                                  return_tensors="pt")
+    with torch.no_grad():
+        img = _unit(model.get_image_features(pixel_values=pixels).pooler_output)
+        txt = _unit(model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+                    .pooler_output)
+        expected = model.logit_scale.exp() * (img * txt).sum(dim=-1)
+        assert float(model.logit_scale.exp()) == pytest.approx(100.0, rel=1e-5)
+    assert [r["pickscore"] for r in rec.rows] == pytest.approx(expected.tolist(), abs=1e-3)
+    assert rec.scores["pickscore"] == pytest.approx(float(expected.mean()), abs=1e-3)
+    assert rec.identity["preference"]["spec"] == str(model_dir)
+    assert rec.identity["preference"]["processor"] == str(proc_dir)
+
+
+def test_pickscore_without_a_preference_model_is_refused_naming_the_key() -> None:
+    gen = EvalSettings(prompts=("a photo of {token}",), token="sks toy", seeds=(0,), steps=2)
+    with pytest.raises(ValueError, match="preference_model"):
+        ev.EvaluatorConfig(generation=gen, metrics=("clip_t", "pickscore"))

@@ -68,6 +68,11 @@ class EvaluatorConfig(Frozen):
     clip: str = Field(DEFAULT_CLIP, json_schema_extra=MAYBE_PATH)
     vision_model: str | None = Field(None, description="transformers vision backbone for 'dino'",
                                      json_schema_extra=MAYBE_PATH)
+    preference_model: str | None = Field(None, description="CLIP-architecture human-preference model for "
+                                         "'pickscore', e.g. yuvalkirstain/PickScore_v1", json_schema_extra=MAYBE_PATH)
+    preference_processor: str | None = Field(
+        None, description="where preference_model's tokenizer and image processor come from when its folder has none "
+        "(PickScore_v1: laion/CLIP-ViT-H-14-laion2B-s32B-b79K)", json_schema_extra=MAYBE_PATH)
     # Composite weights; None: equal weights over ``metrics``. Values are put on one scale first
     # (trainers.metrics.composite: CLIP-T/100 is a cosine like CLIP-I), but how far each one moves
     # the composite also depends on its spread across checkpoints, which differs by model
@@ -91,6 +96,9 @@ class EvaluatorConfig(Frozen):
         for name in ("dino", "drift_dino"):
             if name in self.metrics and not self.vision_model:
                 raise ValueError(f"metrics includes {name!r} but vision_model is not set (e.g. facebook/dinov2-base)")
+        if "pickscore" in self.metrics and not self.preference_model:
+            raise ValueError("metrics includes 'pickscore' but preference_model is not set (e.g. "
+                             "yuvalkirstain/PickScore_v1 with preference_processor laion/CLIP-ViT-H-14-laion2B-s32B-b79K)")
         drift = [m for m in self.metrics if m in ("drift", "drift_dino")]
         token = self.generation.token
         if drift and token and all(TOKEN_PLACEHOLDER in p or token in p for p in self.generation.prompts):
@@ -167,7 +175,8 @@ class Evaluator:
         # {placement key: {drift metric: {(prompt, seed): the base model's embedding}}} (set_base)
         self.base: dict[str, dict[str, dict[tuple[str, int], torch.Tensor]]] = {}
         self.metrics = [get_metric(n, clip=cfg.clip, vision=cfg.vision_model, checker=cfg.checker,
-                                   token=cfg.generation.token, concept=cfg.concept, device=self.device)
+                                   token=cfg.generation.token, concept=cfg.concept, device=self.device,
+                                   preference=cfg.preference_model, preference_processor=cfg.preference_processor)
                         for n in cfg.metrics]
         needs_refs = [m.name for m in self.metrics if m.subject_only]
         if needs_refs and not self.references:
@@ -181,6 +190,9 @@ class Evaluator:
             out["clip"] = scorer_identity("clip", self.cfg.clip, self.device)
         if "vision" in scorers and self.cfg.vision_model:
             out["vision"] = scorer_identity("vision", self.cfg.vision_model, self.device)
+        if "preference" in scorers and self.cfg.preference_model:
+            out["preference"] = scorer_identity("preference", self.cfg.preference_model, self.device,
+                                                self.cfg.preference_processor)
         if "checker" in scorers and self.cfg.checker:
             out["checker"] = scorer_identity("checker", self.cfg.checker, self.device)
         return out

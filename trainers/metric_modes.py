@@ -17,6 +17,7 @@ IMAGE_METRIC_MODES = {
     "dino": "max",
     "drift": "max",
     "drift_dino": "max",
+    "pickscore": "max",
     "concept_rate": "max",
     "prior_kept": "max",
 }

@@ -13,6 +13,8 @@ Every metric implements the interface of docs/ARCHITECTURE.md ("Extension points
 * ``drift`` / ``drift_dino`` -- for prompts without the concept token, the cosine of each image
   with the base model's image at the same prompt and seed (CLIP image space / the vision
   backbone's); 1 = unchanged. What prior preservation protects, measured without a judge.
+* ``pickscore`` -- human preference for each image given its prompt (PickScore, a CLIP fine-tuned
+  on people's choices; optional, needs ``preference_model``).
 * ``concept_rate`` / ``prior_kept`` -- ground truth where a judge exists (the toy world's
   checker, docs/TOYWORLD.md): the share of concept-prompt images drawn right with the token read
   as the concept, and the share of the other prompts' images still drawn right.
@@ -43,6 +45,7 @@ from trainers.metric_modes import COMPOSITE  # defined light: the results reader
 # because callers (and the metric interface of docs/ARCHITECTURE.md) know them as trainers.metrics.*.
 from trainers.scoring_models import (  # noqa: F401 - re-exports
     DEFAULT_CLIP,
+    PREFERENCE,
     Device,
     References,
     clear_clip_cache,
@@ -116,8 +119,10 @@ class _ClipMetric:
     prior_only = False  # scores only the prompts without the token, against the base model's images
 
     def __init__(self, clip: str = DEFAULT_CLIP, vision: str | None = None, checker: str | None = None,
-                 token: str | None = None, concept: str | None = None, device: Device = None) -> None:
+                 token: str | None = None, concept: str | None = None, device: Device = None,
+                 preference: str | None = None, preference_processor: str | None = None) -> None:
         self.clip, self.vision, self.checker, self.token, self.concept = clip, vision, checker, token, concept
+        self.preference, self.preference_processor = preference, preference_processor
         self.device = torch.device(device or "cpu")  # where the scoring models run (the trial's)
 
 
@@ -274,6 +279,54 @@ class DriftDinoScore(DriftScore):
         return _normalize(vision_embeddings(self.vision, images, device=self.device))
 
 
+class PickScore(_ClipMetric):
+    """``pickscore``: a human-preference score of each image for its prompt (Kirstain et al. 2023,
+    "Pick-a-Pic"): a CLIP fine-tuned on people's choices between images of one prompt, scoring
+    ``exp(logit_scale) * cos(E_img, E_text)`` as the authors' code does (PickScore_v1's scale is
+    100, so values read like CLIP-T's; ``scale`` 0.01 puts them on the composite's cosine scale).
+
+    The model is ``preference`` (e.g. ``yuvalkirstain/PickScore_v1``, a CLIP-H in transformers),
+    its tokenizer and image processor those of ``preference_processor`` when its own folder has
+    none (PickScore's authors use ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``'s). Prompts are
+    tokenized as the authors do (padding, truncation at 77 tokens), and the token is replaced by
+    ``concept`` when one is set, as for ``clip_t``. Scores every image; a preference model judges
+    how well an image answers its prompt, not whether it shows the subject.
+    """
+
+    name = "pickscore"
+    scale = 0.01
+    scorer = "preference"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not self.preference:
+            raise ValueError("metric 'pickscore' needs a preference model: set evaluation.images.preference_model "
+                             "(e.g. yuvalkirstain/PickScore_v1 with preference_processor "
+                             "laion/CLIP-ViT-H-14-laion2B-s32B-b79K)")
+
+    @torch.no_grad()
+    def score(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], references: Sequence[Image.Image] | None = None
+    ) -> MetricResult:
+        """Score each image against its own prompt (``prompts[i]`` for ``images[i]``)."""
+        if len(images) != len(prompts) or not images:
+            raise ValueError(f"pickscore needs one prompt per image; got {len(images)} images, {len(prompts)} prompts")
+        if self.token and self.concept:
+            prompts = [p.replace(self.token, self.concept) for p in prompts]
+        model, tokenizer, processor = get_clip(self.preference, self.device, self.preference_processor, PREFERENCE)
+        dev = next(model.parameters()).device
+        rows = []
+        for i in range(0, len(images), 32):
+            pixels = processor(images=list(images[i : i + 32]), return_tensors="pt")["pixel_values"]
+            rows.append(model.get_image_features(pixel_values=pixels.to(dev)).pooler_output.float())
+        enc = tokenizer(list(prompts), padding=True, truncation=True,
+                        max_length=int(model.config.text_config.max_position_embeddings), return_tensors="pt")
+        txt = model.get_text_features(input_ids=enc["input_ids"].to(dev),
+                                      attention_mask=enc["attention_mask"].to(dev)).pooler_output.float()
+        per_item = model.logit_scale.exp().float() * (_normalize(torch.cat(rows)) * _normalize(txt)).sum(dim=-1)
+        return MetricResult(float(per_item.mean()), tuple(float(v) for v in per_item.cpu()))
+
+
 class _TruthRate(_ClipMetric):
     """Ground truth from a judge (the toy world's checker): the share of images drawn right.
 
@@ -287,12 +340,12 @@ class _TruthRate(_ClipMetric):
     concept_prompts: bool  # True: judge the prompts with the token; False: those without
 
     def __init__(self, clip: str = DEFAULT_CLIP, vision: str | None = None, checker: str | None = None,
-                 token: str | None = None, concept: str | None = None, device: Device = None) -> None:
+                 token: str | None = None, concept: str | None = None, device: Device = None, **kwargs: Any) -> None:
         if not checker or not token or not concept:
             raise ValueError(f"metric {self.name!r} needs evaluation.images.checker (e.g. builtin:toyworld), "
                              "generation.token (e.g. 'sks shape') and evaluation.images.concept (what the token "
                              "means to the checker, e.g. 'star')")
-        super().__init__(clip, vision, checker, token, concept, device)
+        super().__init__(clip, vision, checker, token, concept, device, **kwargs)
 
     def score(
         self, images: Sequence[Image.Image], prompts: Sequence[str], references: Sequence[Image.Image] | None = None
@@ -337,6 +390,7 @@ METRICS: dict[str, type] = {
     "dino": DinoScore,
     "drift": DriftScore,
     "drift_dino": DriftDinoScore,
+    "pickscore": PickScore,
     "concept_rate": ConceptRate,
     "prior_kept": PriorKept,
 }

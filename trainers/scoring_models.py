@@ -39,21 +39,24 @@ from trainers.devices import SCORING_DTYPE, place
 # The CLIP most text-to-image papers (and torchmetrics' CLIPScore default) score with. Needs the
 # Hub or a local copy; tests and the demo use builtin:tiny-clip.
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+PREFERENCE = "preference model"  # what the optional human-preference scorer (PickScore) is called in errors
 
 # transformers' weight names only: CLIP/DINO repos also carry open_clip/flax/tf copies.
 _HUB_PATTERNS = ["*.json", "*.txt", "model.safetensors", "model-*.safetensors"]
+_CONFIG_ONLY = ["*.json", "*.txt"]  # a tokenizer and image processor without the weights beside them
 
 
-def _resolve(spec: str, what: str) -> Path:
-    """The local directory of scoring model ``spec`` (built-in, directory or Hub snapshot)."""
-    if spec.startswith(BUILTIN_PREFIX):
+def _resolve(spec: str, what: str, patterns: list[str] = _HUB_PATTERNS) -> Path:
+    """The local directory of scoring model ``spec`` (built-in, directory or Hub snapshot of the
+    files ``patterns`` match)."""
+    if spec.startswith(BUILTIN_PREFIX) and what in BUILTIN_ROLES:
         return builtin_dir(spec, what)
     if Path(spec).expanduser().is_dir():
         return Path(spec).expanduser()
     if _HUB_ID.match(spec):
-        return _hub_snapshot(spec, None, _HUB_PATTERNS, what=what)
-    builtins = " or ".join(BUILTIN_PREFIX + n for n in BUILTIN_ROLES[what])
-    raise ModelLoadError(f"{what} {spec!r}: not {builtins}, an existing directory or a Hub id 'org/name'")
+        return _hub_snapshot(spec, None, patterns, what=what)
+    builtins = "".join(BUILTIN_PREFIX + n + " or " for n in BUILTIN_ROLES.get(what, ()))
+    raise ModelLoadError(f"{what} {spec!r}: not {builtins}an existing directory or a Hub id 'org/name'")
 
 
 def _require_safetensors(root: Path, spec: str, what: str, cls: str) -> None:
@@ -68,21 +71,29 @@ def _require_safetensors(root: Path, spec: str, what: str, cls: str) -> None:
     raise ModelLoadError(f"{what} {spec!r} ({root}): no *.safetensors weights found")
 
 
-def load_clip(spec: str) -> tuple[CLIPModel, PreTrainedTokenizerBase, Any]:
-    """Load ``(CLIPModel, tokenizer, image processor)`` for scoring, in eval mode."""
-    root = _resolve(spec, "CLIP model")
-    _require_safetensors(root, spec, "CLIP model", "CLIPModel")
+def load_clip(spec: str, processor: str | None = None,
+              what: str = "CLIP model") -> tuple[CLIPModel, PreTrainedTokenizerBase, Any]:
+    """Load ``(CLIPModel, tokenizer, image processor)`` for scoring, in eval mode.
+
+    ``processor``: where the tokenizer and image processor come from when the model's own folder
+    has none (PickScore's repo holds weights only; its authors score with the tokenizer and
+    processor of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``); only its config files are fetched.
+    """
+    root = _resolve(spec, what)
+    _require_safetensors(root, spec, what, "CLIPModel")
     model = _guard(
-        f"CLIP model {root}",
+        f"{what} {root}",
         lambda: CLIPModel.from_pretrained(root, use_safetensors=True, local_files_only=True),
     )
-    tokenizer = _guard(f"CLIP tokenizer {root}", lambda: AutoTokenizer.from_pretrained(root, local_files_only=True))
-    processor = _guard(
-        f"CLIP image processor {root}",
-        lambda: AutoImageProcessor.from_pretrained(root, backend="pil", local_files_only=True),
+    text_root = root if processor is None else _resolve(processor, f"{what} processor", _CONFIG_ONLY)
+    tokenizer = _guard(f"{what} tokenizer {text_root}",
+                       lambda: AutoTokenizer.from_pretrained(text_root, local_files_only=True))
+    image_processor = _guard(
+        f"{what} image processor {text_root}",
+        lambda: AutoImageProcessor.from_pretrained(text_root, backend="pil", local_files_only=True),
     )
     model.eval()
-    return model, tokenizer, processor
+    return model, tokenizer, image_processor
 
 
 def load_vision_model(spec: str) -> tuple[Any, Any]:
@@ -109,7 +120,7 @@ def load_vision_model(spec: str) -> tuple[Any, Any]:
 # --------------------------------------------------------------------------------------------
 
 Device = torch.device | str | None  # None: the CPU
-_CLIP_CACHE: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+_CLIP_CACHE: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
 _VISION_CACHE: dict[tuple[str, str], tuple[Any, Any]] = {}
 _CHECKER_CACHE: dict[tuple[str, str], Any] = {}
 _FINGERPRINTS: dict[tuple[str, str], str] = {}
@@ -127,18 +138,20 @@ def _on_device(model: torch.nn.Module, device: Device) -> torch.nn.Module:
     return model
 
 
-def get_clip(spec: str = DEFAULT_CLIP, device: Device = None) -> tuple[Any, Any, Any]:
-    """``(CLIPModel, tokenizer, image processor)`` for ``spec`` on ``device``, loaded on first use.
+def get_clip(spec: str = DEFAULT_CLIP, device: Device = None, processor: str | None = None,
+             what: str = "CLIP model") -> tuple[Any, Any, Any]:
+    """``(CLIPModel, tokenizer, image processor)`` for ``spec`` on ``device``, loaded on first use
+    (``processor``: see :func:`load_clip`).
 
     A sweep evaluates every few hundred steps; ViT-L/14 takes seconds to load (1.7 GB), so it is
     loaded once per process and device (the trial's GPU in a GPU sweep). The cached model is
     shared: do not train or move it.
     """
     with _CLIP_LOCK:
-        key = _key(spec, device)
+        key = (*_key(spec, device), processor or "")
         if key not in _CLIP_CACHE:
-            model, tokenizer, processor = load_clip(spec)
-            _CLIP_CACHE[key] = (_on_device(model, device), tokenizer, processor)
+            model, tokenizer, image_processor = load_clip(spec, processor, what)
+            _CLIP_CACHE[key] = (_on_device(model, device), tokenizer, image_processor)
         return _CLIP_CACHE[key]
 
 
@@ -184,8 +197,10 @@ def clear_clip_cache() -> None:
         _FINGERPRINTS.clear()
 
 
-def scorer_identity(kind: str, spec: str, device: Device = None) -> dict[str, str]:
-    """``{"spec", "weights_sha256"}`` of a scoring model (``kind`` "clip", "vision" or "checker").
+def scorer_identity(kind: str, spec: str, device: Device = None, processor: str | None = None) -> dict[str, str]:
+    """``{"spec", "weights_sha256"}`` of a scoring model (``kind`` "clip", "vision", "preference"
+    -- a CLIP-architecture preference model whose tokenizer and image processor may come from
+    ``processor`` -- or "checker").
 
     The fingerprint hashes every weight (``module_fingerprint``), so two scores are comparable
     only if their scorer identities are equal, whatever path or Hub id named the model. It is
@@ -195,10 +210,15 @@ def scorer_identity(kind: str, spec: str, device: Device = None) -> dict[str, st
     if key not in _FINGERPRINTS:
         if kind == "checker":
             model = get_checker(spec, device)
+        elif kind == "preference":
+            model = get_clip(spec, device, processor, PREFERENCE)[0]
         else:
             model = get_clip(spec, device)[0] if kind == "clip" else get_vision_model(spec, device)[0]
         _FINGERPRINTS[key] = module_fingerprint(model)
-    return {"spec": spec, "weights_sha256": _FINGERPRINTS[key]}
+    out = {"spec": spec, "weights_sha256": _FINGERPRINTS[key]}
+    if processor:
+        out["processor"] = processor
+    return out
 
 
 def _device(model: torch.nn.Module) -> torch.device:
