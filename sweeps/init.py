@@ -26,6 +26,13 @@ from sweeps.errors import SweepError
 EVALUATIONS_PER_TRIAL = 4
 PROMPTS = ("a photo of {token}", "{token} on a beach", "a watercolor painting of {token}",
            "{token} in front of a city skyline at night")
+# Prompts without the token, for drift (what the model drew before it should still draw so); the
+# class prompt, when given, comes first: that is what prior preservation protects.
+DRIFT_PROMPTS = ("a photo of a city street at night",)
+# The composite chosen out of sample on the toy world (docs/BENCHMARKS.md §12.1: mean Spearman
+# +0.43 with held-out truth over 6 unseen sweeps, against +0.28 for 0.2 CLIP-T + 0.8 CLIP-I); real
+# sweeps weight DINO-space drift as the toy world weights CLIP-space drift (docs/EVALUATION.md).
+WEIGHTS = "{clip_t: 0.55, clip_i: 0.05, %s: 0.40}"
 
 
 def add_command(sub: Any) -> None:
@@ -156,13 +163,21 @@ def write_sweep_text(args: Any) -> tuple[str, dict[str, Any]]:
               "    generation:",
               "      prompts:                   # {token} is the concept's word",
               *[f"        - {_yaml(p)}" for p in PROMPTS],
+              "        # without the token: drift compares these with the base model's own images",
+              *[f"        - {_yaml(p)}" for p in ([args.class_prompt] if args.class_prompt else []) + list(DRIFT_PROMPTS)],
               f"      token: {_yaml(token)}",
               "      seeds: [0, 1]",
-              "      steps: 25",
-              "    metrics: [clip_t, clip_i]    # prompt fidelity and likeness to your images",
-              ]
+              "      steps: 25"]
     if builtin:
-        lines.append("    clip: builtin:tiny-clip      # a test model; real sweeps use the default CLIP ViT-L/14")
+        lines += ["    metrics: [clip_t, clip_i, drift]   # prompt fidelity, likeness to your images, what else changed",
+                  "    clip: builtin:tiny-clip      # a test model; real sweeps use the default CLIP ViT-L/14",
+                  f"    weights: {WEIGHTS % 'drift'}"]
+    else:
+        lines += ["    # prompt fidelity (CLIP ViT-L/14), likeness to your images (CLIP, DINOv2) and what else",
+                  "    # changed (drift in DINOv2's space; docs/EVALUATION.md, 'Scoring models for real sweeps')",
+                  "    metrics: [clip_t, clip_i, dino, drift_dino]",
+                  "    vision_model: facebook/dinov2-base",
+                  f"    weights: {WEIGHTS % 'drift_dino'}   # dino is reported beside them"]
     lines += ["  confirm:                       # the top 3 again on seeds never used (the best there is exported),",
               "                                 # then with the base model on more seeds, for the margins",
               "    top_k: 3",

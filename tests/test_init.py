@@ -52,8 +52,8 @@ def test_init_writes_a_sweep_that_runs(tmp_path, sdsweep_cache) -> None:
     assert "instance_prompt: a photo of sks" in text and "resolution: 64" in text  # tiny-sd's own resolution
     assert f"sdsweep run {out.name}" in made.stdout
     assert "cost: 2 trials x up to 10 steps" in made.stdout and "GPU memory per lora trial" in made.stdout
-    # 2 trials x 10 // 2 evaluations, 4 prompts x 2 seeds
-    assert "images generated for evaluation: up to 80 (10 evaluations x 8)" in made.stdout
+    # 2 trials x 10 // 2 evaluations, 5 prompts (one without the token, for drift) x 2 seeds
+    assert "images generated for evaluation: up to 100 (10 evaluations x 10)" in made.stdout
     ran = _cli("run", out.name, "--run-dir", str(tmp_path / "run"), cache=sdsweep_cache, cwd=tmp_path, timeout=1100)
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
     best = json.loads((tmp_path / "run" / "best" / "best.json").read_text())
@@ -69,6 +69,13 @@ def test_init_writes_a_sweep_that_runs(tmp_path, sdsweep_cache) -> None:
     assert over_base["call"] in ("too close to call", "no meaningful difference"), over_base
     assert abs(over_base["margin"]) < over_base["min_difference"], over_base
     assert f"{best['trial_id']}@{best['metric']['step']}" == conf["winner"]
+    # drift is scored and weighted: the base model does not drift from itself, the trials' values
+    # are cosines read back from each evaluation's own scores
+    state = json.loads((tmp_path / "run" / "sweep.json").read_text())
+    assert state["baseline"]["scores"]["drift"] == pytest.approx(1.0, abs=1e-5)
+    assert state["config"]["evaluation"]["images"]["weights"] == {"clip_t": 0.55, "clip_i": 0.05, "drift": 0.40}
+    drifts = [h["drift"] for r in rows for h in r.history if "drift" in h]
+    assert drifts and all(-1.0 <= d <= 1.0 + 1e-6 for d in drifts), drifts
 
 
 def test_init_all_methods_with_a_class_prompt(tmp_path, sdsweep_cache) -> None:
@@ -92,6 +99,29 @@ def test_init_all_methods_with_a_class_prompt(tmp_path, sdsweep_cache) -> None:
     again = _cli("init", "--data", str(data), "--model", "builtin:tiny-sd", "--out", "all.yaml",
                  cache=sdsweep_cache, cwd=tmp_path)
     assert again.returncode == 2 and "all.yaml exists" in again.stderr and "--force" in again.stderr
+
+
+def test_init_for_a_real_model_scores_with_clip_l14_dinov2_and_dino_drift(tmp_path, tiny_sd_dir) -> None:
+    """A model that is not built in gets the real scorers' defaults (docs/EVALUATION.md): CLIP-T and
+    CLIP-I on the default CLIP, DINO and drift in facebook/dinov2-base's space, the class prompt
+    among the prompts drift compares with the base model's images. Read back as `sdsweep run`
+    reads the file (nothing is downloaded: the scorers load when a sweep runs)."""
+    import argparse
+
+    from sweeps.config import sweep_from_mapping
+    from sweeps.init import write_sweep_text
+    from trainers.config import yaml_load
+
+    data = _photos(tmp_path / "balls")
+    args = argparse.Namespace(data=str(data), model=str(tiny_sd_dir), method="lora", token=None,
+                              class_prompt="a photo of a ball", instance_prompt=None, trials=None, steps=None)
+    text, _ = write_sweep_text(args)
+    images = sweep_from_mapping(yaml_load(text), "init.yaml").evaluation.images
+    assert images.metrics == ("clip_t", "clip_i", "dino", "drift_dino")
+    assert images.vision_model == "facebook/dinov2-base" and images.clip == "openai/clip-vit-large-patch14"
+    assert images.weights == {"clip_t": 0.55, "clip_i": 0.05, "drift_dino": 0.40}
+    without = [p for p in images.generation.prompts if "{token}" not in p]
+    assert without[0] == "a photo of a ball" and len(without) == 2
 
 
 def test_init_names_what_is_wrong_with_the_folder(tmp_path, sdsweep_cache) -> None:
