@@ -108,7 +108,7 @@ def test_unknown_settings_key_and_bad_resolution_are_errors() -> None:
 
 
 def test_unknown_metric_names_the_key_and_valid_choices() -> None:
-    with pytest.raises(KeyError, match=r"unknown metric 'fid'; valid metrics: clip_i, clip_t, concept_rate, dino, drift, drift_dino, prior_kept"):
+    with pytest.raises(KeyError, match=r"unknown metric 'fid'; valid metrics: clip_i, clip_t, concept_rate, dino, drift, drift_dino, pickscore, prior_kept"):
         get_metric("fid")
 
 
@@ -208,9 +208,9 @@ def test_clip_model_is_loaded_once_across_evaluations(tiny_model, monkeypatch) -
     calls: list[str] = []
     real = scoring_models.load_clip
 
-    def counting(spec: str):
+    def counting(spec: str, *args):
         calls.append(spec)
-        return real(spec)
+        return real(spec, *args)
 
     monkeypatch.setattr(scoring_models, "load_clip", counting)
     settings = EvalSettings(prompts=("x",), seeds=(0,), **FAST)
@@ -432,6 +432,49 @@ def test_drift_is_the_cosine_to_the_base_models_image_at_the_same_prompt_and_see
     plain = ev.EvaluatorConfig(generation=cfg.generation, metrics=("clip_t",), clip=CLIP)
     whole = ev.Evaluator(plain, []).run(tiny_model, defer_drift=True)
     assert not whole.pending_drift and whole.scores["composite"] == pytest.approx(0.01 * whole.scores["clip_t"])
+
+
+def test_an_evaluation_embeds_each_image_once_per_scorer(tiny_model) -> None:
+    """CLIP-T (every image), CLIP-I (the subject's) and drift (the others') read one set of CLIP
+    embeddings per evaluation, DINO and drift_dino one set of the backbone's: counted at the real
+    models' forward passes. The scores are those of each metric run on its own images outside
+    an evaluation (each embedding its own batch)."""
+    from trainers.devices import sampled_placement
+
+    cfg = ev.EvaluatorConfig(generation=EvalSettings(prompts=("a photo of {token}", "a red cube"), token="sks toy",
+                                                     seeds=(0, 1, 2), **FAST),
+                             metrics=("clip_t", "clip_i", "dino", "drift", "drift_dino"), clip=CLIP, vision_model=VIT)
+    refs = [_noise_image(0), _gradient_image()]
+    base = ev.Evaluator(cfg, refs).run(tiny_model, as_base=True)
+    clip, vision = mt.get_clip(CLIP)[0], mt.get_vision_model(VIT)[0]
+    seen = {"clip": 0, "vision": 0}
+
+    def count(name: str):
+        def hook(module, args, kwargs, out):
+            seen[name] += kwargs["pixel_values"].shape[0] if "pixel_values" in kwargs else args[0].shape[0]
+        return hook
+
+    handles = [clip.vision_model.register_forward_hook(count("clip"), with_kwargs=True),
+               vision.register_forward_hook(count("vision"), with_kwargs=True)]
+    try:
+        evaluator = ev.Evaluator(cfg, refs)
+        evaluator.set_base({sampled_placement(tiny_model, None): base.base_embeddings})
+        evaluator.references.embeddings(("clip", CLIP, "cpu"), lambda r: mt.image_embeddings(CLIP, r))
+        evaluator.references.embeddings(("vision", VIT, "cpu"), lambda r: mt.vision_embeddings(VIT, r))
+        seen.update(clip=0, vision=0)  # the references' own embeddings are kept across evaluations anyway
+        rec = evaluator.run(tiny_model)
+        assert seen == {"clip": 6, "vision": 6}, seen  # 2 prompts x 3 seeds, once each
+        pils, prompts = [g.image for g in rec.images], [g.prompt for g in rec.images]
+        subject = [i for i, p in enumerate(prompts) if "sks" in p]
+        kw = dict(clip=CLIP, vision=VIT, token="sks toy")
+        alone = {"clip_t": mt.get_metric("clip_t", **kw).score(pils, prompts, refs).value,
+                 "clip_i": mt.get_metric("clip_i", **kw).score([pils[i] for i in subject], [], refs).value,
+                 "dino": mt.get_metric("dino", **kw).score([pils[i] for i in subject], [], refs).value}
+        assert seen["clip"] > 6 and seen["vision"] > 6  # outside an evaluation nothing is shared
+    finally:
+        for h in handles:
+            h.remove()
+    assert {k: rec.scores[k] for k in alone} == pytest.approx(alone, abs=1e-5)
 
 
 @pytest.mark.parametrize("kwargs, fragment", [

@@ -49,6 +49,7 @@ from trainers.metrics import (
     drift_values,
     get_metric,
     scorer_identity,
+    shared_embeddings,
 )
 from trainers.models import BaseModel
 from trainers.paths import LOCAL_PATH, MAYBE_PATH
@@ -278,9 +279,10 @@ class Evaluator:
         # Deferred only where something is pending: without a drift metric the record is complete.
         defer = defer_drift and not as_base and any(getattr(m, "prior_only", False) for m in self.metrics)
         embedded: dict[str, dict[tuple[str, int], torch.Tensor]] = {}
-        results = {m.name: (self._drift(m, images, placement, as_base, embedded, defer)
-                            if getattr(m, "prior_only", False) else self._score(m, pils, prompts, references))
-                   for m in self.metrics}
+        with shared_embeddings():  # each image embedded once per scorer, whichever metrics read it
+            results = {m.name: (self._drift(m, images, placement, as_base, embedded, defer)
+                                if getattr(m, "prior_only", False) else self._score(m, pils, prompts, references))
+                       for m in self.metrics}
         scores: dict[str, float | None] = {name: r.value for name, r in results.items()}
         rows = [{"prompt": g.prompt, "seed": g.seed, **{n: r.per_item[i] for n, r in results.items()}}
                 for i, g in enumerate(images)]

@@ -56,6 +56,7 @@ from trainers.scoring_models import (  # noqa: F401 - re-exports
     load_checker_spec,
     reference_embeddings,
     scorer_identity,
+    shared_embeddings,
     text_embeddings,
     vision_embeddings,
 )

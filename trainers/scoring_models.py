@@ -13,6 +13,8 @@ so a score depends on the images only, never on the trial's precision (trainers/
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import threading
 from collections.abc import Sequence as SequenceABC
 from pathlib import Path
@@ -225,17 +227,53 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+# Within ``shared_embeddings()``: {(scorer kind, spec, device, id(image)): (image, embedding)}.
+_SHARED: contextvars.ContextVar[dict[tuple[str, str, str, int], tuple[Image.Image, torch.Tensor]] | None] = (
+    contextvars.ContextVar("sdsweep_shared_embeddings", default=None))
+
+
+@contextlib.contextmanager
+def shared_embeddings() -> Any:
+    """Within the block, each image is embedded once per scoring model: metrics that read the same
+    generated images (CLIP-T all of them, CLIP-I the subject's, drift the others') share the
+    embeddings instead of each running the scorer again. The evaluator scores one evaluation in
+    one block; the cache holds the images it keyed, so an id is never reused inside it."""
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def _embed_shared(kind: str, spec: str, device: Device, images: Sequence[Image.Image],
+                  compute: Callable[[list[Image.Image]], torch.Tensor]) -> torch.Tensor:
+    """``compute(images)``, reusing within ``shared_embeddings()`` the rows of images already embedded."""
+    memo = _SHARED.get()
+    if memo is None:
+        return compute(list(images))
+    keys = [(kind, spec, str(torch.device(device or "cpu")), id(im)) for im in images]
+    todo = list({k: im for k, im in zip(keys, images) if k not in memo}.items())
+    if todo:
+        for (k, im), row in zip(todo, compute([im for _, im in todo])):
+            memo[k] = (im, row)
+    return torch.stack([memo[k][1] for k in keys])
+
+
 @torch.no_grad()
 def image_embeddings(spec: str, images: Sequence[Image.Image], chunk: int = 32,
                      device: Device = None) -> torch.Tensor:
     """Projected CLIP image embeddings (not normalised), one row per image, float32 on CPU."""
     model, _, processor = get_clip(spec, device)
-    rows = []
-    for i in range(0, len(images), chunk):
-        pixels = processor(images=list(images[i : i + chunk]), return_tensors="pt")["pixel_values"]
-        # transformers 5: the projected embedding is the output object's pooler_output.
-        rows.append(model.get_image_features(pixel_values=pixels.to(_device(model))).pooler_output.float().cpu())
-    return torch.cat(rows)
+
+    def compute(todo: list[Image.Image]) -> torch.Tensor:
+        rows = []
+        for i in range(0, len(todo), chunk):
+            pixels = processor(images=todo[i : i + chunk], return_tensors="pt")["pixel_values"]
+            # transformers 5: the projected embedding is the output object's pooler_output.
+            rows.append(model.get_image_features(pixel_values=pixels.to(_device(model))).pooler_output.float().cpu())
+        return torch.cat(rows)
+
+    return _embed_shared("clip", spec, device, images, compute)
 
 
 @torch.no_grad()
@@ -263,20 +301,24 @@ def vision_embeddings(spec: str, images: Sequence[Image.Image], chunk: int = 32,
     DINO metric use); for a backbone without a token sequence (a ConvNet), its pooled output.
     """
     model, processor = get_vision_model(spec, device)
-    rows = []
-    for i in range(0, len(images), chunk):
-        pixels = processor(images=list(images[i : i + chunk]), return_tensors="pt")["pixel_values"]
-        out = model(pixel_values=pixels.to(_device(model)))
-        hidden = getattr(out, "last_hidden_state", None)
-        if hidden is not None and hidden.dim() == 3:
-            emb = hidden[:, 0]
-        elif getattr(out, "pooler_output", None) is not None:
-            emb = out.pooler_output.flatten(1)
-        else:
-            raise ValueError(f"vision model {spec!r} ({type(model).__name__}) returns neither a token "
-                             "sequence nor a pooled output; use a ViT/DINO-style backbone")
-        rows.append(emb.float().cpu())
-    return torch.cat(rows)
+
+    def compute(todo: list[Image.Image]) -> torch.Tensor:
+        rows = []
+        for i in range(0, len(todo), chunk):
+            pixels = processor(images=todo[i : i + chunk], return_tensors="pt")["pixel_values"]
+            out = model(pixel_values=pixels.to(_device(model)))
+            hidden = getattr(out, "last_hidden_state", None)
+            if hidden is not None and hidden.dim() == 3:
+                emb = hidden[:, 0]
+            elif getattr(out, "pooler_output", None) is not None:
+                emb = out.pooler_output.flatten(1)
+            else:
+                raise ValueError(f"vision model {spec!r} ({type(model).__name__}) returns neither a token "
+                                 "sequence nor a pooled output; use a ViT/DINO-style backbone")
+            rows.append(emb.float().cpu())
+        return torch.cat(rows)
+
+    return _embed_shared("vision", spec, device, images, compute)
 
 
 class References(SequenceABC):
