@@ -314,18 +314,16 @@ class PickScore(_ClipMetric):
             raise ValueError(f"pickscore needs one prompt per image; got {len(images)} images, {len(prompts)} prompts")
         if self.token and self.concept:
             prompts = [p.replace(self.token, self.concept) for p in prompts]
-        model, tokenizer, processor = get_clip(self.preference, self.device, self.preference_processor, PREFERENCE)
+        model, tokenizer, _ = get_clip(self.preference, self.device, self.preference_processor, PREFERENCE)
+        img = image_embeddings(self.preference, images, device=self.device,
+                               processor_spec=self.preference_processor, what=PREFERENCE)
         dev = next(model.parameters()).device
-        rows = []
-        for i in range(0, len(images), 32):
-            pixels = processor(images=list(images[i : i + 32]), return_tensors="pt")["pixel_values"]
-            rows.append(model.get_image_features(pixel_values=pixels.to(dev)).pooler_output.float())
         enc = tokenizer(list(prompts), padding=True, truncation=True,
                         max_length=int(model.config.text_config.max_position_embeddings), return_tensors="pt")
         txt = model.get_text_features(input_ids=enc["input_ids"].to(dev),
                                       attention_mask=enc["attention_mask"].to(dev)).pooler_output.float()
-        per_item = model.logit_scale.exp().float() * (_normalize(torch.cat(rows)) * _normalize(txt)).sum(dim=-1)
-        return MetricResult(float(per_item.mean()), tuple(float(v) for v in per_item.cpu()))
+        per_item = float(model.logit_scale.exp()) * (_normalize(img) * _normalize(txt.cpu())).sum(dim=-1)
+        return MetricResult(float(per_item.mean()), tuple(float(v) for v in per_item))
 
 
 class _TruthRate(_ClipMetric):

@@ -260,10 +260,11 @@ def _embed_shared(kind: str, spec: str, device: Device, images: Sequence[Image.I
 
 
 @torch.no_grad()
-def image_embeddings(spec: str, images: Sequence[Image.Image], chunk: int = 32,
-                     device: Device = None) -> torch.Tensor:
-    """Projected CLIP image embeddings (not normalised), one row per image, float32 on CPU."""
-    model, _, processor = get_clip(spec, device)
+def image_embeddings(spec: str, images: Sequence[Image.Image], chunk: int = 32, device: Device = None,
+                     processor_spec: str | None = None, what: str = "CLIP model") -> torch.Tensor:
+    """Projected CLIP image embeddings (not normalised), one row per image, float32 on CPU
+    (``processor_spec``, ``what``: see :func:`get_clip`)."""
+    model, _, processor = get_clip(spec, device, processor_spec, what)
 
     def compute(todo: list[Image.Image]) -> torch.Tensor:
         rows = []
@@ -273,7 +274,7 @@ def image_embeddings(spec: str, images: Sequence[Image.Image], chunk: int = 32,
             rows.append(model.get_image_features(pixel_values=pixels.to(_device(model))).pooler_output.float().cpu())
         return torch.cat(rows)
 
-    return _embed_shared("clip", spec, device, images, compute)
+    return _embed_shared(what, spec, device, images, compute)
 
 
 @torch.no_grad()
