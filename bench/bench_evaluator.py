@@ -16,6 +16,13 @@
     python bench/bench_evaluator.py --skip-sweep    # (b) only
     python bench/bench_evaluator.py --skip-sweep --batch-sizes all 8 --rounds 5   # one call vs the default 8
 
+(c) ``--scoring``: where one evaluation's time goes: generating the demo's images once, then
+    scoring them with every metric of the sweep file as the evaluator does (each image embedded
+    once per scoring model, ``trainers.scoring_models.shared_embeddings``) vs each metric embedding
+    its own images, rounds interleaved; prints generation and scoring times and the ratio.
+
+    python bench/bench_evaluator.py --skip-sweep --scoring --rounds 5
+
 Run on a quiet machine: another busy process on 2 cores distorts both figures.
 """
 
@@ -99,6 +106,47 @@ def batching_ratio(config: Path, rounds: int, threads: int, sizes: list[str]) ->
             "max_pixel_difference": diff}
 
 
+def scoring_ratio(config: Path, rounds: int, threads: int) -> dict[str, Any]:
+    """Seconds to generate the demo's evaluation images (base model, drift against itself) and
+    to score them with shared embeddings vs without, rounds interleaved (medians)."""
+    from trainers.evaluate import Evaluator, load_references
+    from trainers.scoring_models import shared_embeddings
+
+    torch.set_num_threads(threads)
+    cfg = load_sweep(config)
+    ev_cfg = cfg.evaluation.images
+    assert ev_cfg is not None
+    evaluator = Evaluator(ev_cfg, load_references(ev_cfg, cfg.base.data))
+    model = load_model(cfg.base.model)
+    base = evaluator.run(model, as_base=True)  # loads the scorers, embeds the references
+    evaluator.set_base({base.placement: base.base_embeddings})
+    times: dict[str, list[float]] = {"generate": [], "shared": [], "each its own": []}
+    values: dict[str, dict[str, float]] = {}
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        images = generate(model, ev_cfg.generation)
+        times["generate"].append(time.perf_counter() - t0)
+        pils, prompts = [g.image for g in images], [g.prompt for g in images]
+        for arm in ("shared", "each its own"):
+            t0 = time.perf_counter()
+            with shared_embeddings() if arm == "shared" else _no_block():
+                values[arm] = {m.name: (evaluator._drift(m, images, base.placement, False, {})
+                                        if getattr(m, "prior_only", False) else evaluator._score(m, pils, prompts)).value
+                               for m in evaluator.metrics}
+            times[arm].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"images": len(pils), "metrics": [m.name for m in evaluator.metrics], "rounds": rounds, "threads": threads,
+            "s": med, "ratio": med["each its own"] / med["shared"],
+            "scoring_share_of_evaluation": med["shared"] / (med["generate"] + med["shared"]),
+            "largest_score_difference": max(abs(values["shared"][k] - values["each its own"][k]) for k in values["shared"])}
+
+
+def _no_block() -> Any:
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, default=DEMO, help="the sweep file (default: the demo)")
@@ -108,6 +156,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", nargs="+", default=["all", "1"],
                         help="batch sizes (b) compares, each against the last ('all': one call; default: all 1)")
     parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--scoring", action="store_true", help="(c) instead of (b): generation vs scoring, "
+                        "shared embeddings vs each metric its own")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
     out: dict[str, dict[str, float]] = {}
@@ -116,6 +166,16 @@ def main() -> None:
         print(f"(a) evaluator share of trial time, {args.config.name} defaults: {a['share']:.1%} "
               f"({a['eval_s']:.1f} s of {a['trial_s']:.1f} s over {a['evaluations']} evaluations in "
               f"{a['trials']} trials; {a['per_eval_s']:.2f} s per evaluation; baseline {a['baseline_eval_s']:.2f} s)")
+    if args.scoring:
+        c = out["scoring"] = scoring_ratio(args.config, args.rounds, args.threads)
+        print(f"(c) one evaluation, {c['images']} images, metrics {c['metrics']}, {c['threads']} thread(s), median of "
+              f"{c['rounds']} interleaved rounds: generate {c['s']['generate']:.2f} s; score {c['s']['shared']:.3f} s "
+              f"with shared embeddings vs {c['s']['each its own']:.3f} s each metric its own ({c['ratio']:.2f}x); "
+              f"scoring is {c['scoring_share_of_evaluation']:.1%} of the evaluation; largest score difference "
+              f"{c['largest_score_difference']:.2g}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1))
+        return
     b = out["batching"] = batching_ratio(args.config, args.rounds, args.threads, args.batch_sizes)
     last = args.batch_sizes[-1]
     print(f"(b) generation per image, {b['images']} images x {b['steps']} steps, {b['threads']} thread(s), median of "
