@@ -123,6 +123,9 @@ def sweep_run(tmp_path_factory: pytest.TempPathFactory,
     cmd = [sys.executable, "-m", "sweeps.cli", "run", str(DEMO), "--run-dir", str(run_dir),
            "--set", "search.num_samples=3", "--set", "base.train.max_train_steps=40",
            "--set", "evaluation.objectives=[clip_t, clip_i]", "--set", "tracking.wandb=false",
+           # 4 report seeds, not the demo's 16: what is checked here does not depend on how many
+           # (a third of the confirmation's images; ~1 min of the suite's CPU)
+           "--set", "evaluation.confirm.seeds=[1000, 1001, 1002, 1003]",
            "--set", f"search.storage=sqlite:///{run_dir.parent / 'optuna.db'}"]  # for optuna-dashboard
     env = _env(sdsweep_cache)
     # A newcomer's shell has no RAY_AUTH_MODE; an in-process Ray started earlier in this pytest
