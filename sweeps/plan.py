@@ -138,7 +138,7 @@ def scoring_models_bytes(cfg: SweepConfig) -> tuple[int, str | None]:
         return 0, None
     total, unknown = 0, []
     for what, spec in (("CLIP model", images.clip), ("vision model", images.vision_model),
-                       ("preference model", images.preference_model)):
+                       ("preference_model", images.preference_model)):
         if spec is None:
             continue
         try:

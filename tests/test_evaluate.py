@@ -470,6 +470,11 @@ def test_an_evaluation_embeds_each_image_once_per_scorer(tiny_model) -> None:
         alone = {"clip_t": mt.get_metric("clip_t", **kw).score(pils, prompts, refs).value,
                  "clip_i": mt.get_metric("clip_i", **kw).score([pils[i] for i in subject], [], refs).value,
                  "dino": mt.get_metric("dino", **kw).score([pils[i] for i in subject], [], refs).value}
+        prior = [i for i in range(len(pils)) if i not in subject]
+        table = {m: base.base_embeddings[m] for m in ("drift", "drift_dino")}
+        for name in ("drift", "drift_dino"):
+            own = torch.stack([table[name][(prompts[i], rec.images[i].seed)] for i in prior])
+            alone[name] = mt.get_metric(name, **kw).score([pils[i] for i in prior], [], None, base=own).value
         assert seen["clip"] > 6 and seen["vision"] > 6  # outside an evaluation nothing is shared
     finally:
         for h in handles:

@@ -172,11 +172,12 @@ def test_pickscore_scores_as_its_authors_code_computes_it(tmp_path, tiny_model) 
     _write_pickscore(model_dir, proc_dir)
     long = "a photo of {token} " + "on a very long and winding road " * 4  # over 77 characters: truncated
     gen = EvalSettings(prompts=("a photo of {token}", long), token="sks toy", seeds=(0, 1), steps=2, guidance_scale=3.0)
+    # with a concept, the token is read as it (as for CLIP-T); the composite puts the score on its 0.01 scale
     cfg = ev.EvaluatorConfig(generation=gen, metrics=("pickscore",), preference_model=str(model_dir),
-                             preference_processor=str(proc_dir))
+                             preference_processor=str(proc_dir), concept="teddy bear")
     rec = ev.Evaluator(cfg, []).run(tiny_model)
-    images, prompts = [g.image for g in rec.images], [g.prompt for g in rec.images]
-    assert max(len(p) for p in prompts) > 77
+    images, prompts = [g.image for g in rec.images], [g.prompt.replace("sks toy", "teddy bear") for g in rec.images]
+    assert max(len(p) for p in prompts) > 77 and all("sks" not in p for p in prompts)
 
     model = CLIPModel.from_pretrained(model_dir).eval()
     pixels = CLIPImageProcessorPil.from_pretrained(proc_dir)(images=images, return_tensors="pt")["pixel_values"]
@@ -190,11 +191,27 @@ def test_pickscore_scores_as_its_authors_code_computes_it(tmp_path, tiny_model) 
         assert float(model.logit_scale.exp()) == pytest.approx(100.0, rel=1e-5)
     assert [r["pickscore"] for r in rec.rows] == pytest.approx(expected.tolist(), abs=1e-3)
     assert rec.scores["pickscore"] == pytest.approx(float(expected.mean()), abs=1e-3)
+    assert rec.scores["composite"] == pytest.approx(0.01 * rec.scores["pickscore"], abs=1e-6)
     assert rec.identity["preference"]["spec"] == str(model_dir)
     assert rec.identity["preference"]["processor"] == str(proc_dir)
 
 
-def test_pickscore_without_a_preference_model_is_refused_naming_the_key() -> None:
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(metrics=("clip_t", "pickscore")), "preference_model is not set"),
+    (dict(metrics=("clip_t",), preference_model="org/model"), "'pickscore' is not in metrics"),
+    (dict(metrics=("clip_t", "pickscore"), preference_processor="org/processor"), "preference_model is not"),
+])
+def test_pickscore_settings_that_would_do_nothing_are_refused_naming_the_key(kwargs, fragment) -> None:
     gen = EvalSettings(prompts=("a photo of {token}",), token="sks toy", seeds=(0,), steps=2)
-    with pytest.raises(ValueError, match="preference_model"):
-        ev.EvaluatorConfig(generation=gen, metrics=("clip_t", "pickscore"))
+    with pytest.raises(ValueError, match=fragment):
+        ev.EvaluatorConfig(generation=gen, **kwargs)
+
+
+def test_a_built_in_model_is_not_a_preference_model_whichever_metric_loads_first(tiny_model) -> None:
+    """The CLIP cache is keyed by role too: the tiny CLIP loaded for CLIP-T is not handed to
+    PickScore, which refuses built-in names (there is no built-in preference model)."""
+    gen = EvalSettings(prompts=("a photo of {token}",), token="sks toy", seeds=(0,), steps=2)
+    cfg = ev.EvaluatorConfig(generation=gen, metrics=("clip_t", "pickscore"), clip="builtin:tiny-clip",
+                             preference_model="builtin:tiny-clip")
+    with pytest.raises(Exception, match="preference_model 'builtin:tiny-clip'"):
+        ev.Evaluator(cfg, []).run(tiny_model)

@@ -282,7 +282,7 @@ def test_a_worker_builds_the_evaluator_once_and_reuses_it_across_trials(monkeypa
 
     calls = []
     real = scoring_models.load_clip
-    monkeypatch.setattr(scoring_models, "load_clip", lambda spec: calls.append(spec) or real(spec))
+    monkeypatch.setattr(scoring_models, "load_clip", lambda spec, *args: calls.append(spec) or real(spec, *args))
     metrics.clear_clip_cache()
     trial._EVALUATORS.clear()
     cfg = load_sweep(DEMO)

@@ -72,8 +72,8 @@ class EvaluatorConfig(Frozen):
     preference_model: str | None = Field(None, description="CLIP-architecture human-preference model for "
                                          "'pickscore', e.g. yuvalkirstain/PickScore_v1", json_schema_extra=MAYBE_PATH)
     preference_processor: str | None = Field(
-        None, description="where preference_model's tokenizer and image processor come from when its folder has none "
-        "(PickScore_v1: laion/CLIP-ViT-H-14-laion2B-s32B-b79K)", json_schema_extra=MAYBE_PATH)
+        None, description="where preference_model's tokenizer and image processor come from instead of its own "
+        "folder (PickScore_v1 has none: laion/CLIP-ViT-H-14-laion2B-s32B-b79K)", json_schema_extra=MAYBE_PATH)
     # Composite weights; None: equal weights over ``metrics``. Values are put on one scale first
     # (trainers.metrics.composite: CLIP-T/100 is a cosine like CLIP-I), but how far each one moves
     # the composite also depends on its spread across checkpoints, which differs by model
@@ -97,6 +97,12 @@ class EvaluatorConfig(Frozen):
         for name in ("dino", "drift_dino"):
             if name in self.metrics and not self.vision_model:
                 raise ValueError(f"metrics includes {name!r} but vision_model is not set (e.g. facebook/dinov2-base)")
+        if self.preference_processor and not self.preference_model:
+            raise ValueError("preference_processor is set but preference_model is not: it is the processor of "
+                             "that model; set preference_model or drop preference_processor")
+        if self.preference_model and "pickscore" not in self.metrics:
+            raise ValueError(f"preference_model is set but 'pickscore' is not in metrics {list(self.metrics)}: "
+                             "add pickscore to metrics (or drop preference_model); unused it would only cost memory")
         if "pickscore" in self.metrics and not self.preference_model:
             raise ValueError("metrics includes 'pickscore' but preference_model is not set (e.g. "
                              "yuvalkirstain/PickScore_v1 with preference_processor laion/CLIP-ViT-H-14-laion2B-s32B-b79K)")

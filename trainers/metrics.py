@@ -87,7 +87,7 @@ class Metric(Protocol):
 
     ``scale`` maps a value onto the composite's common scale (a cosine-like 0..1 range),
     ``scorer`` names the scoring model a value depends on (``"clip"``, ``"vision"``,
-    ``"checker"`` or ``None``), and ``subject_only`` says the metric compares images with the
+    ``"preference"``, ``"checker"`` or ``None``), and ``subject_only`` says the metric compares images with the
     references, so only the images of prompts with the concept token are meant for it.
     """
 

@@ -41,7 +41,8 @@ from trainers.devices import SCORING_DTYPE, place
 # The CLIP most text-to-image papers (and torchmetrics' CLIPScore default) score with. Needs the
 # Hub or a local copy; tests and the demo use builtin:tiny-clip.
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
-PREFERENCE = "preference model"  # what the optional human-preference scorer (PickScore) is called in errors
+# The optional human-preference scorer (PickScore), as errors name it: by its sweep-file key.
+PREFERENCE = "preference_model"
 
 # transformers' weight names only: CLIP/DINO repos also carry open_clip/flax/tf copies.
 _HUB_PATTERNS = ["*.json", "*.txt", "model.safetensors", "model-*.safetensors"]
@@ -77,8 +78,8 @@ def load_clip(spec: str, processor: str | None = None,
               what: str = "CLIP model") -> tuple[CLIPModel, PreTrainedTokenizerBase, Any]:
     """Load ``(CLIPModel, tokenizer, image processor)`` for scoring, in eval mode.
 
-    ``processor``: where the tokenizer and image processor come from when the model's own folder
-    has none (PickScore's repo holds weights only; its authors score with the tokenizer and
+    ``processor``: where the tokenizer and image processor come from instead of the model's own
+    folder (PickScore's repo holds weights only; its authors score with the tokenizer and
     processor of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``); only its config files are fetched.
     """
     root = _resolve(spec, what)
@@ -122,7 +123,7 @@ def load_vision_model(spec: str) -> tuple[Any, Any]:
 # --------------------------------------------------------------------------------------------
 
 Device = torch.device | str | None  # None: the CPU
-_CLIP_CACHE: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+_CLIP_CACHE: dict[tuple[str, str, str, str], tuple[Any, Any, Any]] = {}
 _VISION_CACHE: dict[tuple[str, str], tuple[Any, Any]] = {}
 _CHECKER_CACHE: dict[tuple[str, str], Any] = {}
 _FINGERPRINTS: dict[tuple[str, str], str] = {}
@@ -150,7 +151,7 @@ def get_clip(spec: str = DEFAULT_CLIP, device: Device = None, processor: str | N
     shared: do not train or move it.
     """
     with _CLIP_LOCK:
-        key = (*_key(spec, device), processor or "")
+        key = (*_key(spec, device), processor or "", what)
         if key not in _CLIP_CACHE:
             model, tokenizer, image_processor = load_clip(spec, processor, what)
             _CLIP_CACHE[key] = (_on_device(model, device), tokenizer, image_processor)
@@ -274,7 +275,7 @@ def image_embeddings(spec: str, images: Sequence[Image.Image], chunk: int = 32, 
             rows.append(model.get_image_features(pixel_values=pixels.to(_device(model))).pooler_output.float().cpu())
         return torch.cat(rows)
 
-    return _embed_shared(what, spec, device, images, compute)
+    return _embed_shared(f"{what}|{processor_spec or ''}", spec, device, images, compute)
 
 
 @torch.no_grad()
