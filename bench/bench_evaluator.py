@@ -29,6 +29,7 @@ Run on a quiet machine: another busy process on 2 cores distorts both figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -129,7 +130,7 @@ def scoring_ratio(config: Path, rounds: int, threads: int) -> dict[str, Any]:
         pils, prompts = [g.image for g in images], [g.prompt for g in images]
         for arm in ("shared", "each its own"):
             t0 = time.perf_counter()
-            with shared_embeddings() if arm == "shared" else _no_block():
+            with shared_embeddings() if arm == "shared" else contextlib.nullcontext():
                 values[arm] = {m.name: (evaluator._drift(m, images, base.placement, False, {})
                                         if getattr(m, "prior_only", False) else evaluator._score(m, pils, prompts)).value
                                for m in evaluator.metrics}
@@ -139,12 +140,6 @@ def scoring_ratio(config: Path, rounds: int, threads: int) -> dict[str, Any]:
             "s": med, "ratio": med["each its own"] / med["shared"],
             "scoring_share_of_evaluation": med["shared"] / (med["generate"] + med["shared"]),
             "largest_score_difference": max(abs(values["shared"][k] - values["each its own"][k]) for k in values["shared"])}
-
-
-def _no_block() -> Any:
-    from contextlib import nullcontext
-
-    return nullcontext()
 
 
 def main() -> None:
