@@ -287,8 +287,8 @@ class PickScore(_ClipMetric):
     100, so values read like CLIP-T's; ``scale`` 0.01 puts them on the composite's cosine scale).
 
     The model is ``preference`` (e.g. ``yuvalkirstain/PickScore_v1``, a CLIP-H in transformers),
-    its tokenizer and image processor those of ``preference_processor`` when its own folder has
-    none (PickScore's authors use ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``'s). Prompts are
+    its tokenizer and image processor read from ``preference_processor`` instead of its own folder
+    when set (PickScore_v1's folder has none; its authors use ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``'s). Prompts are
     tokenized as the authors do (padding, truncation at 77 tokens), and the token is replaced by
     ``concept`` when one is set, as for ``clip_t``. Scores every image; a preference model judges
     how well an image answers its prompt, not whether it shows the subject.
@@ -314,15 +314,12 @@ class PickScore(_ClipMetric):
             raise ValueError(f"pickscore needs one prompt per image; got {len(images)} images, {len(prompts)} prompts")
         if self.token and self.concept:
             prompts = [p.replace(self.token, self.concept) for p in prompts]
-        model, tokenizer, _ = get_clip(self.preference, self.device, self.preference_processor, PREFERENCE)
-        img = image_embeddings(self.preference, images, device=self.device,
-                               processor_spec=self.preference_processor, what=PREFERENCE)
-        dev = next(model.parameters()).device
-        enc = tokenizer(list(prompts), padding=True, truncation=True,
-                        max_length=int(model.config.text_config.max_position_embeddings), return_tensors="pt")
-        txt = model.get_text_features(input_ids=enc["input_ids"].to(dev),
-                                      attention_mask=enc["attention_mask"].to(dev)).pooler_output.float()
-        per_item = float(model.logit_scale.exp()) * (_normalize(img) * _normalize(txt.cpu())).sum(dim=-1)
+        where = dict(device=self.device, processor_spec=self.preference_processor, what=PREFERENCE)
+        img = image_embeddings(self.preference, images, **where)
+        txt = text_embeddings(self.preference, prompts, truncate=True, **where)
+        model = get_clip(self.preference, self.device, self.preference_processor, PREFERENCE)[0]
+        scale = float(model.logit_scale.exp())
+        per_item = scale * (_normalize(img) * _normalize(txt)).sum(dim=-1)
         return MetricResult(float(per_item.mean()), tuple(float(v) for v in per_item))
 
 
@@ -339,7 +336,8 @@ class _TruthRate(_ClipMetric):
     concept_prompts: bool  # True: judge the prompts with the token; False: those without
 
     def __init__(self, clip: str = DEFAULT_CLIP, vision: str | None = None, checker: str | None = None,
-                 token: str | None = None, concept: str | None = None, device: Device = None, **kwargs: Any) -> None:
+                 token: str | None = None, concept: str | None = None, device: Device = None,
+                 **kwargs: Any) -> None:
         if not checker or not token or not concept:
             raise ValueError(f"metric {self.name!r} needs evaluation.images.checker (e.g. builtin:toyworld), "
                              "generation.token (e.g. 'sks shape') and evaluation.images.concept (what the token "

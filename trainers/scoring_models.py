@@ -279,16 +279,20 @@ def image_embeddings(spec: str, images: Sequence[Image.Image], chunk: int = 32, 
 
 
 @torch.no_grad()
-def text_embeddings(spec: str, texts: Sequence[str], device: Device = None) -> torch.Tensor:
+def text_embeddings(spec: str, texts: Sequence[str], device: Device = None, processor_spec: str | None = None,
+                    what: str = "CLIP model", truncate: bool = False) -> torch.Tensor:
     """Projected CLIP text embeddings (not normalised), tokenized exactly as torchmetrics does.
 
     torchmetrics pads to the longest prompt and, for prompts over the model's
     ``max_position_embeddings``, slices ids and mask to that length (it does not use the
-    tokenizer's truncation); we copy that so scores match its CLIPScore.
+    tokenizer's truncation); we copy that so scores match its CLIPScore. ``truncate``: the
+    tokenizer's own truncation at that length instead (it keeps the end-of-text token; PickScore's
+    authors tokenize so). ``processor_spec``, ``what``: see :func:`get_clip`.
     """
-    model, tokenizer, _ = get_clip(spec, device)
-    enc = tokenizer(list(texts), padding=True, return_tensors="pt")
+    model, tokenizer, _ = get_clip(spec, device, processor_spec, what)
     limit = int(model.config.text_config.max_position_embeddings)
+    enc = tokenizer(list(texts), padding=True, truncation=truncate, max_length=limit if truncate else None,
+                    return_tensors="pt")
     ids, mask = enc["input_ids"][..., :limit], enc["attention_mask"][..., :limit]
     dev = _device(model)
     return model.get_text_features(input_ids=ids.to(dev), attention_mask=mask.to(dev)).pooler_output.float().cpu()
